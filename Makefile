@@ -1,0 +1,59 @@
+# Two entry points do all set-up on a fresh machine: `make report` and `make test`.
+# The virtual environment is cached under $(BONY_CACHE), keyed by the hash of requirements.lock,
+# so clones and CI runs reuse it until a pin changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+BONY_CACHE ?= $(HOME)/.cache/bony
+LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-16)
+VENV := $(BONY_CACHE)/venv-$(LOCK_HASH)
+MATHJAX := $(BONY_CACHE)/mathjax-3.2.2
+RUN ?= runs/demo
+export PATH := $(VENV)/bin:$(PATH)
+export MPLBACKEND := Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: env report test clean help
+
+help:
+	@echo "make report  - environment, demo data, the numbered notebooks (papermill), HTML book in _build/html"
+	@echo "make test    - environment and the test suite"
+	@echo "make clean   - remove the run folder and the book build (the cached environment stays)"
+
+# The stamp .ready is written last: an install that was killed leaves no stamp, and the next
+# call starts that environment again from scratch. (A venv cannot be built elsewhere and
+# renamed: its scripts carry the path they were made in.)
+$(VENV)/.ready: requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Bony needs Python 3.11)"; exit 1; }
+	rm -rf $(VENV) && mkdir -p $(BONY_CACHE)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
+	touch $(VENV)/.ready
+
+# The package is installed editable on every call: the cached environment is shared between
+# clones, and this points it at the clone that runs.
+env: $(VENV)/.ready
+	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+
+# MathJax 3 from the npm registry, copied into the book's static files: the report works offline.
+$(MATHJAX)/es5/tex-chtml.js:
+	rm -rf $(MATHJAX).tmp && mkdir -p $(MATHJAX).tmp
+	cd $(MATHJAX).tmp && npm pack --silent mathjax@3.2.2 >/dev/null && tar -xzf mathjax-3.2.2.tgz
+	rm -rf $(MATHJAX) && mv $(MATHJAX).tmp/package $(MATHJAX) && rm -rf $(MATHJAX).tmp
+
+book/_static/mathjax/tex-chtml.js: $(MATHJAX)/es5/tex-chtml.js
+	rm -rf book/_static/mathjax && mkdir -p book/_static
+	cp -r $(MATHJAX)/es5 book/_static/mathjax
+
+report: env book/_static/mathjax/tex-chtml.js
+	bony synth all $(RUN)/data --config configs/synth/demo.yaml
+	bony report --run $(RUN) --config configs/report/demo.yaml
+	@echo "report: $(CURDIR)/_build/html/index.html"
+
+test: env book/_static/mathjax/tex-chtml.js
+	python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(RUN) _build book/executed book/_static/mathjax
