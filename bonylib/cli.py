@@ -1,0 +1,131 @@
+"""The ``bony`` command: one subcommand per pipeline stage.
+
+Each subcommand takes ``--config FILE`` and ``key=value`` overrides of its config schema (listed
+by ``--help``), saves the resolved config beside its outputs, and turns bad input into a one-line
+error and a non-zero exit status instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from bonylib import __version__
+from bonylib.config import help_text, load_config
+from bonylib.errors import BonyError
+
+log = logging.getLogger("bonylib")
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``bony synth: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its config schema, extra arguments and the function that runs it."""
+
+    name: str
+    summary: str
+    schema: type
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Any], int]
+
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from bonylib.data.synthetic import DATASETS
+
+    parser.add_argument("dataset", metavar="DATASET", help=f"which dataset to write: {', '.join(DATASETS)} or all")
+    parser.add_argument("out", metavar="OUT", type=Path, help="output folder (with 'all': one sub-folder per dataset)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds something else")
+
+
+def _synth_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.data.synthetic import synthesize
+
+    for folder in synthesize(args.dataset, args.out, cfg, overwrite=args.overwrite):
+        print(folder)
+    return 0
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
+    parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
+
+
+def _report_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.report import build_report
+
+    index = build_report(args.book, args.run, cfg)
+    print(index)
+    return 0
+
+
+def _commands() -> list[Command]:
+    from bonylib.data.synthetic import SynthConfig
+    from bonylib.report import ReportConfig
+
+    return [
+        Command("synth", "write synthetic PANDA / SICAPv2 / DeepGleason datasets in their real on-disk formats",
+                SynthConfig, _synth_arguments, _synth_run),
+        Command("report", "run the numbered notebooks with papermill and build the HTML book",
+                ReportConfig, _report_arguments, _report_run),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``bony`` parser (also used by the docs and tests)."""
+    parser = _Parser(
+        prog="bony",
+        description="Bony: self-supervised foundation models for prostate histopathology. "
+        "Each COMMAND is a pipeline stage; 'bony COMMAND --help' lists all its options.",
+    )
+    parser.add_argument("--version", action="version", version=f"bony {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in _commands():
+        p = sub.add_parser(command.name, help=command.summary, description=command.summary,
+                           epilog=help_text(command.schema), formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(p)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after --config")
+        p.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+        p.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bony``; returns the exit status."""
+    parser = build_parser()
+    # overrides may come after options (`--config f.yaml a=1`), which argparse's positional
+    # matching does not allow: collect the leftover key=value words here
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if word.startswith("-") or "=" not in word]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command: Command = args._command
+    try:
+        cfg = load_config(command.schema, args.config, args.overrides)
+        return command.run(args, cfg)
+    except BonyError as exc:
+        print(f"bony {command.name}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"bony {command.name}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,132 @@
+"""Figures for the notebooks: slides with their label masks, patch grids per class.
+
+One colour per class across the whole report (benign green, Gleason 3 yellow, 4 orange, 5 red,
+Karolinska cancer purple), so a reader learns the legend once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import openslide
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
+
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "background": (255, 255, 255),
+    "stroma": (120, 190, 255),
+    "benign": (60, 170, 75),
+    "G3": (240, 200, 30),
+    "G4": (245, 120, 20),
+    "G5": (200, 20, 30),
+    "cancer": (140, 60, 170),
+    "artefact": (40, 40, 40),
+}
+RADBOUD_NAMES = {0: "background", 1: "stroma", 2: "benign", 3: "G3", 4: "G4", 5: "G5"}
+KAROLINSKA_NAMES = {0: "background", 1: "benign", 2: "cancer"}
+GLEASON_NAMES = {0: "background", 3: "G3", 4: "G4", 5: "G5"}
+DEEPGLEASON_NAMES = {0: "background", 1: "artefact", 2: "benign", 3: "G3", 4: "G4", 5: "G5"}
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray, names: dict[int, str], alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours over ``rgb`` wherever the label is not background."""
+    out = rgb.astype(np.float32).copy()
+    for code, name in names.items():
+        if name == "background":
+            continue
+        hit = labels == code
+        out[hit] = (1 - alpha) * out[hit] + alpha * np.asarray(CLASS_COLOURS[name], np.float32)
+    return out.astype(np.uint8)
+
+
+def legend(ax: plt.Axes, names: Sequence[str]) -> None:
+    """A legend of class colours on ``ax``."""
+    handles = [Patch(color=np.asarray(CLASS_COLOURS[n]) / 255, label=n) for n in names if n != "background"]
+    ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
+
+
+def read_level(path: Path, level: int) -> np.ndarray:
+    """A whole pyramid level of a slide as RGB (OpenSlide; the level must fit in memory)."""
+    with openslide.OpenSlide(str(path)) as slide:
+        level = min(level, slide.level_count - 1)
+        region = slide.read_region((0, 0), level, slide.level_dimensions[level])
+    return np.asarray(region.convert("RGB"))
+
+
+def panda_overview(root: Path, max_slides: int = 4) -> Figure:
+    """Slides of a PANDA-format folder at the lowest level, each beside its mask overlay."""
+    table = pd.read_csv(Path(root) / "train.csv").head(max_slides)
+    fig, axes = plt.subplots(len(table), 2, figsize=(12, 2.6 * len(table)), squeeze=False)
+    for (_, row), (ax_img, ax_mask) in zip(table.iterrows(), axes, strict=True):
+        image = read_level(Path(root) / "train_images" / f"{row.image_id}.tiff", 2)
+        mask = read_level(Path(root) / "train_label_masks" / f"{row.image_id}_mask.tiff", 2)[..., 0]
+        names = RADBOUD_NAMES if row.data_provider == "radboud" else KAROLINSKA_NAMES
+        ax_img.imshow(image)
+        ax_img.set_title(f"{row.image_id[:8]}…  {row.data_provider}", fontsize=9)
+        ax_mask.imshow(overlay(image, mask, names))
+        ax_mask.set_title(f"mask: ISUP {row.isup_grade}, Gleason {row.gleason_score}", fontsize=9)
+        legend(ax_mask, list(names.values()))
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 6, size: float = 2.0) -> Figure:
+    """Images in a grid with a title each."""
+    nrows = max(1, -(-len(images) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, image, title in zip(axes.ravel(), images, titles):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sicapv2_grid(root: Path, per_class: int = 4) -> Figure:
+    """SICAPv2 patches by class (from the test-partition spreadsheets), mask drawn over each."""
+    root = Path(root)
+    table = pd.concat([pd.read_excel(root / "partition" / "Test" / f"{s}.xlsx") for s in ("Train", "Test")])
+    images, titles = [], []
+    for label in ("NC", "G3", "G4", "G5"):
+        for name in table.loc[table[label] == 1, "image_name"].head(per_class):
+            rgb = np.asarray(Image.open(root / "images" / name).convert("RGB"))
+            grades = np.asarray(Image.open(root / "masks" / name).convert("L"))
+            snapped = np.array([0, 3, 4, 5])[np.abs(grades[..., None].astype(int) - [0, 3, 4, 5]).argmin(-1)]
+            images.append(overlay(rgb, snapped, GLEASON_NAMES, alpha=0.3))
+            cribriform = " (G4C)" if int(table.loc[table.image_name == name, "G4C"].iloc[0]) else ""
+            titles.append(f"{label}{cribriform}")
+    return image_grid(images, titles, ncols=per_class)
+
+
+def deepgleason_grid(root: Path, n: int = 8) -> Figure:
+    """DeepGleason-style tiles beside their class masks."""
+    root = Path(root)
+    table = pd.read_csv(root / "tiles.csv").head(n)
+    images, titles = [], []
+    for row in table.itertuples():
+        rgb = np.asarray(Image.open(root / row.image).convert("RGB"))
+        mask = np.asarray(Image.open(root / row.mask))
+        present = ", ".join(DEEPGLEASON_NAMES[c] for c in np.unique(mask) if c)
+        images += [rgb, overlay(rgb, mask, DEEPGLEASON_NAMES, alpha=0.5)]
+        titles += [f"{row.slide_id} ({row.split})", present or "background"]
+    return image_grid(images, titles, ncols=4, size=2.6)
+
+
+def thumbnail(path: Path, max_px: int = 768) -> np.ndarray:
+    """A small RGB view of a slide (OpenSlide formats) or a plain image, longest side ``max_px``."""
+    path = Path(path)
+    try:
+        with openslide.OpenSlide(str(path)) as slide:
+            image = slide.get_thumbnail((max_px, max_px))
+    except openslide.OpenSlideUnsupportedFormatError:
+        image = Image.open(path)
+        image.thumbnail((max_px, max_px))
+    return np.asarray(image.convert("RGB"))

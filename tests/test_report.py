@@ -1,0 +1,77 @@
+"""The report: notebooks run by papermill on the smoke data, a failed notebook fails it, the book builds offline."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from bonylib.errors import BonyError
+from bonylib.report import ReportConfig, build_report
+
+
+def book_copy(repo: Path, dest: Path) -> Path:
+    """The book's own files (config, TOC, pages, notebooks) in a scratch folder."""
+    dest.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(repo / name, dest / name)
+    shutil.copytree(repo / "book", dest / "book", ignore=shutil.ignore_patterns("executed"))
+    shutil.copytree(repo / "notebooks", dest / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return dest
+
+
+@pytest.mark.slow
+def test_datasets_notebook_runs_and_book_builds_offline(tmp_path: Path, repo: Path, smoke_data: Path) -> None:
+    if not (repo / "book" / "_static" / "mathjax" / "tex-chtml.js").is_file():
+        pytest.skip("MathJax is not vendored (make does it before the tests)")
+    book = book_copy(repo, tmp_path / "book_root")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(smoke_data)
+    cfg = ReportConfig(notebooks=["01_datasets"], parameters={"01_datasets": {"max_slides": 2}})
+    index = build_report(book, run, cfg)
+
+    executed = nbformat.read(book / "book" / "executed" / "01_datasets.ipynb", as_version=4)
+    assert executed.metadata.papermill.parameters["run_dir"] == str(run)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3, "PANDA, SICAPv2 and DeepGleason figures"
+    assert (run / "report.yaml").is_file()
+
+    assert index == book / "_build" / "html" / "index.html" and index.is_file()
+    page = (book / "_build" / "html" / "book" / "executed" / "01_datasets.html").read_text()
+    assert len(re.findall(r"<img ", page)) >= 3
+    assert "_static/mathjax/tex-chtml.js" in page
+    assert not re.search(r"<script[^>]+src=\"https?://", page), "no script loaded from the network"
+    assert (book / "_build" / "html" / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
+
+
+def failing_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("run_dir = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("raise ValueError('stage broke')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_failed_notebook_fails_the_report(tmp_path: Path) -> None:
+    book = tmp_path / "book_root"
+    (book / "notebooks").mkdir(parents=True)
+    (book / "_config.yml").write_text("title: t\n")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
+    failing_notebook(book / "notebooks" / "01_broken.ipynb")
+    with pytest.raises(BonyError, match="01_broken"):
+        build_report(book, tmp_path / "run", ReportConfig())
+    executed = json.loads((book / "book" / "executed" / "01_broken.ipynb").read_text())
+    assert executed["metadata"]["papermill"]["exception"] is True
+    assert not (book / "_build").exists(), "no book is built over a failed notebook"
+
+
+def test_not_a_book_root(tmp_path: Path) -> None:
+    with pytest.raises(BonyError, match="_config.yml missing"):
+        build_report(tmp_path, tmp_path / "run", ReportConfig())
