@@ -11,7 +11,6 @@ VENV := $(BONY_CACHE)/venv-$(LOCK_HASH)
 MATHJAX := $(BONY_CACHE)/mathjax-3.2.2
 RUN ?= runs/demo
 export PATH := $(VENV)/bin:$(PATH)
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: env report test clean help
