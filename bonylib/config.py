@@ -31,6 +31,14 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+def check_fractions(section: str, cfg: Any, names: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless each named option of ``cfg`` lies in [0, 1]."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{section}.{name} must be in [0, 1], got {value}")
+
+
 def section(schema: type, help: str) -> Any:
     """A nested group of options (a sub-dataclass) with its help text."""
     return dataclasses.field(default_factory=schema, metadata={"help": help})

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from bonylib.config import option
+from bonylib.config import check_fractions, option
 from bonylib.data.synthetic.common import item_rng, split_ids
 from bonylib.data.synthetic.layout import region_zones, sample_case
 from bonylib.data.synthetic.tissue import ZONE_BACKGROUND, add_debris, add_pen_ink, render_tissue, sample_stain
@@ -50,9 +50,7 @@ class DeepGleasonSynth:
             raise ConfigError("deepgleason.slides and deepgleason.tiles_per_side must be at least 1")
         if self.tile_px < 32:
             raise ConfigError(f"deepgleason.tile_px must be at least 32, got {self.tile_px}")
-        for name in ("benign_fraction", "pen_fraction", "val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"deepgleason.{name} must be in [0, 1], got {getattr(self, name)}")
+        check_fractions("deepgleason", self, ("benign_fraction", "pen_fraction", "val_fraction", "test_fraction"))
 
 
 def class_mask(labels: np.ndarray, ink: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from bonylib.config import option
+from bonylib.config import check_fractions, option
 from bonylib.data.labels import KAROLINSKA_BENIGN, KAROLINSKA_CANCER, gleason_score, gleason_score_text, isup_grade
 from bonylib.data.synthetic.common import block_mean, block_nearest, item_rng
 from bonylib.data.synthetic.layout import biopsy_zones, sample_case
@@ -63,9 +63,7 @@ class PandaSynth:
             raise ConfigError(f"panda.slides must be at least 1, got {self.slides}")
         if not 1 <= self.min_cores <= self.max_cores:
             raise ConfigError(f"panda cores: need 1 <= min_cores <= max_cores, got {self.min_cores}, {self.max_cores}")
-        for name in ("karolinska_fraction", "benign_fraction", "pen_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"panda.{name} must be in [0, 1], got {getattr(self, name)}")
+        check_fractions("panda", self, ("karolinska_fraction", "benign_fraction", "pen_fraction"))
         if self.tile_px % 16 or self.tile_px < 16:
             raise ConfigError(f"panda.tile_px must be a positive multiple of 16, got {self.tile_px}")
         if not 1 <= self.jpeg_quality <= 100:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from bonylib.config import option
+from bonylib.config import check_fractions, option
 from bonylib.data.labels import gleason_score
 from bonylib.data.synthetic.common import item_rng, split_ids
 from bonylib.data.synthetic.layout import region_zones, sample_case
@@ -60,9 +60,7 @@ class Sicapv2Synth:
             raise ConfigError(f"sicapv2.patch_px must be even and at least 32, got {self.patch_px}")
         if self.regions_per_slide < 1 or self.region_patches < 1:
             raise ConfigError("sicapv2.regions_per_slide and sicapv2.region_patches must be at least 1")
-        for name in ("min_tissue", "benign_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"sicapv2.{name} must be in [0, 1], got {getattr(self, name)}")
+        check_fractions("sicapv2", self, ("min_tissue", "benign_fraction", "test_fraction"))
 
 
 def patch_row(name: str, grades: np.ndarray, cribriform: np.ndarray) -> dict[str, object]:
