@@ -1,0 +1,294 @@
+"""Slide readers: one interface over OpenSlide, tifffile and plain images.
+
+Tiling, labelling and the training Dataset read regions through :func:`open_slide`, which picks
+OpenSlide for every format it knows (SVS, generic/pyramidal TIFF, NDPI, MRXS, ...), falls back
+to tifffile for TIFF pyramids OpenSlide refuses (it decodes only the tiles a region touches),
+and treats JPEG/PNG/plain TIFF images as single-level slides. Coordinates are always level-0
+pixels, as in OpenSlide and the tile manifest.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import openslide
+import tifffile
+from PIL import Image
+
+from bonylib.errors import BonyError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs"})
+
+
+class SlideError(BonyError):
+    """A slide (or mask) that cannot be used; the message names the file."""
+
+
+class Slide(ABC):
+    """A multi-resolution image read by regions.
+
+    ``mpp`` is level 0's µm per pixel, from the file's metadata or given by the caller for files
+    that have none (plain images, TIFFs without resolution tags); ``None`` when unknown.
+    """
+
+    def __init__(self, path: Path, mpp: float | None) -> None:
+        self.path = Path(path)
+        self.mpp = mpp
+
+    level_dimensions: list[tuple[int, int]]
+    """(width, height) of each level, finest first."""
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        """Downsample of each level relative to level 0 (mean of the width and height ratios)."""
+        w0, h0 = self.level_dimensions[0]
+        return [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
+
+    def level_mpp(self, level: int) -> float | None:
+        """µm per pixel at ``level``."""
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def closest_level(self, mpp: float) -> int:
+        """The level whose resolution is closest to ``mpp`` on a log scale (for low-resolution overviews)."""
+        if self.mpp is None:
+            raise SlideError(f"{self.path}: no resolution in the file; set slide_mpp=<µm per pixel of level 0>")
+        return int(np.argmin([abs(np.log(self.level_mpp(k) / mpp)) for k in range(self.level_count)]))
+
+    @abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels at ``level``, top-left ``location`` in level-0 pixels.
+
+        Parts outside the image, and transparent pixels, read as white (glass).
+        """
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level as RGB (for low-resolution levels: thumbnails, tissue detection, masks)."""
+        return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.close()
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """RGB of an RGBA array composited over white (OpenSlide returns premultiplied alpha).
+
+    Inside a scanned area every pixel is opaque: then the RGB channels are returned as they are.
+    """
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    out = rgba[..., :3].astype(np.uint16) + (255 - alpha)[..., None]
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+class OpenSlideSlide(Slide):
+    """Any format OpenSlide reads; level-0 mpp from ``openslide.mpp-x`` when the file has it."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        self._slide = openslide.OpenSlide(str(path))
+        prop = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        super().__init__(path, mpp if mpp is not None else (float(prop) if prop else None))
+        self.level_dimensions = list(self._slide.level_dimensions)
+        self.vendor = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "")
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return list(self._slide.level_downsamples)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        region = self._slide.read_region(location, level, size)
+        return _over_white(np.asarray(region))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlide(Slide):
+    """A TIFF pyramid read with tifffile, decoding only the tiles that a region touches.
+
+    Used for generic tiled TIFF pyramids (PANDA's format), where it is several times faster than
+    OpenSlide: tiles go straight from libjpeg-turbo (imagecodecs) into the region, without
+    OpenSlide's ARGB conversion, and recently decoded tiles are kept for the next region
+    (``benchmarks/bench_tiling.py``). Also for TIFFs OpenSlide does not accept. Levels are the
+    first series' pyramid levels; resolution from the TIFF resolution tags (centimetre or inch).
+    """
+
+    cache_bytes = 64 * 2**20
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        self._tif = tifffile.TiffFile(path)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
+        self._cached_bytes = 0
+        series = self._tif.series[0]
+        self._pages = [level.keyframe for level in series.levels]
+        for page in self._pages:
+            if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
+                raise SlideError(f"{path}: not an 8-bit RGB image (samples per pixel {page.samplesperpixel}, {page.dtype})")
+        super().__init__(path, mpp if mpp is not None else _tiff_mpp(self._pages[0]))
+        self.level_dimensions = [(p.imagewidth, p.imagelength) for p in self._pages]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        page = self._pages[level]
+        ds = self.level_downsamples[level]
+        x, y = int(location[0] / ds), int(location[1] / ds)
+        w, h = size
+        out = np.full((h, w, 3), 255, np.uint8)
+        if not page.is_tiled:
+            with self._lock:
+                full = page.asarray()
+            _paste(out, full[..., :3], 0, 0, x, y)
+            return out
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        rows = range(max(0, y // th), min(-(-page.imagelength // th), -(-(y + h) // th)))
+        cols = range(max(0, x // tw), min(across, -(-(x + w) // tw)))
+        for ty in rows:
+            for tx in cols:
+                tile = self._tile(level, ty * across + tx)
+                if tile is None:  # a tile that was never written reads as glass
+                    continue
+                # edge tiles are padded past the image: only the image part is pasted
+                inside = tile[: page.imagelength - ty * th, : page.imagewidth - tx * tw]
+                _paste(out, inside, tx * tw, ty * th, x, y)
+        return out
+
+    def _tile(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile ``index`` of ``level``, from a small cache: neighbouring regions share edge tiles."""
+        key = (level, index)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            page = self._pages[level]
+            fh = self._tif.filehandle
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        tile = None if decoded is None else decoded[0][..., :3]
+        with self._lock:
+            self._cache[key] = tile
+            self._cached_bytes += 0 if tile is None else tile.nbytes
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= 0 if old is None else old.nbytes
+        return tile
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _paste(out: np.ndarray, tile: np.ndarray, tile_x: int, tile_y: int, x: int, y: int) -> None:
+    """Copy the part of ``tile`` (at level pixel ``tile_x, tile_y``) that falls in ``out`` (at ``x, y``)."""
+    h, w = out.shape[:2]
+    x0, y0 = max(tile_x, x), max(tile_y, y)
+    x1, y1 = min(tile_x + tile.shape[1], x + w), min(tile_y + tile.shape[0], y + h)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - tile_y : y1 - tile_y, x0 - tile_x : x1 - tile_x]
+
+
+def _tiff_mpp(page: tifffile.TiffPage) -> float | None:
+    """µm per pixel from XResolution/ResolutionUnit (PANDA: 10000 / XResolution, unit centimetre)."""
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    unit = tags["ResolutionUnit"].value
+    if not num or not den:
+        return None
+    per_unit = {tifffile.RESUNIT.CENTIMETER: 10000.0, tifffile.RESUNIT.INCH: 25400.0}.get(unit)
+    return per_unit * den / num if per_unit else None
+
+
+class ImageSlide(Slide):
+    """A plain image (JPEG, PNG, single-page TIFF) as a one-level slide; no resolution unless given."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                self._rgb = np.asarray(_image_rgb(image))
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise SlideError(f"{path}: cannot read image ({exc})") from None
+        super().__init__(path, mpp)
+        self.level_dimensions = [(self._rgb.shape[1], self._rgb.shape[0])]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if level != 0:
+            raise SlideError(f"{self.path}: a plain image has only level 0")
+        out = np.full((size[1], size[0], 3), 255, np.uint8)
+        _paste(out, self._rgb, 0, 0, *location)
+        return out
+
+
+def _image_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any PIL image, transparent pixels over white (tissue-check PNGs are RGBA)."""
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode not in ("RGB", "L"):
+        raise SlideError(f"{getattr(image, 'filename', 'image')}: unsupported image mode {image.mode} (need RGB)")
+    return image.convert("RGB")
+
+
+def _check_tiff_is_rgb(path: Path) -> None:
+    """Refuse TIFFs whose main image is not 8-bit colour (OpenSlide would show a grey scan as if it were RGB)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            photometric, samples, dtype = page.photometric, page.samplesperpixel, page.dtype
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+        raise SlideError(f"{path}: corrupt or unreadable TIFF ({exc})") from None
+    colour = photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.PALETTE)
+    if not colour or samples < 3 and photometric != tifffile.PHOTOMETRIC.PALETTE or dtype != np.uint8:
+        raise SlideError(f"{path}: not an 8-bit RGB slide ({photometric.name}, {samples} samples, {dtype})")
+
+
+def open_slide(path: Path, mpp: float | None = None, require_rgb: bool = True) -> Slide:
+    """Open ``path`` with the best reader for it; ``mpp`` overrides the level-0 resolution.
+
+    ``require_rgb=False`` accepts single-channel TIFFs too (label masks), read as grey RGB.
+
+    Raises :class:`SlideError` naming the file when no reader can open it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES and require_rgb:
+        _check_tiff_is_rgb(path)
+    if suffix in IMAGE_SUFFIXES:
+        return ImageSlide(path, mpp)
+    vendor = openslide.OpenSlide.detect_format(str(path))
+    if suffix in TIFF_SUFFIXES and vendor in (None, "generic-tiff"):
+        # plain TIFF pyramids: tifffile is the faster reader; vendor formats go to OpenSlide
+        try:
+            with tifffile.TiffFile(path) as tif:
+                tiled = len(tif.series) > 0 and tif.series[0].levels[0].keyframe.is_tiled
+            if tiled:
+                return TiffSlide(path, mpp)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+            raise SlideError(f"{path}: corrupt or unreadable TIFF ({exc})") from None
+    if vendor is not None:
+        try:
+            return OpenSlideSlide(path, mpp)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{path}: corrupt or unreadable slide ({exc})") from None
+    return ImageSlide(path, mpp)
