@@ -45,3 +45,51 @@ def test_score_text_matches_panda_csv() -> None:
     assert gleason_score_text(None, "radboud") == "negative"
     assert gleason_score_text(None, "karolinska") == "0+0"
     assert gleason_score_text((4, 3), "radboud") == "4+3"
+
+
+# ---- tile labels from masks ------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from bonylib.data.labels import LABEL_NAMES, class_fractions, tile_labels  # noqa: E402
+
+
+def fractions_of(**parts: float) -> np.ndarray:
+    return np.array([[parts.get(name, 0.0) for name in LABEL_NAMES]], np.float32)
+
+
+def test_class_fractions_follow_each_encoding() -> None:
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:, :4] = 1  # 40 % stroma
+    mask[:2, 4:] = 2  # 12 % benign epithelium
+    mask[2:3, 4:] = 4  # 6 % G4
+    expected = {"background": 0.42, "benign": 0.52, "G4": 0.06}
+    assert class_fractions(mask, "radboud") == pytest.approx([expected.get(n, 0) for n in LABEL_NAMES])
+    karolinska = np.minimum(mask, 2)
+    assert class_fractions(karolinska, "karolinska") == pytest.approx([0.42, 0.4, 0, 0, 0, 0.18])
+    with pytest.raises(ValueError, match="not karolinska codes"):
+        class_fractions(mask, "karolinska")
+
+
+def test_jpeg_masks_snap_to_the_nearest_code() -> None:
+    sicap = np.array([[0, 1, 2, 3], [4, 5, 6, 3]], np.uint8)  # 1 -> 0, 2 -> 3, 6 -> 5
+    assert class_fractions(sicap, "sicapv2") == pytest.approx([0, 2 / 8, 3 / 8, 1 / 8, 2 / 8, 0])
+
+
+@pytest.mark.parametrize(
+    ("parts", "max_", "majority", "min_fraction"),
+    [
+        ({"background": 1.0}, "background", "background", "background"),
+        ({"background": 0.7, "benign": 0.3}, "benign", "background", "benign"),
+        ({"benign": 0.97, "G5": 0.03}, "G5", "benign", "benign"),  # a speck of G5 (3 % < 5 %)
+        ({"benign": 0.5, "G3": 0.3, "G4": 0.2}, "G4", "benign", "G4"),
+        ({"background": 0.5, "benign": 0.45, "G4": 0.04, "G3": 0.01}, "G4", "background", "G4"),  # 4 % of 50 % tissue
+        ({"benign": 0.4, "cancer": 0.6}, "cancer", "cancer", "cancer"),
+        ({"G3": 0.5, "G4": 0.5}, "G4", "G4", "G4"),  # ties go to the higher class
+    ],
+)
+def test_label_policies(parts: dict[str, float], max_: str, majority: str, min_fraction: str) -> None:
+    f = fractions_of(**parts)
+    assert tile_labels(f, "max")[0] == max_
+    assert tile_labels(f, "majority")[0] == majority
+    assert tile_labels(f, "min_fraction", 0.05)[0] == min_fraction

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 LABEL_NAMES: tuple[str, ...] = ("background", "benign", "G3", "G4", "G5", "cancer")
 
 # Radboud mask codes: stroma and benign epithelium are both benign tissue.
@@ -71,3 +73,77 @@ def gleason_score_text(score: tuple[int, int] | None, provider: str) -> str:
     if score is None:
         return "negative" if provider == "radboud" else "0+0"
     return f"{score[0]}+{score[1]}"
+
+
+# ---- tile labels from masks ------------------------------------------------------------------
+
+# Rank of each manifest label for the "highest class present" policy: Gleason patterns above
+# ungraded cancer (a graded pattern says more), cancer above benign, benign above background.
+LABEL_RANK: dict[str, int] = {"background": 0, "benign": 1, "cancer": 2, "G3": 3, "G4": 4, "G5": 5}
+
+MASK_ENCODINGS: dict[str, dict[int, str]] = {
+    # PANDA Radboud: stroma and benign epithelium are both benign tissue
+    "radboud": {0: "background", 1: "benign", 2: "benign", 3: "G3", 4: "G4", 5: "G5"},
+    "karolinska": {0: "background", 1: "benign", 2: "cancer"},
+    # SICAPv2 masks: 0 is non-cancerous (the patch is tissue), 3/4/5 Gleason patterns
+    "sicapv2": {0: "benign", 3: "G3", 4: "G4", 5: "G5"},
+    # DeepGleason-style: artefacts are not a tissue class, they count as background
+    "deepgleason": {0: "background", 1: "background", 2: "benign", 3: "G3", 4: "G4", 5: "G5"},
+}
+
+POLICIES: tuple[str, ...] = ("max", "majority", "min_fraction")
+
+
+LOSSY_ENCODINGS = frozenset({"sicapv2"})
+"""Encodings stored as JPEG, whose values blur near edges: they are snapped to the nearest code."""
+
+
+def class_fractions(codes: np.ndarray, encoding: str) -> np.ndarray:
+    """Fraction of each manifest label (``LABEL_NAMES`` order) in each mask region.
+
+    ``codes`` is (N, H, W) uint8 (one region per tile) or (H, W); returns (N, 6) or (6,). Values
+    that are not codes of a lossless ``encoding`` mean a wrong mask file and raise ``ValueError``;
+    JPEG masks (``LOSSY_ENCODINGS``) are first snapped to the nearest code.
+    """
+    table = MASK_ENCODINGS[encoding]
+    valid = np.array(sorted(table), dtype=np.uint8)
+    single = codes.ndim == 2
+    regions = codes.reshape(1 if single else codes.shape[0], -1)
+    if encoding in LOSSY_ENCODINGS:
+        lut = valid[np.abs(np.arange(256)[:, None] - valid.astype(int)).argmin(axis=1)]
+        regions = lut[regions]
+    histogram = np.stack([np.bincount(region, minlength=256) for region in regions])
+    bad = np.setdiff1d(np.flatnonzero(histogram.sum(axis=0)), valid)
+    if bad.size:
+        raise ValueError(f"mask values {bad.tolist()} are not {encoding} codes {valid.tolist()}")
+    out = np.zeros((regions.shape[0], len(LABEL_NAMES)), np.float32)
+    for code in valid:
+        out[:, LABEL_NAMES.index(table[int(code)])] += histogram[:, code] / regions.shape[1]
+    return out[0] if single else out
+
+
+def tile_labels(fractions: np.ndarray, policy: str, min_fraction: float = 0.05) -> np.ndarray:
+    """``label_name`` of each tile from its class fractions ((N, 6), ``LABEL_NAMES`` order).
+
+    - ``max`` (the seed's): the highest class present at all;
+    - ``majority``: the most extensive class, glass included (ties go to the higher class);
+    - ``min_fraction``: the highest cancer class covering at least ``min_fraction`` of the tile's
+      tissue, so that a speck of G5 at the edge of a benign tile does not make it G5; otherwise
+      benign, or background for a tile without tissue.
+    """
+    fractions = np.atleast_2d(np.asarray(fractions, np.float32))
+    rank = np.array([LABEL_RANK[n] for n in LABEL_NAMES])
+    names = np.array(LABEL_NAMES, dtype=object)
+    present = fractions > 0
+    if policy == "max":
+        return names[np.where(present, rank, -1).argmax(axis=1)]
+    if policy == "majority":
+        best = fractions.max(axis=1, keepdims=True)
+        return names[np.where(present & (fractions == best), rank, -1).argmax(axis=1)]
+    if policy == "min_fraction":
+        tissue = 1.0 - fractions[:, LABEL_NAMES.index("background")]
+        graded = present & (rank >= LABEL_RANK["cancer"]) & (fractions >= min_fraction * tissue[:, None])
+        best = np.where(graded, rank, -1).argmax(axis=1)
+        fallback = np.where(tissue > 0, "benign", "background").astype(object)
+        return np.where(graded.any(axis=1), names[best], fallback)
+    raise ValueError(f"unknown label policy '{policy}' (choose from {', '.join(POLICIES)})")
