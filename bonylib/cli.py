@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from bonylib.errors import BonyError
 log = logging.getLogger("bonylib")
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILURES = 3
+"""Some items (slides) failed and were recorded; the rest of the run completed."""
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +64,37 @@ def _synth_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"'{text}' is not i/n with 0 <= i < n (e.g. 0/4 for the first of four shards)")
+    return int(index), int(count)
+
+
+def _tile_arguments(parser: argparse.ArgumentParser) -> None:
+    from bonylib.data.sources import FORMATS
+
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                        help="a dataset folder (--format panda|sicapv2|deepgleason), or slide files and folders (--format slides)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: manifest.parquet, parts/, failures.csv, ...")
+    parser.add_argument("--format", default="slides", choices=FORMATS, help="how to read INPUT (default: slides)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="tile only every N-th slide starting at I (SLURM array task I of N); "
+                        "a final run without --shard assembles the manifest")
+    parser.add_argument("--overwrite", action="store_true", help="start again if OUT was tiled with another config")
+
+
+def _tile_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.data.tiling import tile
+
+    result = tile(args.format, args.inputs, args.out, cfg, shard=args.shard, overwrite=args.overwrite)
+    print(f"{result.out}: {result.tiled} slides tiled, {result.skipped} already done, {len(result.failures)} failed")
+    if len(result.failures):
+        print(f"failed slides are listed in {result.out / 'failures.csv'}", file=sys.stderr)
+        return EXIT_FAILURES
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
@@ -73,11 +110,14 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
 
 def _commands() -> list[Command]:
     from bonylib.data.synthetic import SynthConfig
+    from bonylib.data.tiling import TileConfig
     from bonylib.report import ReportConfig
 
     return [
         Command("synth", "write synthetic PANDA / SICAPv2 / DeepGleason datasets in their real on-disk formats",
                 SynthConfig, _synth_arguments, _synth_run),
+        Command("tile", "cut slides into tissue tiles with quality measures and mask labels (resumable manifest)",
+                TileConfig, _tile_arguments, _tile_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]
@@ -114,6 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "inputs", None):
+        # `bony tile a.svs b.svs level=1`: the key=value words are overrides, not slides
+        is_override = [_OVERRIDE.match(str(p)) is not None and not p.exists() for p in args.inputs]
+        args.overrides = [*args.overrides, *(str(p) for p, o in zip(args.inputs, is_override) if o)]
+        args.inputs = [p for p, o in zip(args.inputs, is_override) if not o]
+        if not args.inputs:
+            parser.error("no INPUT given")
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -1,0 +1,95 @@
+"""Torch datasets over a tile manifest: tiles from tar shards, or straight from the slides.
+
+Shards (``bony tile ... shards=true``) hold each kept tile as a JPEG at a byte range recorded in
+the manifest: one seek and one small decode per tile, the fast path for training. Without
+shards the same manifest is read from the slides by coordinates, which needs no extra disk and
+works on any manifest. Either way a tile comes out at ``tile_px`` pixels (tiles read at a finer
+level than the target resolution are resized).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from bonylib.data.labels import LABEL_NAMES
+from bonylib.data.slides import Slide, open_slide
+from bonylib.errors import BonyError
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles of a manifest as ``(image, target)``.
+
+    ``image`` is a PIL RGB image of ``tile_px`` pixels passed through ``transform``; ``target`` is
+    the index of ``label_name`` in ``classes``, or -1 for tiles without a label (or a label not in
+    ``classes``). ``root`` is the tiling output folder that shard paths are relative to.
+    """
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame | Path,
+        root: Path | None = None,
+        source: str = "auto",
+        tile_px: int = 224,
+        transform: Callable[[Image.Image], Any] | None = None,
+        classes: Sequence[str] = LABEL_NAMES,
+        slide_mpp: float | None = None,
+    ) -> None:
+        if not isinstance(manifest, pd.DataFrame):
+            path = Path(manifest)
+            root = root if root is not None else path.parent
+            manifest = pd.read_parquet(path)
+        self.frame = manifest.reset_index(drop=True)
+        has_shards = "shard" in self.frame and bool((self.frame["shard"] != "").all())
+        if source == "auto":
+            source = "shards" if has_shards else "slides"
+        if source not in ("shards", "slides"):
+            raise BonyError(f"source must be auto, shards or slides, got '{source}'")
+        if source == "shards" and (not has_shards or root is None):
+            raise BonyError("this manifest has no shards for every tile (tile with shards=true), or root is not given")
+        self.source, self.root, self.tile_px = source, root, tile_px
+        self.transform, self.classes, self.slide_mpp = transform, list(classes), slide_mpp
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        self.targets = np.array([lookup.get(name, -1) for name in self.frame["label_name"]], np.int64)
+        self._slides: dict[str, Slide] = {}
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def read(self, index: int) -> Image.Image:
+        """Tile ``index`` as an RGB image of ``tile_px`` pixels, before the transform."""
+        row = self.frame.iloc[index]
+        if self.source == "shards":
+            assert self.root is not None
+            with open(self.root / row["shard"], "rb") as handle:
+                handle.seek(int(row["shard_offset"]))
+                image = Image.open(io.BytesIO(handle.read(int(row["shard_length"])))).convert("RGB")
+        else:
+            slide = self._slide(row["path"])
+            size = int(row["size"])
+            image = Image.fromarray(slide.read_region((int(row["x"]), int(row["y"])), int(row["level"]), (size, size)))
+        if image.size != (self.tile_px, self.tile_px):
+            image = image.resize((self.tile_px, self.tile_px), Image.Resampling.BILINEAR)
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.read(index)
+        return (self.transform(image) if self.transform else image), int(self.targets[index])
+
+    def _slide(self, path: str) -> Slide:
+        """Slides stay open per process: DataLoader workers each open their own on first use."""
+        if path not in self._slides:
+            self._slides[path] = open_slide(Path(path), self.slide_mpp)
+        return self._slides[path]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_slides"] = {}  # open file handles do not cross into worker processes
+        return state

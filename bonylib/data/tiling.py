@@ -1,0 +1,410 @@
+"""``bony tile``: cut slides into tiles, keep the tissue, label them from masks, write the manifest.
+
+Per slide: find tissue on a low-resolution level, read only the grid tiles that touch tissue
+(in blocks, so each JPEG tile of the file is decoded about once), measure each tile's quality,
+label kept tiles from the mask read at the same level and place, and write the slide's rows to
+``parts/<slide_id>.parquet`` in one atomic step. A slide is done when its part exists: a rerun
+(after a crash, ``kill -9`` or pre-emption) tiles only the others, and the manifest is assembled
+from the parts, so it is the same as an uninterrupted run's. A slide that fails is recorded in
+``failures.csv`` with its error and the run goes on.
+
+Output folder::
+
+    config.yaml        resolved config, format and inputs (a rerun must match it)
+    parts/<id>.parquet every measured tile of one slide (kept or not, with the reason)
+    shards/<id>.tar    kept tiles as JPEG (with ``shards=true``), byte ranges in the manifest
+    manifest.parquet   kept tiles of all slides (the DESIGN.md contract)
+    slides.parquet     one row per tiled slide: level, tile size, counts, time
+    failures.csv       slide_id, path, error of the slides that failed in the last run
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import tarfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from bonylib.config import check_fractions, option, section, to_dict
+from bonylib.data.labels import LABEL_NAMES, POLICIES, class_fractions, tile_labels
+from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, keep_tiles, tile_measures, tissue_mask
+from bonylib.data.slides import Slide, SlideError, open_slide
+from bonylib.data.sources import SlideJob, list_jobs
+from bonylib.errors import BonyError, ConfigError
+from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FRACTION_COLUMNS = tuple(f"frac_{name}" for name in LABEL_NAMES)
+NOMINAL_MPP = 0.5
+"""Assumed level-0 µm/px for tissue detection on a slide read by level without resolution metadata."""
+
+
+@dataclass
+class TileConfig:
+    """Options of ``bony tile``."""
+
+    tile_px: int = option(224, "tile side in pixels at the target resolution (the encoder's input size)")
+    mpp: float | None = option(
+        0.5, "target µm per pixel: the coarsest level within mpp_tolerance of it is read as is; if none, the next "
+        "finer level is read with a proportionally larger tile (resized when loaded). null: read `level`")
+    level: int | None = option(None, "read this pyramid level with tiles of tile_px pixels, whatever its resolution")
+    mpp_tolerance: float = option(0.1, "relative difference |level µm/px - mpp| / mpp accepted as equal (PANDA's 0.45-0.49 is 0.5)")
+    slide_mpp: float | None = option(None, "level-0 µm per pixel for files without resolution metadata (plain images)")
+    min_tissue: float = option(0.1, "a grid tile is read only if the low-resolution tissue mask covers this fraction of it")
+    label_policy: str = option("max", "tile label from its mask: max (highest class present, the seed's), majority, "
+                               "or min_fraction (highest cancer class covering min_fraction of the tile's tissue)")
+    min_fraction: float = option(0.05, "tissue fraction a cancer class needs under label_policy=min_fraction")
+    missing_mask: str = option("fail", "a dataset slide whose mask file is missing: fail (recorded as a failure) or "
+                               "unlabelled (tiled with an empty label_name)")
+    shards: bool = option(False, "also write kept tiles as JPEG into one tar shard per slide, for fast training reads")
+    shard_quality: int = option(95, "JPEG quality of the tiles in shards")
+    workers: int = option(1, "processes tiling slides in parallel")
+    block_tiles: int = option(8, "tiles per side of a block read at once: memory per worker ~ 3*(block_tiles*tile)^2 bytes")
+    tissue: TissueConfig = section(TissueConfig, "tissue detection on a low-resolution level")
+    quality: QualityConfig = section(QualityConfig, "per-tile quality thresholds; measures are saved in the manifest")
+
+    def __post_init__(self) -> None:
+        if self.tile_px < 16:
+            raise ConfigError(f"tile_px must be at least 16, got {self.tile_px}")
+        if self.mpp is None and self.level is None:
+            raise ConfigError("set mpp (target µm per pixel) or level")
+        if self.mpp is not None and self.level is not None:
+            raise ConfigError("set mpp or level, not both (mpp=null level=0 reads level 0)")
+        if self.mpp is not None and self.mpp <= 0 or self.slide_mpp is not None and self.slide_mpp <= 0:
+            raise ConfigError("mpp and slide_mpp must be positive")
+        if self.label_policy not in POLICIES:
+            raise ConfigError(f"label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
+        if self.missing_mask not in ("fail", "unlabelled"):
+            raise ConfigError(f"missing_mask must be fail or unlabelled, got '{self.missing_mask}'")
+        if self.workers < 1 or self.block_tiles < 1:
+            raise ConfigError("workers and block_tiles must be at least 1")
+        check_fractions("tile", self, ("min_tissue", "min_fraction", "mpp_tolerance"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a slide is read: the level, the tile side there, and the resulting µm per pixel of a tile."""
+
+    level: int
+    size: int
+    tile_mpp: float | None
+
+
+def plan_reading(slide: Slide, cfg: TileConfig) -> Plan:
+    """Choose the level and the tile side at that level for ``cfg``'s target resolution."""
+    if cfg.level is not None:
+        if cfg.level >= slide.level_count:
+            raise SlideError(f"{slide.path}: level {cfg.level} requested, the slide has {slide.level_count}")
+        return Plan(cfg.level, cfg.tile_px, slide.level_mpp(cfg.level))
+    if slide.mpp is None:
+        raise SlideError(f"{slide.path}: no resolution in the file; set slide_mpp=<µm per pixel> or level=<n>")
+    assert cfg.mpp is not None
+    mpps = [slide.level_mpp(k) for k in range(slide.level_count)]
+    fine_enough = [k for k, m in enumerate(mpps) if m <= cfg.mpp * (1 + cfg.mpp_tolerance)]
+    level = max(fine_enough, key=lambda k: mpps[k]) if fine_enough else 0
+    close_enough = abs(mpps[level] / cfg.mpp - 1) <= cfg.mpp_tolerance
+    size = cfg.tile_px if close_enough else int(round(cfg.tile_px * cfg.mpp / mpps[level]))
+    return Plan(level, size, mpps[level] * size / cfg.tile_px)
+
+
+def grid_tissue(mask: np.ndarray, scale: float, size: int, ny: int, nx: int) -> np.ndarray:
+    """Tissue fraction of each (ny, nx) grid tile, from a tissue ``mask`` ``scale`` times coarser than the read level."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    edges_y = np.clip(np.round(np.arange(ny + 1) * size / scale).astype(int), 0, mask.shape[0])
+    edges_x = np.clip(np.round(np.arange(nx + 1) * size / scale).astype(int), 0, mask.shape[1])
+    y0, y1, x0, x1 = edges_y[:-1, None], edges_y[1:, None], edges_x[None, :-1], edges_x[None, 1:]
+    area = np.maximum((y1 - y0) * (x1 - x0), 1)
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (total / area).astype(np.float32)
+
+
+def _mask_level(mask: Slide, slide: Slide, level: int) -> int:
+    """The mask level that matches the slide's read level pixel for pixel."""
+    if mask.level_dimensions[0] != slide.level_dimensions[0]:
+        raise SlideError(f"{mask.path}: mask size {mask.level_dimensions[0]} differs from the slide's {slide.level_dimensions[0]}")
+    for k, dims in enumerate(mask.level_dimensions):
+        if dims == slide.level_dimensions[level]:
+            return k
+    raise SlideError(f"{mask.path}: mask has no level of size {slide.level_dimensions[level]} (slide level {level})")
+
+
+def _blocks(rows: np.ndarray, cols: np.ndarray, block: int) -> list[np.ndarray]:
+    """Indices of candidate tiles grouped by block, blocks in raster order (OpenSlide's tile cache then serves block edges)."""
+    keys = (rows // block) * (cols.max() // block + 1 if cols.size else 1) + cols // block
+    order = np.argsort(keys, kind="stable")
+    split_at = np.flatnonzero(np.diff(keys[order])) + 1
+    return np.split(order, split_at)
+
+
+def tile_slide(job: SlideJob, cfg: TileConfig, out: Path) -> dict[str, Any]:
+    """Tile one slide, write its part (and shard); return its summary row. Raises on a bad slide."""
+    start = time.perf_counter()
+    if job.error:
+        raise SlideError(f"{job.path}: {job.error}")
+    with open_slide(job.path, job.mpp) as slide:
+        if slide.mpp is None:
+            slide.mpp = cfg.slide_mpp
+        plan = plan_reading(slide, cfg)
+        mask_slide = None
+        if job.mask is not None:
+            if job.mask.is_file():
+                mask_slide = open_slide(job.mask, slide.mpp, require_rgb=False)
+            elif cfg.missing_mask == "fail":
+                raise SlideError(f"{job.mask}: mask file missing (missing_mask=unlabelled tiles such slides without labels)")
+        try:
+            rows = _tile_rows(slide, mask_slide, job, plan, cfg, out)
+        finally:
+            if mask_slide is not None:
+                mask_slide.close()
+    kept = rows[rows["keep"]] if len(rows) else rows
+    summary = {
+        "slide_id": job.slide_id, "path": str(job.path), "provider": job.provider,
+        "width": slide.level_dimensions[0][0], "height": slide.level_dimensions[0][1],
+        "level": plan.level, "size": plan.size, "mpp": plan.tile_mpp,
+        "grid_tiles": int(rows.attrs["grid_tiles"]), "read_tiles": len(rows), "kept_tiles": len(kept),
+        "seconds": time.perf_counter() - start,
+        **{f"dropped_{reason}": int((rows["reason"] == reason).sum()) for reason in sorted(set(rows["reason"]) - {""})},
+    }
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    table = table.replace_schema_metadata({b"bony_summary": json.dumps(summary).encode()})
+    with atomic_path(out / "parts" / f"{job.slide_id}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    return summary
+
+
+def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan, cfg: TileConfig, out: Path) -> pd.DataFrame:
+    """Measure, filter and label the tissue tiles of one slide (the rows of its part file)."""
+    level, size = plan.level, plan.size
+    ds = slide.level_downsamples[level]
+    width, height = slide.level_dimensions[level]
+    ny, nx = max(0, (height - size) // size + 1), max(0, (width - size) // size + 1)
+    base_mpp = slide.mpp or NOMINAL_MPP
+    overview_level = int(np.argmin([abs(np.log(base_mpp * d / cfg.tissue.detect_mpp)) for d in slide.level_downsamples]))
+    overview = slide.read_level(overview_level)
+    tissue = tissue_mask(overview, base_mpp * slide.level_downsamples[overview_level], cfg.tissue)
+    if not tissue.any():
+        raise SlideError(f"{slide.path}: no tissue found (all background at level {overview_level})")
+    scale = slide.level_downsamples[overview_level] / ds
+    fraction = grid_tissue(tissue, scale, size, ny, nx) if ny and nx else np.zeros((ny, nx), np.float32)
+    rows, cols = np.nonzero(fraction >= cfg.min_tissue) if fraction.size else (np.array([], int), np.array([], int))
+    mask_level = _mask_level(mask_slide, slide, level) if mask_slide is not None else None
+
+    blocks: list[dict[str, np.ndarray]] = []
+    kept_tiles: list[np.ndarray] = []
+    for block in _blocks(rows, cols, cfg.block_tiles):
+        r, c = rows[block], cols[block]
+        r0, c0 = int(r.min()), int(c.min())
+        bh, bw = (int(r.max()) - r0 + 1) * size, (int(c.max()) - c0 + 1) * size
+        location = (int(round(c0 * size * ds)), int(round(r0 * size * ds)))
+        tiles = _cut(slide.read_region(location, level, (bw, bh)), r - r0, c - c0, size)
+        measures = tile_measures(tiles)
+        keep, reason = keep_tiles(measures, cfg.quality)
+        if mask_slide is not None and mask_level is not None:
+            codes = _cut(mask_slide.read_region(location, mask_level, (bw, bh)), r - r0, c - c0, size)[..., 0]
+            try:
+                fractions = class_fractions(codes, job.encoding or "")
+            except ValueError as exc:
+                raise SlideError(f"{mask_slide.path}: {exc}") from None
+        else:
+            fractions = np.full((len(block), len(FRACTION_COLUMNS)), np.nan, np.float32)
+        blocks.append({"r": r, "c": c, "keep": keep, "reason": reason, "fractions": fractions, **measures})
+        if cfg.shards:
+            kept_tiles += list(tiles[keep])
+    joined = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]} if blocks else {}
+    n = len(joined.get("r", ()))
+    fractions = joined.get("fractions", np.zeros((0, len(FRACTION_COLUMNS)), np.float32))
+    labelled = mask_slide is not None and n > 0
+    frame = pd.DataFrame({
+        "slide_id": np.full(n, job.slide_id, dtype=object),
+        "x": np.round(joined.get("c", np.zeros(0)) * size * ds).astype(np.int64),
+        "y": np.round(joined.get("r", np.zeros(0)) * size * ds).astype(np.int64),
+        "level": np.full(n, level, np.int64), "size": np.full(n, size, np.int64),
+        "label_name": tile_labels(fractions, cfg.label_policy, cfg.min_fraction) if labelled else np.full(n, "", object),
+        "tissue": fraction[joined["r"], joined["c"]] if n else np.zeros(0, np.float32),
+        **{name: joined.get(name, np.zeros(0)).astype(np.float32) for name in MEASURES},
+        **{column: fractions[:, k] for k, column in enumerate(FRACTION_COLUMNS)},
+        "keep": joined.get("keep", np.zeros(0, bool)).astype(bool),
+        "reason": joined.get("reason", np.zeros(0, object)).astype(str),
+    })
+    frame["mpp"] = np.float32(plan.tile_mpp if plan.tile_mpp is not None else np.nan)
+    for key in ("dataset", "provider", "group", "split"):
+        frame[key] = getattr(job, key)
+    frame["path"] = str(job.path)
+    if cfg.shards:
+        _write_shard(frame, kept_tiles, job.slide_id, out, cfg.shard_quality)
+    frame.attrs["grid_tiles"] = ny * nx
+    return frame
+
+
+def _cut(image: np.ndarray, r: np.ndarray, c: np.ndarray, size: int) -> np.ndarray:
+    """Tiles at block grid positions (r, c) of ``image`` as an (N, size, size, ...) array."""
+    grid = image.reshape(image.shape[0] // size, size, image.shape[1] // size, size, *image.shape[2:])
+    return np.ascontiguousarray(grid[r, :, c])
+
+
+def _write_shard(frame: pd.DataFrame, tiles: list[np.ndarray], slide_id: str, out: Path, quality: int) -> None:
+    """Write kept tiles as JPEG members of ``shards/<slide_id>.tar`` and note their byte ranges in ``frame``."""
+    name = f"shards/{slide_id}.tar"
+    offsets, lengths = np.full(len(frame), -1, np.int64), np.full(len(frame), -1, np.int64)
+    kept = np.flatnonzero(frame["keep"].to_numpy())
+    with atomic_path(out / name) as tmp, tarfile.open(tmp, "w") as tar:
+        for index, tile in zip(kept, tiles, strict=True):
+            buffer = io.BytesIO()
+            Image.fromarray(tile).save(buffer, format="JPEG", quality=quality)
+            info = tarfile.TarInfo(f"{slide_id}_{frame.x.iat[index]}_{frame.y.iat[index]}.jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+            # the data ends where the archive now ends, before its padding to 512-byte blocks
+            offsets[index], lengths[index] = tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, info.size
+    frame["shard"] = np.where(frame["keep"], name, "")
+    frame["shard_offset"], frame["shard_length"] = offsets, lengths
+
+
+def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, Any] | None, str]:
+    """Run :func:`tile_slide` turning any error into a message, so one bad slide never stops a run."""
+    try:
+        return tile_slide(job, cfg, out), ""
+    except BonyError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can raise anything from a decoder
+        log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
+        return None, f"{job.path}: {type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What a ``bony tile`` run did."""
+
+    out: Path
+    tiled: int
+    skipped: int
+    failures: pd.DataFrame
+    manifest: Path | None
+
+
+def _check_config(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+    """A run resumes only into a folder tiled with the same config; ``overwrite`` starts it afresh."""
+    saved = out / "config.yaml"
+    text = yaml.safe_dump(record, sort_keys=False)
+    if saved.is_file() and saved.read_text() != text:
+        if not overwrite:
+            raise BonyError(f"{out}: tiled before with another config (see its config.yaml); "
+                            "use a new folder or --overwrite to start again")
+        for stale in ("parts", "shards"):
+            for path in (out / stale).glob("*"):
+                path.unlink()
+        for name in ("manifest.parquet", "slides.parquet", "failures.csv"):
+            (out / name).unlink(missing_ok=True)
+    write_text_atomic(saved, text)
+
+
+def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[int, int] = (0, 1),
+         overwrite: bool = False) -> TileResult:
+    """Tile every slide of ``inputs`` (this shard's share), resuming from earlier runs into ``out``."""
+    jobs = list_jobs(fmt, [Path(p) for p in inputs])
+    index, count = shard
+    if not 0 <= index < count:
+        raise BonyError(f"--shard {index}/{count}: need 0 <= i < n")
+    jobs = sorted(jobs, key=lambda j: (j.slide_id, str(j.path)))[index::count]
+    out = ensure_writable_dir(Path(out))
+    record = {"format": fmt, "inputs": [str(Path(p).resolve()) for p in inputs], **to_dict(cfg)}
+    _check_config(out, record, overwrite)
+    done = {p.stem for p in (out / "parts").glob("*.parquet")}
+    pending = [j for j in jobs if j.slide_id not in done or j.error]
+    _remove_stale_temporaries(out, pending)
+    log.info("%d slides: %d already tiled, %d to do, %d workers", len(jobs), len(jobs) - len(pending), len(pending), cfg.workers)
+    failures: list[dict[str, str]] = []
+    with tqdm(total=len(pending), desc="tiling", unit="slide") as progress:
+        for job, summary, error in _run(pending, cfg, out):
+            if error:
+                log.warning("slide %s failed: %s", job.slide_id, error)
+                failures.append({"slide_id": job.slide_id, "path": str(job.path), "error": error})
+            else:
+                progress.set_postfix_str(f"{job.slide_id[:12]}: {summary['kept_tiles']} tiles")
+            progress.update()
+    failed = pd.DataFrame(failures, columns=["slide_id", "path", "error"]).sort_values("slide_id")
+    manifest = None
+    if count == 1:
+        with atomic_path(out / "failures.csv") as tmp:
+            failed.to_csv(tmp, index=False)
+        manifest = assemble(out, [j.slide_id for j in jobs])
+    else:
+        with atomic_path(out / f"failures-{index}-of-{count}.csv") as tmp:
+            failed.to_csv(tmp, index=False)
+    return TileResult(out, len(pending) - len(failed), len(jobs) - len(pending), failed, manifest)
+
+
+def _remove_stale_temporaries(out: Path, jobs: list[SlideJob]) -> None:
+    """Delete half-written part and shard files left by a killed run, for this run's slides only.
+
+    A slide belongs to one shard, so array tasks sharing the folder never delete each other's
+    files in progress.
+    """
+    for job in jobs:
+        for folder, suffix in (("parts", ".parquet"), ("shards", ".tar")):
+            for stale in (out / folder).glob(f".{glob.escape(job.slide_id)}.*.tmp{suffix}"):
+                log.info("removing %s, left by an interrupted run", stale)
+                stale.unlink(missing_ok=True)
+
+
+def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[SlideJob, dict[str, Any] | None, str]]:
+    """Tile ``jobs`` in this process or over ``cfg.workers`` processes, yielding results as slides finish."""
+    if cfg.workers == 1:
+        for job in jobs:
+            yield (job, *_tile_or_fail(job, cfg, out))
+        return
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        futures = {pool.submit(_tile_or_fail, job, cfg, out): job for job in jobs}
+        for future in as_completed(futures):
+            yield (futures[future], *future.result())
+
+
+def assemble(out: Path, slide_ids: list[str]) -> Path:
+    """Write ``manifest.parquet`` (kept tiles) and ``slides.parquet`` from the parts of ``slide_ids``.
+
+    Parts are streamed one at a time in slide order, so memory stays that of one slide and the
+    manifest does not depend on the order in which slides finished.
+    """
+    parts = [out / "parts" / f"{sid}.parquet" for sid in sorted(set(slide_ids))]
+    parts = [p for p in parts if p.is_file()]
+    summaries = []
+    with atomic_path(out / "manifest.parquet") as tmp:
+        writer = None
+        for part in parts:
+            table = pq.read_table(part)
+            summaries.append(json.loads(table.schema.metadata[b"bony_summary"]))
+            kept = table.filter(table["keep"]).drop_columns(["keep", "reason"]).replace_schema_metadata(None)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, kept.schema)
+            writer.write_table(kept.cast(writer.schema))
+        if writer is None:
+            pq.write_table(pa.table({"slide_id": pa.array([], pa.string())}), tmp)
+        else:
+            writer.close()
+    with atomic_path(out / "slides.parquet") as tmp:
+        pd.DataFrame(summaries).to_parquet(tmp, index=False)
+    return out / "manifest.parquet"
+
+
+def read_part(out: Path, slide_id: str) -> pd.DataFrame:
+    """Every measured tile of one slide, kept or dropped with its reason (for plots of the filter)."""
+    return pd.read_parquet(Path(out) / "parts" / f"{slide_id}.parquet")

@@ -1,0 +1,281 @@
+"""bony tile: grid, labels against masks drawn here, resume after kill -9, bad slides, shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from bonylib.config import load_config
+from bonylib.data.datasets import TileDataset
+from bonylib.data.labels import LABEL_NAMES
+from bonylib.data.synthetic.panda import write_pyramid
+from bonylib.data.synthetic.tissue import ZONE_G3, render_tissue, sample_stain
+from bonylib.data.tiling import TileConfig, tile
+from bonylib.errors import BonyError
+
+T = 224
+MPP = 0.48619
+RANK = {"background": 0, "benign": 1, "cancer": 2, "G3": 3, "G4": 4, "G5": 5}
+# Tissue cells (row, col) of the drawn slide; everything else is glass.
+TISSUE = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+
+
+def draw_case(provider: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 4x5-tile slide: real-looking tissue in TISSUE cells on glass, and a mask drawn cell by cell."""
+    rng = np.random.default_rng(7)
+    zones = np.zeros((4 * T, 5 * T), np.uint8)
+    for r, c in TISSUE:
+        zones[r * T : (r + 1) * T, c * T : (c + 1) * T] = ZONE_G3
+    rgb = render_tissue(zones, rng, sample_stain(rng), mpp=MPP).rgb
+    mask = np.where(zones > 0, 1, 0).astype(np.uint8)  # benign tissue (Radboud stroma / Karolinska benign)
+
+    def cell(r: int, c: int) -> np.ndarray:
+        return mask[r * T : (r + 1) * T, c * T : (c + 1) * T]
+
+    if provider == "radboud":
+        cell(1, 1)[:20, :20] = 4  # a speck of G4 (0.8 %)
+        cell(1, 2)[:, : T // 2] = 3  # half G3 ...
+        cell(1, 2)[:, T // 2 : T // 2 + 67] = 5  # ... and 30 % G5
+        cell(2, 2)[: int(0.6 * T)] = 4  # 60 % G4
+        cell(2, 3)[:, :10] = 2  # benign epithelium
+    else:
+        cell(1, 3)[: T // 10] = 2  # 10 % cancer
+        cell(2, 1)[:5, :5] = 2  # a speck of cancer
+    return rgb, mask
+
+
+def write_panda(root: Path, slides: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> Path:
+    """A PANDA-format folder from drawn images and masks."""
+    (root / "train_images").mkdir(parents=True)
+    (root / "train_label_masks").mkdir()
+    rows = []
+    for image_id, (provider, rgb, mask) in slides.items():
+        pyramid = [rgb, rgb[::4, ::4], rgb[::16, ::16]]
+        write_pyramid(root / "train_images" / f"{image_id}.tiff", pyramid, MPP, 256, lossless=False, quality=90)
+        red = np.zeros((*mask.shape, 3), np.uint8)
+        red[..., 0] = mask
+        masks = [red, red[2::4, 2::4], red[8::16, 8::16]]
+        write_pyramid(root / "train_label_masks" / f"{image_id}_mask.tiff", masks, MPP, 256, lossless=True, quality=90)
+        rows.append({"image_id": image_id, "data_provider": provider, "isup_grade": 0, "gleason_score": "0+0"})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("drawn") / "panda"
+    slides = {}
+    masks = {}
+    for image_id, provider in (("rad", "radboud"), ("kar", "karolinska")):
+        rgb, mask = draw_case(provider)
+        slides[image_id] = (provider, rgb, mask)
+        masks[image_id] = mask
+    return write_panda(root, slides), masks
+
+
+def expected_labels(mask: np.ndarray, provider: str, policy: str) -> dict[tuple[int, int], str]:
+    """Labels of the tissue cells by each policy, computed from the drawn mask."""
+    names = {0: "background", 1: "benign", 2: "benign", 3: "G3", 4: "G4", 5: "G5"} if provider == "radboud" \
+        else {0: "background", 1: "benign", 2: "cancer"}
+    out = {}
+    for r, c in TISSUE:
+        cell = mask[r * T : (r + 1) * T, c * T : (c + 1) * T]
+        share: dict[str, float] = {}
+        for code, name in names.items():
+            share[name] = share.get(name, 0.0) + float((cell == code).mean())
+        present = [n for n, f in share.items() if f > 0]
+        if policy == "max":
+            out[(r, c)] = max(present, key=RANK.get)
+        elif policy == "majority":
+            out[(r, c)] = max(present, key=lambda n: (share[n], RANK[n]))
+        else:
+            tissue = 1 - share["background"]
+            cancer = [n for n in present if RANK[n] >= 2 and share[n] >= 0.05 * tissue]
+            out[(r, c)] = max(cancer, key=RANK.get) if cancer else "benign"
+    return out
+
+
+@pytest.mark.parametrize("policy", ["max", "majority", "min_fraction"])
+def test_labels_and_grid_match_the_drawn_masks(drawn, tmp_path: Path, policy: str) -> None:
+    root, masks = drawn
+    cfg = load_config(TileConfig, None, [f"label_policy={policy}"])
+    result = tile("panda", [root], tmp_path / "out", cfg)
+    assert result.failures.empty and result.tiled == 2
+    manifest = pd.read_parquet(result.manifest)
+    for column in ("slide_id", "x", "y", "level", "size", "label_name", "background", "edges", "homogeneity", "blur", "pen"):
+        assert column in manifest.columns
+    for image_id, provider in (("rad", "radboud"), ("kar", "karolinska")):
+        rows = manifest[manifest.slide_id == image_id]
+        assert (rows.level == 0).all() and (rows["size"] == T).all()
+        assert (rows.x % T == 0).all() and (rows.y % T == 0).all(), "tiles sit on the 224 grid"
+        got = {(int(y) // T, int(x) // T): label for x, y, label in zip(rows.x, rows.y, rows.label_name)}
+        assert set(got) == set(TISSUE), "every tissue cell kept, no glass cell"
+        assert got == expected_labels(masks[image_id], provider, policy)
+        for (r, c), row in zip(((int(y) // T, int(x) // T) for x, y in zip(rows.x, rows.y)), rows.itertuples()):
+            cell = masks[image_id][r * T : (r + 1) * T, c * T : (c + 1) * T]
+            background = float((cell == 0).mean())
+            assert row.frac_background == pytest.approx(background, abs=1e-6)
+    assert set(manifest.label_name) <= set(LABEL_NAMES)
+
+
+def test_kill_and_rerun_gives_the_same_manifest(tmp_path: Path, repo: Path) -> None:
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "bonylib", "synth", "panda", str(data), "--config",
+                    str(repo / "configs/synth/smoke.yaml"), "panda.slides=5", "panda.core_length_um=1500"],
+                   check=True, capture_output=True)
+    command = [sys.executable, "-m", "bonylib", "tile", str(data), "--format", "panda"]
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((killed / "parts").glob("*.parquet")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run was still going when killed"
+    assert 0 < len(list((killed / "parts").glob("*.parquet"))) < 5
+    assert not (killed / "manifest.parquet").exists()
+    rerun = subprocess.run([*command, "--out", str(killed)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" in rerun.stdout
+    whole, resumed = pd.read_parquet(tmp_path / "whole" / "manifest.parquet"), pd.read_parquet(killed / "manifest.parquet")
+    assert len(whole) > 0
+    pd.testing.assert_frame_equal(whole, resumed)
+    leftovers = [p for p in killed.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"half-written files left: {leftovers}"
+
+
+def test_bad_slides_are_recorded_and_the_run_goes_on(drawn, tmp_path: Path) -> None:
+    good, _ = drawn
+    root = tmp_path / "panda"
+    shutil.copytree(good, root)
+    images, masks = root / "train_images", root / "train_label_masks"
+    rows = pd.read_csv(root / "train.csv").to_dict("records")
+
+    def add(image_id: str, provider: str = "radboud") -> None:
+        rows.append({"image_id": image_id, "data_provider": provider, "isup_grade": 0, "gleason_score": "0+0"})
+
+    data = (images / "rad.tiff").read_bytes()
+    (images / "truncated.tiff").write_bytes(data[: len(data) // 3])
+    shutil.copy(masks / "rad_mask.tiff", masks / "truncated_mask.tiff")
+    add("truncated")
+    shutil.copy(images / "rad.tiff", images / "nomask.tiff")
+    add("nomask")
+    shutil.copy(images / "rad.tiff", images / "othersize.tiff")
+    small = np.zeros((T * 2, T * 2, 3), np.uint8)
+    write_pyramid(masks / "othersize_mask.tiff", [small, small[::4, ::4], small[::16, ::16]], MPP, 256, True, 90)
+    add("othersize")
+    grey = np.full((T * 4, T * 5), 128, np.uint8)
+    with tifffile.TiffWriter(images / "grey.tiff") as tif:
+        for ds in (1, 4, 16):
+            tif.write(grey[::ds, ::ds], photometric="minisblack", tile=(256, 256), compression="zlib")
+    shutil.copy(masks / "rad_mask.tiff", masks / "grey_mask.tiff")
+    add("grey")
+    white = np.full((T * 4, T * 5, 3), 242, np.uint8)
+    write_pyramid(images / "blank.tiff", [white, white[::4, ::4], white[::16, ::16]], MPP, 256, False, 90)
+    shutil.copy(masks / "rad_mask.tiff", masks / "blank_mask.tiff")
+    add("blank")
+    add("rad")  # duplicate id
+    shutil.copy(images / "rad.tiff", images / "alien.tiff")
+    add("alien", provider="mars")
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "bonylib", "tile", str(root), "--format", "panda", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    failures = pd.read_csv(out / "failures.csv").set_index("slide_id").error
+    expected = {
+        "truncated": "truncated.tiff",
+        "nomask": "mask file missing",
+        "othersize": "differs from the slide",
+        "grey": "not an 8-bit RGB slide",
+        "blank": "no tissue found",
+        "rad": "duplicate slide id",
+        "alien": "unknown data_provider 'mars'",
+    }
+    assert set(failures.index) == set(expected)
+    for slide_id, phrase in expected.items():
+        assert phrase in failures[slide_id], (slide_id, failures[slide_id])
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert set(manifest.slide_id) == {"rad", "kar"}, "good slides are tiled whatever the bad ones do"
+    assert len(manifest[manifest.slide_id == "rad"]) == len(TISSUE)
+
+    # the good slides are done: a rerun tries only the failed ones again
+    again = subprocess.run([sys.executable, "-m", "bonylib", "tile", str(root), "--format", "panda", "--out", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 3 and "0 slides tiled" in again.stdout
+
+
+def test_missing_masks_can_be_tiled_unlabelled(drawn, tmp_path: Path) -> None:
+    good, _ = drawn
+    root = tmp_path / "panda"
+    shutil.copytree(good, root)
+    (root / "train_label_masks" / "kar_mask.tiff").unlink()
+    cfg = load_config(TileConfig, None, ["missing_mask=unlabelled"])
+    result = tile("panda", [root], tmp_path / "out", cfg)
+    manifest = pd.read_parquet(result.manifest)
+    assert result.failures.empty
+    assert (manifest[manifest.slide_id == "kar"].label_name == "").all()
+    assert (manifest[manifest.slide_id == "rad"].label_name != "").all()
+
+
+def test_a_changed_config_needs_a_new_folder_or_overwrite(drawn, tmp_path: Path) -> None:
+    root, _ = drawn
+    tile("panda", [root], tmp_path / "out", load_config(TileConfig))
+    with pytest.raises(BonyError, match="another config"):
+        tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["label_policy=majority"]))
+    result = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["label_policy=majority"]), overwrite=True)
+    assert result.tiled == 2 and result.skipped == 0
+
+
+def test_array_shards_then_assembly_equal_one_run(drawn, tmp_path: Path) -> None:
+    root, _ = drawn
+    cfg = load_config(TileConfig)
+    one = tile("panda", [root], tmp_path / "one", cfg)
+    first = tile("panda", [root], tmp_path / "sharded", cfg, shard=(0, 2))
+    second = tile("panda", [root], tmp_path / "sharded", cfg, shard=(1, 2))
+    assert first.manifest is None and second.manifest is None and first.tiled + second.tiled == 2
+    final = tile("panda", [root], tmp_path / "sharded", cfg)
+    assert final.tiled == 0 and final.skipped == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(one.manifest), pd.read_parquet(final.manifest))
+
+
+def test_shards_hold_the_same_tiles_as_the_slides(drawn, tmp_path: Path) -> None:
+    root, _ = drawn
+    result = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["shards=true", "workers=2"]))
+    from_shards = TileDataset(result.manifest, source="shards")
+    from_slides = TileDataset(result.manifest, source="slides")
+    assert len(from_shards) == len(from_slides) == 2 * len(TISSUE)
+    for i in range(len(from_shards)):
+        a, target = from_shards[i]
+        b, _ = from_slides[i]
+        assert a.size == b.size == (T, T)
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 3, "JPEG q95 round trip"
+        assert target == LABEL_NAMES.index(from_shards.frame.label_name[i])
+
+
+def test_real_slides_tile_without_masks(shared_data: Path, tmp_path: Path) -> None:
+    result = tile("slides", [shared_data / "slides"], tmp_path / "out", load_config(TileConfig))
+    # the TCGA file carries no resolution: it is reported, the Aperio slide is tiled
+    assert result.failures.slide_id.tolist() == ["tcga-cr-7395-01a-01-ts1"]
+    assert "set slide_mpp=" in result.failures.error.iloc[0]
+    result = tile("slides", [shared_data / "slides"], tmp_path / "out2", load_config(TileConfig, None, ["slide_mpp=0.5"]))
+    assert result.failures.empty, result.failures.error.tolist()
+    manifest = pd.read_parquet(result.manifest)
+    counts = manifest.groupby("slide_id").size()
+    assert set(counts.index) == {"CMU-1-Small-Region", "tcga-cr-7395-01a-01-ts1"}
+    assert (counts > 20).all()
+    assert (manifest.label_name == "").all() and (manifest.background < 0.9).all()
+    cmu = manifest[manifest.slide_id == "CMU-1-Small-Region"]
+    assert cmu.mpp.iloc[0] == pytest.approx(0.499, abs=0.01), "the file's own resolution wins over slide_mpp"
