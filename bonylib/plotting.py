@@ -130,3 +130,62 @@ def thumbnail(path: Path, max_px: int = 768) -> np.ndarray:
         image = Image.open(path)
         image.thumbnail((max_px, max_px))
     return np.asarray(image.convert("RGB"))
+
+
+REASON_COLOURS: dict[str, str] = {
+    "": "#2ca02c", "background": "#7f7f7f", "pen": "#1f77b4", "blur": "#9467bd", "edges": "#ff7f0e", "homogeneity": "#d62728",
+}
+
+
+def tiles_on_slide(path: Path, tiles: pd.DataFrame, max_px: int = 1024) -> Figure:
+    """A slide thumbnail with every measured tile outlined: kept in green, dropped in the colour of its reason."""
+    from matplotlib.patches import Rectangle
+
+    from bonylib.data.slides import open_slide
+
+    with open_slide(Path(path)) as slide:
+        level = slide.level_count - 1
+        scale = max(slide.level_dimensions[level]) / max_px
+        if scale > 1 and slide.level_count > 1:
+            level = int(np.argmin([abs(max(d) - max_px) for d in slide.level_dimensions]))
+        image = slide.read_level(level)
+        ds = slide.level_downsamples[level]
+        read_ds = slide.level_downsamples[int(tiles.level.iloc[0])] if len(tiles) else 1.0
+    fig, ax = plt.subplots(figsize=(10, 10 * image.shape[0] / image.shape[1] + 0.5))
+    ax.imshow(image)
+    for row in tiles.itertuples():
+        side = row.size * read_ds / ds
+        ax.add_patch(Rectangle((row.x / ds, row.y / ds), side, side, fill=False, lw=0.8,
+                               edgecolor=REASON_COLOURS.get(row.reason, "black")))
+    counts = tiles.reason.replace("", "kept").value_counts()
+    handles = [Patch(edgecolor=REASON_COLOURS.get("" if r == "kept" else r, "black"), fill=False, label=f"{r} ({n})")
+               for r, n in counts.items()]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title(Path(path).name, fontsize=10)
+    ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def measure_examples(tiles: pd.DataFrame, measure: str, n: int = 6) -> Figure:
+    """Tiles spread over the range of one quality measure (lowest to highest), read from their slides."""
+    from bonylib.data.datasets import TileDataset
+
+    ordered = tiles.sort_values(measure).reset_index(drop=True)
+    picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, n).round().astype(int))]
+    data = TileDataset(picks.assign(label_name=""), source="slides")
+    images = [np.asarray(data.read(i)) for i in range(len(data))]
+    titles = [f"{measure}={v:.3g}" + ("" if r == "" else f"\n(dropped: {r})") for v, r in zip(picks[measure], picks.reason)]
+    return image_grid(images, titles, ncols=n, size=1.9)
+
+
+def class_grid(manifest: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figure:
+    """A few kept tiles of each class in the manifest."""
+    from bonylib.data.datasets import TileDataset
+
+    picks = [group.sample(min(per_class, len(group)), random_state=seed)
+             for _, group in manifest[manifest.label_name != ""].groupby("label_name", sort=False)]
+    chosen = pd.concat(picks).reset_index(drop=True) if picks else manifest.head(0)
+    data = TileDataset(chosen, source="slides")
+    images = [np.asarray(data.read(i)) for i in range(len(data))]
+    return image_grid(images, [f"{row.label_name} ({row.provider})" for row in chosen.itertuples()], ncols=per_class, size=1.9)

@@ -8,11 +8,13 @@ ordinary page.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,21 @@ def papermill_failed(path: Path) -> bool:
     return bool(meta.get("exception"))
 
 
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the kernels started inside the block (progress bars off in the book)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_notebook(source: Path, dest: Path, parameters: dict[str, Any], timeout_s: int) -> bool:
     """Execute ``source`` with ``parameters`` into ``dest``; return whether it ran without error.
 
@@ -67,7 +84,7 @@ def run_notebook(source: Path, dest: Path, parameters: dict[str, Any], timeout_s
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp, _environment(TQDM_DISABLE="1"):
         try:
             papermill.execute_notebook(
                 str(source), str(tmp), parameters=parameters, cwd=str(source.parent),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from bonylib.config import option, section, to_dict
 from bonylib.data.synthetic import deepgleason, panda, sicapv2
