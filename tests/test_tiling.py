@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from PIL import Image
 
 from bonylib.config import load_config
 from bonylib.data.datasets import TileDataset
@@ -279,3 +280,32 @@ def test_real_slides_tile_without_masks(shared_data: Path, tmp_path: Path) -> No
     assert (manifest.label_name == "").all() and (manifest.background < 0.9).all()
     cmu = manifest[manifest.slide_id == "CMU-1-Small-Region"]
     assert cmu.mpp.iloc[0] == pytest.approx(0.499, abs=0.01), "the file's own resolution wins over slide_mpp"
+
+
+def test_sicapv2_patches_take_labels_and_splits_from_their_files(smoke_data: Path, tmp_path: Path) -> None:
+    root = smoke_data / "sicapv2"
+    cfg = load_config(TileConfig, None, ["mpp=null", "level=0", "tile_px=128"])  # the whole smoke patch
+    manifest = pd.read_parquet(tile("sicapv2", [root], tmp_path / "out", cfg).manifest)
+    test_names = set(pd.read_excel(root / "partition" / "Test" / "Test.xlsx").image_name)
+    assert len(manifest) == len(list((root / "images").glob("*.jpg")))
+    for row in manifest.itertuples():
+        values = np.asarray(Image.open(root / "masks" / f"{row.slide_id}.jpg")).astype(int)
+        snapped = np.array([0, 3, 4, 5])[np.abs(values[..., None] - [0, 3, 4, 5]).argmin(-1)]
+        highest = int(snapped.max())
+        assert row.label_name == ("benign" if highest == 0 else f"G{highest}")
+        assert row.split == ("test" if f"{row.slide_id}.jpg" in test_names else "train")
+        assert row.slide_id.startswith(row.group) and row.mpp == pytest.approx(1.0)
+
+
+def test_deepgleason_tiles_are_cut_and_labelled_from_their_masks(smoke_data: Path, tmp_path: Path) -> None:
+    root = smoke_data / "deepgleason"
+    result = tile("deepgleason", [root], tmp_path / "out", load_config(TileConfig, None, ["tile_px=64"]))
+    assert result.failures.empty, "a tile of glass is not a failed slide"
+    parts = pd.concat([pd.read_parquet(p) for p in (tmp_path / "out" / "parts").glob("*.parquet")])
+    table = pd.read_csv(root / "tiles.csv").set_index("tile_id")
+    names = {0: "background", 1: "background", 2: "benign", 3: "G3", 4: "G4", 5: "G5"}
+    assert len(parts) == len(table) * (128 // 64) ** 2, "every 64-px cell of every 128-px tile is measured"
+    for row in parts.itertuples():
+        mask = np.asarray(Image.open(root / table.loc[row.slide_id, "mask"]))[row.y : row.y + 64, row.x : row.x + 64]
+        assert row.label_name == max((names[int(v)] for v in np.unique(mask)), key=RANK.get)
+        assert row.split == table.loc[row.slide_id, "split"] and row.group == table.loc[row.slide_id, "slide_id"]

@@ -28,8 +28,9 @@ class SlideJob:
     """One slide to tile.
 
     ``group`` is the unit that must not straddle data splits (patient or source slide);
-    ``split`` is the dataset's own split when it has one; ``error`` is set for a slide that is
-    known to be unusable before it is opened.
+    ``split`` is the dataset's own split when it has one; ``patch`` marks a small image cut from a
+    slide (SICAPv2, DeepGleason), which is not searched for tissue at low resolution and may be
+    all glass; ``error`` is set for a slide known to be unusable before it is opened.
     """
 
     slide_id: str
@@ -41,6 +42,7 @@ class SlideJob:
     group: str = ""
     split: str = ""
     mpp: float | None = None
+    patch: bool = False
     error: str = ""
 
 
@@ -101,7 +103,7 @@ def sicapv2_jobs(root: Path) -> list[SlideJob]:
         jobs.append(SlideJob(
             slide_id=path.stem, path=path, dataset="sicapv2", mask=root / "masks" / path.name, encoding="sicapv2",
             provider="sicapv2", group=match["slide"] if match else path.stem,
-            split=split.get(path.name, ""), mpp=SICAPV2_MPP,
+            split=split.get(path.name, ""), mpp=SICAPV2_MPP, patch=True,
         ))
     return _flag_duplicates(jobs)
 
@@ -114,7 +116,7 @@ def deepgleason_jobs(root: Path) -> list[SlideJob]:
     table = pd.read_csv(csv, dtype=str)
     jobs = [
         SlideJob(slide_id=row.tile_id, path=root / row.image, dataset="deepgleason", mask=root / row.mask, encoding="deepgleason",
-                 provider="deepgleason", group=row.slide_id, split=row.split, mpp=DEEPGLEASON_MPP)
+                 provider="deepgleason", group=row.slide_id, split=row.split, mpp=DEEPGLEASON_MPP, patch=True)
         for row in table.itertuples()
     ]
     return _flag_duplicates(jobs)

@@ -148,7 +148,9 @@ def _mask_level(mask: Slide, slide: Slide, level: int) -> int:
 
 def _blocks(rows: np.ndarray, cols: np.ndarray, block: int) -> list[np.ndarray]:
     """Indices of candidate tiles grouped by block, blocks in raster order (OpenSlide's tile cache then serves block edges)."""
-    keys = (rows // block) * (cols.max() // block + 1 if cols.size else 1) + cols // block
+    if rows.size == 0:
+        return []
+    keys = (rows // block) * (cols.max() // block + 1) + cols // block
     order = np.argsort(keys, kind="stable")
     split_at = np.flatnonzero(np.diff(keys[order])) + 1
     return np.split(order, split_at)
@@ -196,14 +198,17 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
     ds = slide.level_downsamples[level]
     width, height = slide.level_dimensions[level]
     ny, nx = max(0, (height - size) // size + 1), max(0, (width - size) // size + 1)
-    base_mpp = slide.mpp or NOMINAL_MPP
-    overview_level = int(np.argmin([abs(np.log(base_mpp * d / cfg.tissue.detect_mpp)) for d in slide.level_downsamples]))
-    overview = slide.read_level(overview_level)
-    tissue = tissue_mask(overview, base_mpp * slide.level_downsamples[overview_level], cfg.tissue)
-    if not tissue.any():
-        raise SlideError(f"{slide.path}: no tissue found (all background at level {overview_level})")
-    scale = slide.level_downsamples[overview_level] / ds
-    fraction = grid_tissue(tissue, scale, size, ny, nx) if ny and nx else np.zeros((ny, nx), np.float32)
+    if job.patch:
+        # a patch is too small for a low-resolution search: every tile is read, quality decides
+        fraction = np.ones((ny, nx), np.float32)
+    else:
+        base_mpp = slide.mpp or NOMINAL_MPP
+        overview_level = int(np.argmin([abs(np.log(base_mpp * d / cfg.tissue.detect_mpp)) for d in slide.level_downsamples]))
+        tissue = tissue_mask(slide.read_level(overview_level), base_mpp * slide.level_downsamples[overview_level], cfg.tissue)
+        if not tissue.any():
+            raise SlideError(f"{slide.path}: no tissue found (all background at level {overview_level})")
+        scale = slide.level_downsamples[overview_level] / ds
+        fraction = grid_tissue(tissue, scale, size, ny, nx) if ny and nx else np.zeros((ny, nx), np.float32)
     rows, cols = np.nonzero(fraction >= cfg.min_tissue) if fraction.size else (np.array([], int), np.array([], int))
     mask_level = _mask_level(mask_slide, slide, level) if mask_slide is not None else None
 
