@@ -144,10 +144,7 @@ def tiles_on_slide(path: Path, tiles: pd.DataFrame, max_px: int = 1024) -> Figur
     from bonylib.data.slides import open_slide
 
     with open_slide(Path(path)) as slide:
-        level = slide.level_count - 1
-        scale = max(slide.level_dimensions[level]) / max_px
-        if scale > 1 and slide.level_count > 1:
-            level = int(np.argmin([abs(max(d) - max_px) for d in slide.level_dimensions]))
+        level = int(np.argmin([abs(max(d) - max_px) for d in slide.level_dimensions]))
         image = slide.read_level(level)
         ds = slide.level_downsamples[level]
         read_ds = slide.level_downsamples[int(tiles.level.iloc[0])] if len(tiles) else 1.0

@@ -145,6 +145,11 @@ def test_kill_and_rerun_gives_the_same_manifest(tmp_path: Path, repo: Path) -> N
     assert process.wait() == -signal.SIGKILL, "the run was still going when killed"
     assert 0 < len(list((killed / "parts").glob("*.parquet"))) < 5
     assert not (killed / "manifest.parquet").exists()
+    # files a kill in the middle of a write would leave: the rerun must clear them
+    pending = sorted({p.name.split("_mask")[0] for p in (data / "train_label_masks").iterdir()}
+                     - {p.stem for p in (killed / "parts").glob("*.parquet")})
+    (killed / "parts" / f".{pending[0]}.abcd1234.tmp.parquet").write_bytes(b"half")
+    (killed / ".manifest.abcd1234.tmp.parquet").write_bytes(b"half")
     rerun = subprocess.run([*command, "--out", str(killed)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "already done" in rerun.stdout
@@ -309,3 +314,51 @@ def test_deepgleason_tiles_are_cut_and_labelled_from_their_masks(smoke_data: Pat
         mask = np.asarray(Image.open(root / table.loc[row.slide_id, "mask"]))[row.y : row.y + 64, row.x : row.x + 64]
         assert row.label_name == max((names[int(v)] for v in np.unique(mask)), key=RANK.get)
         assert row.split == table.loc[row.slide_id, "split"] and row.group == table.loc[row.slide_id, "slide_id"]
+
+
+def _tissue_image(path: Path, height: int, width: int, strip: int | None = None) -> None:
+    """A plain-image slide of synthetic tissue; with ``strip``, only a band that wide is tissue."""
+    rng = np.random.default_rng(3)
+    zones = np.full((height, width), ZONE_G3, np.uint8)
+    if strip is not None:
+        zones[:, strip:] = 0
+    Image.fromarray(render_tissue(zones, rng, sample_stain(rng), mpp=0.5).rgb).save(path)
+
+
+def test_a_slide_without_candidate_tiles_does_not_break_the_manifest(tmp_path: Path) -> None:
+    _tissue_image(tmp_path / "a_strip.png", 4 * T, 4 * T, strip=90)  # tissue covers < 50 % of every tile
+    _tissue_image(tmp_path / "b_tissue.png", 2 * T, 3 * T)
+    cfg = load_config(TileConfig, None, ["slide_mpp=0.5", "min_tissue=0.5"])
+    result = tile("slides", [tmp_path / "a_strip.png", tmp_path / "b_tissue.png"], tmp_path / "out", cfg)
+    assert result.failures.empty and result.tiled == 2
+    manifest = pd.read_parquet(result.manifest)
+    assert set(manifest.slide_id) == {"b_tissue"} and len(manifest) == 6
+    slides = pd.read_parquet(tmp_path / "out" / "slides.parquet").set_index("slide_id")
+    assert slides.loc["a_strip", "read_tiles"] == 0 and slides.loc["a_strip", "grid_tiles"] == 16
+
+
+def test_a_worker_that_dies_fails_only_its_slide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bonylib.data.tiling as tiling
+
+    for name in ("a", "b", "c"):
+        _tissue_image(tmp_path / f"{name}.png", T, 2 * T)
+    real = tiling.tile_slide
+
+    def crash_on_b(job, cfg, out):  # a decoder segfault, as the pool sees it
+        if job.slide_id == "b":
+            os._exit(139)
+        return real(job, cfg, out)
+
+    monkeypatch.setattr(tiling, "tile_slide", crash_on_b)  # forked workers inherit the patch
+    cfg = load_config(TileConfig, None, ["slide_mpp=0.5", "workers=2"])
+    result = tile("slides", [tmp_path / f"{n}.png" for n in "abc"], tmp_path / "out", cfg)
+    assert result.failures.slide_id.tolist() == ["b"]
+    assert "worker process died" in result.failures.error.iloc[0]
+    assert set(pd.read_parquet(result.manifest).slide_id) == {"a", "c"}
+
+
+def test_resume_may_change_workers(drawn, tmp_path: Path) -> None:
+    root, _ = drawn
+    tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=1"]))
+    again = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=2", "block_tiles=4"]))
+    assert again.skipped == 2 and again.tiled == 0

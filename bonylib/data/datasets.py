@@ -27,6 +27,8 @@ from bonylib.errors import BonyError
 class TileDataset(torch.utils.data.Dataset):
     """Tiles of a manifest as ``(image, target)``.
 
+    ``open_slides`` bounds the slides kept open when reading from slides.
+
     ``image`` is a PIL RGB image of ``tile_px`` pixels passed through ``transform``; ``target`` is
     the index of ``label_name`` in ``classes``, or -1 for tiles without a label (or a label not in
     ``classes``). ``root`` is the tiling output folder that shard paths are relative to.
@@ -41,6 +43,7 @@ class TileDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         classes: Sequence[str] = LABEL_NAMES,
         slide_mpp: float | None = None,
+        open_slides: int = 16,
     ) -> None:
         if not isinstance(manifest, pd.DataFrame):
             path = Path(manifest)
@@ -55,7 +58,7 @@ class TileDataset(torch.utils.data.Dataset):
         if source == "shards" and (not has_shards or root is None):
             raise BonyError("this manifest has no shards for every tile (tile with shards=true), or root is not given")
         self.source, self.root, self.tile_px = source, root, tile_px
-        self.transform, self.classes, self.slide_mpp = transform, list(classes), slide_mpp
+        self.transform, self.classes, self.slide_mpp, self.open_slides = transform, list(classes), slide_mpp, open_slides
         lookup = {name: i for i, name in enumerate(self.classes)}
         self.targets = np.array([lookup.get(name, -1) for name in self.frame["label_name"]], np.int64)
         self._slides: dict[str, Slide] = {}
@@ -84,10 +87,18 @@ class TileDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), int(self.targets[index])
 
     def _slide(self, path: str) -> Slide:
-        """Slides stay open per process: DataLoader workers each open their own on first use."""
-        if path not in self._slides:
-            self._slides[path] = open_slide(Path(path), self.slide_mpp)
-        return self._slides[path]
+        """An open slide from a small per-process cache (DataLoader workers each keep their own).
+
+        Only ``open_slides`` stay open, least recently used closed first, so an epoch over ten
+        thousand slides does not run out of file handles or memory.
+        """
+        slide = self._slides.pop(path, None)
+        if slide is None:
+            slide = open_slide(Path(path), self.slide_mpp)
+            while len(self._slides) >= self.open_slides:
+                self._slides.pop(next(iter(self._slides))).close()
+        self._slides[path] = slide  # (re)inserted last: most recently used
+        return slide
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

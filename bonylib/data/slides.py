@@ -58,12 +58,6 @@ class Slide(ABC):
         """µm per pixel at ``level``."""
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
-    def closest_level(self, mpp: float) -> int:
-        """The level whose resolution is closest to ``mpp`` on a log scale (for low-resolution overviews)."""
-        if self.mpp is None:
-            raise SlideError(f"{self.path}: no resolution in the file; set slide_mpp=<µm per pixel of level 0>")
-        return int(np.argmin([abs(np.log(self.level_mpp(k) / mpp)) for k in range(self.level_count)]))
-
     @abstractmethod
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels at ``level``, top-left ``location`` in level-0 pixels.
@@ -131,7 +125,7 @@ class TiffSlide(Slide):
 
     cache_bytes = 64 * 2**20
 
-    def __init__(self, path: Path, mpp: float | None = None) -> None:
+    def __init__(self, path: Path, mpp: float | None = None, require_rgb: bool = True) -> None:
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
@@ -139,7 +133,8 @@ class TiffSlide(Slide):
         series = self._tif.series[0]
         self._pages = [level.keyframe for level in series.levels]
         for page in self._pages:
-            if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
+            allowed = (3, 4) if require_rgb else (1, 3, 4)
+            if page.samplesperpixel not in allowed or page.dtype != np.uint8:
                 raise SlideError(f"{path}: not an 8-bit RGB image (samples per pixel {page.samplesperpixel}, {page.dtype})")
         super().__init__(path, mpp if mpp is not None else _tiff_mpp(self._pages[0]))
         self.level_dimensions = [(p.imagewidth, p.imagelength) for p in self._pages]
@@ -147,13 +142,13 @@ class TiffSlide(Slide):
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._pages[level]
         ds = self.level_downsamples[level]
-        x, y = int(location[0] / ds), int(location[1] / ds)
+        x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
         w, h = size
         out = np.full((h, w, 3), 255, np.uint8)
         if not page.is_tiled:
             with self._lock:
                 full = page.asarray()
-            _paste(out, full[..., :3], 0, 0, x, y)
+            _paste(out, full[..., :3] if full.ndim == 3 else full[..., None], 0, 0, x, y)
             return out
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
@@ -181,7 +176,11 @@ class TiffSlide(Slide):
             fh.seek(page.dataoffsets[index])
             data = fh.read(page.databytecounts[index])
         decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
-        tile = None if decoded is None else decoded[0][..., :3]
+        tile = None
+        if decoded is not None:
+            tile = decoded[0][..., :3]
+            if tile.shape[-1] == 1:  # grey pages (label masks) are repeated into three channels
+                tile = np.repeat(tile, 3, axis=-1)
         with self._lock:
             self._cache[key] = tile
             self._cached_bytes += 0 if tile is None else tile.nbytes
@@ -283,7 +282,7 @@ def open_slide(path: Path, mpp: float | None = None, require_rgb: bool = True) -
             with tifffile.TiffFile(path) as tif:
                 tiled = len(tif.series) > 0 and tif.series[0].levels[0].keyframe.is_tiled
             if tiled:
-                return TiffSlide(path, mpp)
+                return TiffSlide(path, mpp, require_rgb)
         except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
             raise SlideError(f"{path}: corrupt or unreadable TIFF ({exc})") from None
     if vendor is not None:

@@ -20,6 +20,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -27,7 +28,8 @@ import logging
 import tarfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -156,48 +158,101 @@ def _blocks(rows: np.ndarray, cols: np.ndarray, block: int) -> list[np.ndarray]:
     return np.split(order, split_at)
 
 
+def part_schema(shards: bool) -> pa.Schema:
+    """Columns of a part file (and, less ``keep`` and ``reason``, of the manifest), fixed so that
+    parts of slides with no tiles concatenate with the others."""
+    fields = [
+        ("slide_id", pa.string()), ("x", pa.int64()), ("y", pa.int64()), ("level", pa.int64()), ("size", pa.int64()),
+        ("label_name", pa.string()), ("tissue", pa.float32()), *((m, pa.float32()) for m in MEASURES),
+        *((c, pa.float32()) for c in FRACTION_COLUMNS), ("keep", pa.bool_()), ("reason", pa.string()),
+        ("mpp", pa.float32()), ("dataset", pa.string()), ("provider", pa.string()), ("group", pa.string()),
+        ("split", pa.string()), ("path", pa.string()),
+    ]
+    if shards:
+        fields += [("shard", pa.string()), ("shard_offset", pa.int64()), ("shard_length", pa.int64())]
+    return pa.schema(fields)
+
+
 def tile_slide(job: SlideJob, cfg: TileConfig, out: Path) -> dict[str, Any]:
     """Tile one slide, write its part (and shard); return its summary row. Raises on a bad slide."""
     start = time.perf_counter()
     if job.error:
         raise SlideError(f"{job.path}: {job.error}")
-    with open_slide(job.path, job.mpp) as slide:
+    with open_slide(job.path, job.mpp) as slide, contextlib.ExitStack() as stack:
         if slide.mpp is None:
             slide.mpp = cfg.slide_mpp
         plan = plan_reading(slide, cfg)
+        if plan.size < cfg.tile_px:
+            log.warning("%s: level %d is coarser than mpp=%s; %d-px tiles will be upsampled to %d",
+                        job.path, plan.level, cfg.mpp, plan.size, cfg.tile_px)
         mask_slide = None
         if job.mask is not None:
             if job.mask.is_file():
-                mask_slide = open_slide(job.mask, slide.mpp, require_rgb=False)
+                mask_slide = stack.enter_context(open_slide(job.mask, slide.mpp, require_rgb=False))
             elif cfg.missing_mask == "fail":
                 raise SlideError(f"{job.mask}: mask file missing (missing_mask=unlabelled tiles such slides without labels)")
-        try:
-            rows = _tile_rows(slide, mask_slide, job, plan, cfg, out)
-        finally:
-            if mask_slide is not None:
-                mask_slide.close()
-    kept = rows[rows["keep"]] if len(rows) else rows
+        shard = stack.enter_context(ShardWriter(out, job.slide_id, cfg.shard_quality)) if cfg.shards else None
+        rows, grid_tiles = _tile_rows(slide, mask_slide, job, plan, cfg, shard)
+        dimensions = slide.level_dimensions[0]
     summary = {
         "slide_id": job.slide_id, "path": str(job.path), "provider": job.provider,
-        "width": slide.level_dimensions[0][0], "height": slide.level_dimensions[0][1],
-        "level": plan.level, "size": plan.size, "mpp": plan.tile_mpp,
-        "grid_tiles": int(rows.attrs["grid_tiles"]), "read_tiles": len(rows), "kept_tiles": len(kept),
+        "width": dimensions[0], "height": dimensions[1], "level": plan.level, "size": plan.size, "mpp": plan.tile_mpp,
+        "grid_tiles": grid_tiles, "read_tiles": len(rows), "kept_tiles": int(rows["keep"].sum()),
         "seconds": time.perf_counter() - start,
         **{f"dropped_{reason}": int((rows["reason"] == reason).sum()) for reason in sorted(set(rows["reason"]) - {""})},
     }
-    table = pa.Table.from_pandas(rows, preserve_index=False)
+    table = pa.Table.from_pandas(rows, schema=part_schema(cfg.shards), preserve_index=False)
     table = table.replace_schema_metadata({b"bony_summary": json.dumps(summary).encode()})
     with atomic_path(out / "parts" / f"{job.slide_id}.parquet") as tmp:
         pq.write_table(table, tmp)
     return summary
 
 
-def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan, cfg: TileConfig, out: Path) -> pd.DataFrame:
-    """Measure, filter and label the tissue tiles of one slide (the rows of its part file)."""
+class ShardWriter:
+    """Kept tiles of one slide as JPEG members of ``shards/<slide_id>.tar``, written block by block.
+
+    The tar is written under a temporary name and renamed when the slide is complete, before its
+    part file: a manifest row never points into a half-written shard.
+    """
+
+    def __init__(self, out: Path, slide_id: str, quality: int) -> None:
+        self.name, self.slide_id, self.quality = f"shards/{slide_id}.tar", slide_id, quality
+        self._atomic = atomic_path(out / self.name)
+
+    def __enter__(self) -> ShardWriter:
+        self._tmp = self._atomic.__enter__()
+        self._tar = tarfile.open(self._tmp, "w")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tar.close()
+        self._atomic.__exit__(*exc)
+
+    def write(self, tiles: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append ``tiles``; return the byte offset and length of each JPEG in the tar."""
+        offsets, lengths = np.zeros(len(tiles), np.int64), np.zeros(len(tiles), np.int64)
+        for i, (tile, x, y) in enumerate(zip(tiles, xs, ys)):
+            buffer = io.BytesIO()
+            Image.fromarray(tile).save(buffer, format="JPEG", quality=self.quality)
+            info = tarfile.TarInfo(f"{self.slide_id}_{x}_{y}.jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            self._tar.addfile(info, buffer)
+            # the data ends where the archive now ends, before its padding to 512-byte blocks
+            offsets[i] = self._tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            lengths[i] = info.size
+        return offsets, lengths
+
+
+def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan, cfg: TileConfig,
+               shard: ShardWriter | None) -> tuple[pd.DataFrame, int]:
+    """Measure, filter and label the tissue tiles of one slide: the rows of its part file, and the grid size."""
     level, size = plan.level, plan.size
     ds = slide.level_downsamples[level]
     width, height = slide.level_dimensions[level]
     ny, nx = max(0, (height - size) // size + 1), max(0, (width - size) // size + 1)
+    if ny * nx == 0:
+        raise SlideError(f"{slide.path}: smaller than one tile ({width}x{height} px at level {level}, tiles of {size} px)")
     if job.patch:
         # a patch is too small for a low-resolution search: every tile is read, quality decides
         fraction = np.ones((ny, nx), np.float32)
@@ -207,13 +262,11 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
         tissue = tissue_mask(slide.read_level(overview_level), base_mpp * slide.level_downsamples[overview_level], cfg.tissue)
         if not tissue.any():
             raise SlideError(f"{slide.path}: no tissue found (all background at level {overview_level})")
-        scale = slide.level_downsamples[overview_level] / ds
-        fraction = grid_tissue(tissue, scale, size, ny, nx) if ny and nx else np.zeros((ny, nx), np.float32)
-    rows, cols = np.nonzero(fraction >= cfg.min_tissue) if fraction.size else (np.array([], int), np.array([], int))
+        fraction = grid_tissue(tissue, slide.level_downsamples[overview_level] / ds, size, ny, nx)
+    rows, cols = np.nonzero(fraction >= cfg.min_tissue)
     mask_level = _mask_level(mask_slide, slide, level) if mask_slide is not None else None
 
-    blocks: list[dict[str, np.ndarray]] = []
-    kept_tiles: list[np.ndarray] = []
+    columns: dict[str, list[np.ndarray]] = {}
     for block in _blocks(rows, cols, cfg.block_tiles):
         r, c = rows[block], cols[block]
         r0, c0 = int(r.min()), int(c.min())
@@ -222,66 +275,46 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
         tiles = _cut(slide.read_region(location, level, (bw, bh)), r - r0, c - c0, size)
         measures = tile_measures(tiles)
         keep, reason = keep_tiles(measures, cfg.quality)
+        x, y = np.round(c * size * ds).astype(np.int64), np.round(r * size * ds).astype(np.int64)
+        block_columns: dict[str, np.ndarray] = {"x": x, "y": y, "tissue": fraction[r, c], "keep": keep, "reason": reason,
+                                                **measures}
         if mask_slide is not None and mask_level is not None:
             codes = _cut(mask_slide.read_region(location, mask_level, (bw, bh)), r - r0, c - c0, size)[..., 0]
             try:
-                fractions = class_fractions(codes, job.encoding or "")
+                block_columns["fractions"] = class_fractions(codes, job.encoding or "")
             except ValueError as exc:
                 raise SlideError(f"{mask_slide.path}: {exc}") from None
-        else:
-            fractions = np.full((len(block), len(FRACTION_COLUMNS)), np.nan, np.float32)
-        blocks.append({"r": r, "c": c, "keep": keep, "reason": reason, "fractions": fractions, **measures})
-        if cfg.shards:
-            kept_tiles += list(tiles[keep])
-    joined = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]} if blocks else {}
-    n = len(joined.get("r", ()))
-    fractions = joined.get("fractions", np.zeros((0, len(FRACTION_COLUMNS)), np.float32))
-    labelled = mask_slide is not None and n > 0
+        if shard is not None:
+            offsets, lengths = np.full(len(r), -1, np.int64), np.full(len(r), -1, np.int64)
+            offsets[keep], lengths[keep] = shard.write(tiles[keep], x[keep], y[keep])
+            block_columns.update(shard_offset=offsets, shard_length=lengths)
+        for key, value in block_columns.items():
+            columns.setdefault(key, []).append(value)
+    schema = part_schema(shard is not None)
+    if not columns:
+        return schema.empty_table().to_pandas(), ny * nx
+    joined = {key: np.concatenate(parts) for key, parts in columns.items()}
+    n = len(joined["x"])
+    fractions = joined.pop("fractions", np.full((n, len(FRACTION_COLUMNS)), np.nan, np.float32))
     frame = pd.DataFrame({
-        "slide_id": np.full(n, job.slide_id, dtype=object),
-        "x": np.round(joined.get("c", np.zeros(0)) * size * ds).astype(np.int64),
-        "y": np.round(joined.get("r", np.zeros(0)) * size * ds).astype(np.int64),
-        "level": np.full(n, level, np.int64), "size": np.full(n, size, np.int64),
-        "label_name": tile_labels(fractions, cfg.label_policy, cfg.min_fraction) if labelled else np.full(n, "", object),
-        "tissue": fraction[joined["r"], joined["c"]] if n else np.zeros(0, np.float32),
-        **{name: joined.get(name, np.zeros(0)).astype(np.float32) for name in MEASURES},
+        "slide_id": job.slide_id, "x": joined["x"], "y": joined["y"], "level": level, "size": size,
+        "label_name": tile_labels(fractions, cfg.label_policy, cfg.min_fraction) if mask_slide is not None else "",
+        "tissue": joined["tissue"], **{m: joined[m] for m in MEASURES},
         **{column: fractions[:, k] for k, column in enumerate(FRACTION_COLUMNS)},
-        "keep": joined.get("keep", np.zeros(0, bool)).astype(bool),
-        "reason": joined.get("reason", np.zeros(0, object)).astype(str),
+        "keep": joined["keep"], "reason": joined["reason"].astype(str),
+        "mpp": plan.tile_mpp if plan.tile_mpp is not None else np.nan,
+        "dataset": job.dataset, "provider": job.provider, "group": job.group, "split": job.split, "path": str(job.path),
     })
-    frame["mpp"] = np.float32(plan.tile_mpp if plan.tile_mpp is not None else np.nan)
-    for key in ("dataset", "provider", "group", "split"):
-        frame[key] = getattr(job, key)
-    frame["path"] = str(job.path)
-    if cfg.shards:
-        _write_shard(frame, kept_tiles, job.slide_id, out, cfg.shard_quality)
-    frame.attrs["grid_tiles"] = ny * nx
-    return frame
+    if shard is not None:
+        frame["shard"] = np.where(frame["keep"], shard.name, "")
+        frame["shard_offset"], frame["shard_length"] = joined["shard_offset"], joined["shard_length"]
+    return frame, ny * nx
 
 
 def _cut(image: np.ndarray, r: np.ndarray, c: np.ndarray, size: int) -> np.ndarray:
     """Tiles at block grid positions (r, c) of ``image`` as an (N, size, size, ...) array."""
     grid = image.reshape(image.shape[0] // size, size, image.shape[1] // size, size, *image.shape[2:])
     return np.ascontiguousarray(grid[r, :, c])
-
-
-def _write_shard(frame: pd.DataFrame, tiles: list[np.ndarray], slide_id: str, out: Path, quality: int) -> None:
-    """Write kept tiles as JPEG members of ``shards/<slide_id>.tar`` and note their byte ranges in ``frame``."""
-    name = f"shards/{slide_id}.tar"
-    offsets, lengths = np.full(len(frame), -1, np.int64), np.full(len(frame), -1, np.int64)
-    kept = np.flatnonzero(frame["keep"].to_numpy())
-    with atomic_path(out / name) as tmp, tarfile.open(tmp, "w") as tar:
-        for index, tile in zip(kept, tiles, strict=True):
-            buffer = io.BytesIO()
-            Image.fromarray(tile).save(buffer, format="JPEG", quality=quality)
-            info = tarfile.TarInfo(f"{slide_id}_{frame.x.iat[index]}_{frame.y.iat[index]}.jpg")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            tar.addfile(info, buffer)
-            # the data ends where the archive now ends, before its padding to 512-byte blocks
-            offsets[index], lengths[index] = tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, info.size
-    frame["shard"] = np.where(frame["keep"], name, "")
-    frame["shard_offset"], frame["shard_length"] = offsets, lengths
 
 
 def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, Any] | None, str]:
@@ -306,25 +339,36 @@ class TileResult:
     manifest: Path | None
 
 
-def _check_config(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+RUN_ONLY_KEYS = ("workers", "block_tiles")
+"""Options that change how a run goes, not what it writes: a resume may change them."""
+
+
+def _check_config(out: Path, record: dict[str, Any], overwrite: bool, sharded: bool) -> None:
     """A run resumes only into a folder tiled with the same config; ``overwrite`` starts it afresh."""
     saved = out / "config.yaml"
-    text = yaml.safe_dump(record, sort_keys=False)
+    text = yaml.safe_dump({k: v for k, v in record.items() if k not in RUN_ONLY_KEYS}, sort_keys=False)
     if saved.is_file() and saved.read_text() != text:
         if not overwrite:
             raise BonyError(f"{out}: tiled before with another config (see its config.yaml); "
                             "use a new folder or --overwrite to start again")
+        if sharded:
+            raise BonyError("--overwrite with --shard would delete the other array tasks' slides; "
+                            "clear the folder once before submitting the array")
         for stale in ("parts", "shards"):
             for path in (out / stale).glob("*"):
                 path.unlink()
-        for name in ("manifest.parquet", "slides.parquet", "failures.csv"):
-            (out / name).unlink(missing_ok=True)
+        for path in (*out.glob("failures*.csv"), out / "manifest.parquet", out / "slides.parquet"):
+            path.unlink(missing_ok=True)
     write_text_atomic(saved, text)
 
 
 def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[int, int] = (0, 1),
          overwrite: bool = False) -> TileResult:
-    """Tile every slide of ``inputs`` (this shard's share), resuming from earlier runs into ``out``."""
+    """Tile every slide of ``inputs`` (this shard's share), resuming from earlier runs into ``out``.
+
+    With ``shard=(i, n)``, n > 1, only slides i, i+n, ... are tiled and no manifest is written;
+    a run without shard, after all array tasks ended, retries their failures and assembles.
+    """
     jobs = list_jobs(fmt, [Path(p) for p in inputs])
     index, count = shard
     if not 0 <= index < count:
@@ -332,10 +376,10 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     jobs = sorted(jobs, key=lambda j: (j.slide_id, str(j.path)))[index::count]
     out = ensure_writable_dir(Path(out))
     record = {"format": fmt, "inputs": [str(Path(p).resolve()) for p in inputs], **to_dict(cfg)}
-    _check_config(out, record, overwrite)
+    _check_config(out, record, overwrite, sharded=count > 1)
     done = {p.stem for p in (out / "parts").glob("*.parquet")}
     pending = [j for j in jobs if j.slide_id not in done or j.error]
-    _remove_stale_temporaries(out, pending)
+    _remove_stale_temporaries(out, pending, whole_run=count == 1)
     log.info("%d slides: %d already tiled, %d to do, %d workers", len(jobs), len(jobs) - len(pending), len(pending), cfg.workers)
     failures: list[dict[str, str]] = []
     with tqdm(total=len(pending), desc="tiling", unit="slide") as progress:
@@ -351,6 +395,8 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     if count == 1:
         with atomic_path(out / "failures.csv") as tmp:
             failed.to_csv(tmp, index=False)
+        for task_failures in out.glob("failures-*-of-*.csv"):  # superseded: their slides were retried here
+            task_failures.unlink()
         manifest = assemble(out, [j.slide_id for j in jobs])
     else:
         with atomic_path(out / f"failures-{index}-of-{count}.csv") as tmp:
@@ -358,29 +404,56 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     return TileResult(out, len(pending) - len(failed), len(jobs) - len(pending), failed, manifest)
 
 
-def _remove_stale_temporaries(out: Path, jobs: list[SlideJob]) -> None:
-    """Delete half-written part and shard files left by a killed run, for this run's slides only.
-
-    A slide belongs to one shard, so array tasks sharing the folder never delete each other's
-    files in progress.
-    """
+def _remove_stale_temporaries(out: Path, jobs: list[SlideJob], whole_run: bool) -> None:
+    """Delete half-written files left by a killed run: those of this run's slides and, for a whole
+    (unsharded) run, of the manifest and tables. A slide belongs to one array task, so tasks
+    sharing the folder never delete each other's files in progress."""
+    stale: list[Path] = []
     for job in jobs:
-        for folder, suffix in (("parts", ".parquet"), ("shards", ".tar")):
-            for stale in (out / folder).glob(f".{glob.escape(job.slide_id)}.*.tmp{suffix}"):
-                log.info("removing %s, left by an interrupted run", stale)
-                stale.unlink(missing_ok=True)
+        # temporary names are ".<stem>.<8 random characters>.tmp<suffix>" (files.atomic_path)
+        stale += (out / "parts").glob(f".{glob.escape(job.slide_id)}.{'?' * 8}.tmp.parquet")
+        stale += (out / "shards").glob(f".{glob.escape(job.slide_id)}.{'?' * 8}.tmp.tar")
+    if whole_run:
+        stale += [p for p in out.glob(".*.tmp.*") if p.is_file()]
+    for path in stale:
+        log.info("removing %s, left by an interrupted run", path)
+        path.unlink(missing_ok=True)
 
 
 def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[SlideJob, dict[str, Any] | None, str]]:
-    """Tile ``jobs`` in this process or over ``cfg.workers`` processes, yielding results as slides finish."""
+    """Tile ``jobs`` in this process or over ``cfg.workers`` processes, yielding results as slides finish.
+
+    A worker that dies (a decoder crashing on a corrupt file, the kernel killing it for memory)
+    breaks the pool: the slides it left unfinished are then retried one per fresh process, so
+    the culprit is recorded as failed and the others are tiled.
+    """
     if cfg.workers == 1:
         for job in jobs:
             yield (job, *_tile_or_fail(job, cfg, out))
         return
+    unfinished: list[SlideJob] = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
         futures = {pool.submit(_tile_or_fail, job, cfg, out): job for job in jobs}
-        for future in as_completed(futures):
-            yield (futures[future], *future.result())
+        reported: set[Future] = set()
+        try:
+            for future in as_completed(futures):
+                result = future.result()  # raises if the pool broke
+                reported.add(future)
+                yield (futures[future], *result)
+        except BrokenProcessPool:
+            for future, job in futures.items():
+                if future in reported:
+                    continue
+                if future.done() and future.exception() is None:
+                    yield (job, *future.result())
+                else:
+                    unfinished.append(job)
+    for job in unfinished:
+        with ProcessPoolExecutor(max_workers=1) as alone:
+            try:
+                yield (job, *alone.submit(_tile_or_fail, job, cfg, out).result())
+            except BrokenProcessPool:
+                yield job, None, f"{job.path}: the worker process died while tiling this slide (crash or out of memory)"
 
 
 def assemble(out: Path, slide_ids: list[str]) -> Path:
@@ -400,9 +473,10 @@ def assemble(out: Path, slide_ids: list[str]) -> Path:
             kept = table.filter(table["keep"]).drop_columns(["keep", "reason"]).replace_schema_metadata(None)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, kept.schema)
-            writer.write_table(kept.cast(writer.schema))
+            writer.write_table(kept)
         if writer is None:
-            pq.write_table(pa.table({"slide_id": pa.array([], pa.string())}), tmp)
+            empty = part_schema(False)
+            pq.write_table(empty.empty_table().drop_columns(["keep", "reason"]), tmp)
         else:
             writer.close()
     with atomic_path(out / "slides.parquet") as tmp:
