@@ -72,8 +72,26 @@ def test_class_fractions_follow_each_encoding() -> None:
 
 
 def test_jpeg_masks_snap_to_the_nearest_code() -> None:
-    sicap = np.array([[0, 1, 2, 3], [4, 5, 6, 3]], np.uint8)  # 1 -> 0, 2 -> 3, 6 -> 5
-    assert class_fractions(sicap, "sicapv2") == pytest.approx([0, 2 / 8, 3 / 8, 1 / 8, 2 / 8, 0])
+    sicap = np.zeros((10, 10), np.uint8)
+    sicap[:, :5] = 2  # reads as 3
+    sicap[:, 5:] = 6  # reads as 5
+    assert class_fractions(sicap, "sicapv2") == pytest.approx([0, 0, 0.5, 0, 0.5, 0])
+
+
+def test_jpeg_ringing_is_not_a_class() -> None:
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[:256, :256]
+    drawn = np.where((yy - 128) ** 2 + (xx - 128) ** 2 < 70**2, 3, 0).astype(np.uint8)  # a Gleason-3 disc
+    buffer = io.BytesIO()
+    Image.fromarray(drawn).save(buffer, format="JPEG", quality=95)
+    read = np.asarray(Image.open(buffer))
+    assert (read == 4).any(), "JPEG rings past 3 along the disc's edge"
+    fractions = class_fractions(read, "sicapv2")
+    assert fractions[LABEL_NAMES.index("G4")] == 0 and fractions[LABEL_NAMES.index("G5")] == 0
+    assert fractions[LABEL_NAMES.index("G3")] == pytest.approx((drawn == 3).mean(), abs=0.01)
 
 
 @pytest.mark.parametrize(

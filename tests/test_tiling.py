@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
+from scipy.ndimage import median_filter
 
 from bonylib.config import load_config
 from bonylib.data.datasets import TileDataset
@@ -296,7 +297,7 @@ def test_sicapv2_patches_take_labels_and_splits_from_their_files(smoke_data: Pat
     for row in manifest.itertuples():
         values = np.asarray(Image.open(root / "masks" / f"{row.slide_id}.jpg")).astype(int)
         snapped = np.array([0, 3, 4, 5])[np.abs(values[..., None] - [0, 3, 4, 5]).argmin(-1)]
-        highest = int(snapped.max())
+        highest = int(median_filter(snapped, size=5, mode="nearest").max())  # JPEG ringing removed
         assert row.label_name == ("benign" if highest == 0 else f"G{highest}")
         assert row.split == ("test" if f"{row.slide_id}.jpg" in test_names else "train")
         assert row.slide_id.startswith(row.group) and row.mpp == pytest.approx(1.0)
