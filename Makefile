@@ -22,8 +22,9 @@ help:
 
 # The stamp .ready is written last: an install that was killed leaves no stamp, and the next
 # call starts that environment again from scratch. (A venv cannot be built elsewhere and
-# renamed: its scripts carry the path they were made in.)
-$(VENV)/.ready: requirements.lock
+# renamed: its scripts carry the path they were made in.) No prerequisite: the lock's hash is in
+# the path, and a fresh clone's newer file times must not rebuild a shared environment.
+$(VENV)/.ready:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Bony needs Python 3.11)"; exit 1; }
 	rm -rf $(VENV) && mkdir -p $(BONY_CACHE)
 	$(PYTHON) -m venv $(VENV)
