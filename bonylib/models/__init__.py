@@ -1,0 +1,1 @@
+"""Models: timm backbones, the DINO head and the multi-crop wrapper."""

@@ -1,0 +1,1 @@
+"""Self-supervised learning: DINO augmentations, loss, schedules, trainer."""
