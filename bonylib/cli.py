@@ -25,6 +25,8 @@ log = logging.getLogger("bonylib")
 EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 3
 """Some items (slides) failed and were recorded; the rest of the run completed."""
+EXIT_PREEMPTED = 143
+"""Stopped by SIGTERM/SIGUSR1 after writing a checkpoint (128 + SIGTERM), so SLURM can requeue."""
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -95,6 +97,22 @@ def _tile_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run folder: config.yaml, log.jsonl, checkpoints, the exported teacher; rerun to resume")
+
+
+def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.ssl.trainer import Preempted, Trainer
+
+    try:
+        print(Trainer(cfg, args.out).train())
+    except Preempted as exc:
+        print(f"bony pretrain: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
@@ -112,12 +130,15 @@ def _commands() -> list[Command]:
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
     from bonylib.report import ReportConfig
+    from bonylib.ssl.trainer import PretrainConfig
 
     return [
         Command("synth", "write synthetic PANDA / SICAPv2 / DeepGleason datasets in their real on-disk formats",
                 SynthConfig, _synth_arguments, _synth_run),
         Command("tile", "cut slides into tissue tiles with quality measures and mask labels (resumable manifest)",
                 TileConfig, _tile_arguments, _tile_run),
+        Command("pretrain", "DINO self-distillation of an XCiT/ViT on tiles (one CPU, or many GPUs with torchrun/srun)",
+                PretrainConfig, _pretrain_arguments, _pretrain_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]

@@ -1,0 +1,67 @@
+"""torch.distributed set-up from torchrun's or SLURM's environment; the same code runs alone.
+
+Under ``torchrun`` the variables RANK, WORLD_SIZE and LOCAL_RANK are set; under ``srun`` without
+torchrun, SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID are, and the first host of the job is the
+rendezvous. Without either, training runs as a single process (world size 1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        return subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0].split("[")[0]
+
+
+def init_distributed(backend: str | None = None) -> World:
+    """Join the process group described by the environment, or return a world of one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        world = World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        env.setdefault("MASTER_ADDR", _slurm_master())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    else:
+        return World()
+    if world.size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                rank=world.rank, world_size=world.size)
+    return world
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over all processes (itself when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value

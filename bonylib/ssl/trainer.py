@@ -1,0 +1,383 @@
+"""``bony pretrain``: DINO self-distillation of a timm backbone on tiles, from one CPU to many GPUs.
+
+The loop follows facebookresearch/dino (multi-crop student, EMA teacher on global crops, centred
+and sharpened teacher targets, AdamW with cosine schedules, last layer frozen at first, gradient
+clipping) and adds what a shared cluster needs: gradient accumulation, bf16/fp16 autocast,
+checkpoints that resume exactly (same losses as an uninterrupted run), SIGTERM/SIGUSR1 handling
+for pre-emption, and a fall-back to the previous checkpoint when the latest is unreadable.
+
+Output folder::
+
+    config.yaml                      resolved config
+    log.jsonl                        one JSON object per logged step
+    checkpoint.pth                   latest full state (also checkpoint-<step>.pth, the last k kept)
+    teacher_backbone.safetensors     the exported teacher backbone ...
+    teacher_backbone.json            ... and what is needed to rebuild and feed it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bonylib.config import option, save_config, section, to_dict
+from bonylib.errors import BonyError, ConfigError
+from bonylib.files import atomic_path, ensure_writable_dir
+from bonylib.models.backbones import create_backbone, parameter_groups
+from bonylib.models.head import DINOHead, MultiCrop
+from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
+from bonylib.ssl.data import EpochSampler, SeededViews, images_from
+from bonylib.ssl.distributed import World, all_reduce_mean, init_distributed
+from bonylib.ssl.ema import update_teacher
+from bonylib.ssl.loss import DINOLoss
+from bonylib.ssl.schedules import cosine_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and DINO head."""
+
+    backbone: str = option("xcit_nano_12_p16_224", "timm backbone (xcit_* or vit_*), randomly initialised")
+    out_dim: int = option(4096, "prototypes of the DINO head (the seed compared 1024-8192 and kept 4096)")
+    hidden_dim: int = option(2048, "width of the head's MLP")
+    bottleneck_dim: int = option(256, "L2-normalised bottleneck before the last layer")
+    norm_last_layer: bool = option(True, "freeze the norm of the last layer's rows at 1 (stabler)")
+    drop_path: float = option(0.1, "stochastic depth of the student backbone")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedules (per optimisation step)."""
+
+    epochs: int = option(10, "passes over the data")
+    batch_size: int = option(32, "images per process per forward pass")
+    accumulate: int = option(1, "forward passes whose gradients make one optimisation step")
+    lr: float = option(0.0005, "peak learning rate for a total batch of 256 (scaled linearly with the total batch)")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    warmup_epochs: float = option(1.0, "linear learning-rate warm-up")
+    weight_decay: float = option(0.04, "weight decay at the start (cosine to weight_decay_end)")
+    weight_decay_end: float = option(0.4, "weight decay at the end")
+    momentum_teacher: float = option(0.996, "teacher EMA momentum at the start (cosine to 1)")
+    clip_grad: float = option(3.0, "clip each parameter's gradient norm to this (0: no clipping)")
+    freeze_last_layer: int = option(1, "epochs during which the head's last layer is not updated")
+    precision: str = option("bf16", "autocast precision: bf16 (CPU and GPU), fp16 (GPU, with a gradient scaler) or fp32")
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"optim.precision must be bf16, fp16 or fp32, got '{self.precision}'")
+        if min(self.epochs, self.batch_size, self.accumulate) < 1:
+            raise ConfigError("optim.epochs, optim.batch_size and optim.accumulate must be at least 1")
+
+
+@dataclass
+class LossConfig:
+    """DINO loss temperatures and centering."""
+
+    warmup_teacher_temp: float = option(0.04, "teacher temperature at the start")
+    teacher_temp: float = option(0.04, "teacher temperature after the warm-up")
+    warmup_teacher_temp_epochs: int = option(0, "epochs of linear teacher-temperature warm-up")
+    student_temp: float = option(0.1, "student temperature")
+    center_momentum: float = option(0.9, "EMA momentum of the teacher-output center")
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining images come from (one of the two)."""
+
+    manifest: str = option("", "a bony tile manifest.parquet (tiles from its shards, or from the slides)")
+    images: str = option("", "a folder of images (any size; crops are taken from each)")
+    tile_px: int = option(224, "side of the tiles read from a manifest")
+    workers: int = option(2, "DataLoader worker processes")
+
+
+@dataclass
+class PretrainConfig:
+    """Options of ``bony pretrain``."""
+
+    seed: int = option(0, "seed of weights, data order and crops")
+    model: ModelConfig = section(ModelConfig, "backbone and head")
+    crops: CropConfig = section(CropConfig, "multi-crop views and histology augmentations")
+    optim: OptimConfig = section(OptimConfig, "optimiser and schedules")
+    loss: LossConfig = section(LossConfig, "DINO loss")
+    data: DataConfig = section(DataConfig, "pretraining images")
+    log_every: int = option(10, "optimisation steps between log.jsonl lines")
+    checkpoint_every: int = option(100, "optimisation steps between checkpoints (and one at every epoch end)")
+    keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
+    max_steps: int = option(0, "stop after this many optimisation steps (0: train all epochs); for tests and timing")
+
+
+class Preempted(BonyError):
+    """SIGTERM or SIGUSR1 arrived: a checkpoint was written and training stopped, to be resumed."""
+
+
+class _Signals:
+    """Turn SIGTERM / SIGUSR1 (SLURM's pre-emption warning) into a flag checked between steps."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Trainer:
+    """One DINO run: models, optimiser, schedules, data, checkpoints and the loop."""
+
+    def __init__(self, cfg: PretrainConfig, out: Path, world: World | None = None) -> None:
+        self.cfg, self.out = cfg, ensure_writable_dir(Path(out))
+        self.world = world or init_distributed()
+        self.device = torch.device(f"cuda:{self.world.local_rank}" if torch.cuda.is_available() else "cpu")
+        if cfg.optim.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("optim.precision=fp16 needs a GPU; use bf16 on the CPU")
+        torch.manual_seed(cfg.seed)
+        images = images_from(cfg.data.manifest, cfg.data.images, cfg.data.tile_px)
+        self.views = SeededViews(images, MultiCropTransform(cfg.crops), cfg.seed)
+        self.sampler = EpochSampler(len(self.views), cfg.optim.batch_size, self.world.rank, self.world.size, cfg.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.optim.accumulate
+        if self.steps_per_epoch == 0:
+            raise BonyError(f"an epoch has {self.sampler.batches_per_epoch} batches, fewer than optim.accumulate")
+        self.student, self.teacher = self._models()
+        self.groups = parameter_groups(self.student)
+        self.optimizer = torch.optim.AdamW(self.groups, lr=0.0, foreach=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
+        n_crops = cfg.crops.global_crops + cfg.crops.local_crops
+        self.loss = DINOLoss(cfg.model.out_dim, cfg.crops.global_crops, n_crops, cfg.optim.epochs,
+                             cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs,
+                             cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
+        total_batch = cfg.optim.batch_size * cfg.optim.accumulate * self.world.size
+        total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.lr = cosine_schedule(cfg.optim.lr * total_batch / 256, cfg.optim.min_lr, cfg.optim.epochs,
+                                  self.steps_per_epoch, cfg.optim.warmup_epochs)
+        self.wd = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs, self.steps_per_epoch)
+        self.momentum = cosine_schedule(cfg.optim.momentum_teacher, 1.0, cfg.optim.epochs, self.steps_per_epoch)
+        self.total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.step = 0
+        if self.world.is_main:
+            save_config(cfg, self.out / "config.yaml")
+
+    def _models(self) -> tuple[nn.Module, nn.Module]:
+        cfg = self.cfg.model
+        backbone = create_backbone(cfg.backbone, drop_path_rate=cfg.drop_path)
+        student = MultiCrop(backbone, DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                               norm_last_layer=cfg.norm_last_layer))
+        teacher_backbone = create_backbone(cfg.backbone)
+        teacher = MultiCrop(teacher_backbone, DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim,
+                                                       cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer))
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad = False
+        student, teacher = student.to(self.device), teacher.to(self.device)
+        if self.world.size > 1:
+            if self.device.type == "cuda":  # SyncBatchNorm exists only on GPUs (XCiT's stem and LPI)
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            student = nn.parallel.DistributedDataParallel(
+                student, device_ids=[self.world.local_rank] if self.device.type == "cuda" else None)
+        return student, teacher
+
+    @property
+    def _student_module(self) -> nn.Module:
+        return self.student.module if isinstance(self.student, nn.parallel.DistributedDataParallel) else self.student
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "student": self._student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "center": self.loss.center.detach().cpu(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint-<step>.pth`` atomically, point ``checkpoint.pth`` at it, keep the last k."""
+        if not self.world.is_main:
+            return
+        numbered = self.out / f"checkpoint-{self.step:08d}.pth"
+        with atomic_path(numbered) as tmp:
+            torch.save(self.state(), tmp)
+        with atomic_path(self.out / "checkpoint.pth") as tmp:
+            shutil.copyfile(numbered, tmp)
+        for old in sorted(self.out.glob("checkpoint-*.pth"))[: -self.cfg.keep_checkpoints or None]:
+            old.unlink()
+
+    def resume(self) -> bool:
+        """Load the latest readable checkpoint; an unreadable latest falls back to older ones, with a warning."""
+        candidates = [self.out / "checkpoint.pth", *sorted(self.out.glob("checkpoint-*.pth"), reverse=True)]
+        for path in (p for p in candidates if p.is_file()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a truncated file fails inside the unpickler
+                log.warning("%s: unreadable checkpoint (%s), trying an older one", path, exc)
+                continue
+            self._student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.loss.center.copy_(state["center"].to(self.device))
+            torch.set_rng_state(state["rng_cpu"])
+            if torch.cuda.is_available() and state["rng_cuda"]:
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            self.step = int(state["step"])
+            log.info("resumed from %s at step %d", path, self.step)
+            return True
+        return False
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def _set_schedules(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[step])
+            if group["apply_weight_decay"]:
+                group["weight_decay"] = float(self.wd[step])
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        self.views.epoch = epoch
+        self.sampler.set_epoch(epoch, start_batch)
+        return DataLoader(self.views, batch_size=self.cfg.optim.batch_size, sampler=self.sampler,
+                          num_workers=self.cfg.data.workers, collate_fn=collate_crops, drop_last=True,
+                          pin_memory=self.device.type == "cuda")
+
+    def _forward_backward(self, crops: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        n_global = self.cfg.crops.global_crops
+        with _autocast(self.cfg.optim.precision, self.device):
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:n_global])
+            student_out = self.student(crops)
+            loss = self.loss(student_out, teacher_out, epoch)
+        self.scaler.scale(loss / self.cfg.optim.accumulate).backward()
+        return loss.detach(), teacher_out.detach()
+
+    def _optimizer_step(self, epoch: int) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.clip_grad:
+            for p in self._student_module.parameters():
+                if p.grad is not None:
+                    norm = p.grad.norm(2)
+                    p.grad.mul_(torch.clamp(self.cfg.optim.clip_grad / (norm + 1e-6), max=1.0))
+        if epoch < self.cfg.optim.freeze_last_layer:
+            for p in self._student_module.head.last_layer.parameters():
+                p.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_teacher(self._student_module, self.teacher, float(self.momentum[self.step]))
+
+    def train(self) -> Path:
+        """Train until ``total_steps`` (resuming if a checkpoint exists); export the teacher; return the folder."""
+        self.resume()
+        accumulate = self.cfg.optim.accumulate
+        with _Signals() as signals:
+            while self.step < self.total_steps:
+                epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+                started, images = time.perf_counter(), 0
+                losses, entropies = [], []
+                for batch_index, (crops, _) in enumerate(self._loader(epoch, step_in_epoch * accumulate)):
+                    self._set_schedules(self.step)
+                    loss, teacher_out = self._forward_backward(crops, epoch)
+                    losses.append(loss)
+                    entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
+                    images += crops[0].shape[0] * self.world.size
+                    if (batch_index + 1) % accumulate:
+                        continue
+                    mean_loss = all_reduce_mean(torch.stack(losses).mean()).item()
+                    if not math.isfinite(mean_loss):
+                        raise BonyError(f"loss is {mean_loss} at step {self.step}: training stopped; the last good "
+                                        f"checkpoint is {self.out / 'checkpoint.pth'} (lower optim.lr or use fp32)")
+                    self._optimizer_step(epoch)
+                    self.step += 1
+                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                        self._log(epoch, mean_loss, torch.stack(entropies).mean().item(), images, started, teacher_out)
+                    losses, entropies = [], []
+                    started, images = time.perf_counter(), 0
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if signals.received is not None:
+                        self.save_checkpoint()
+                        raise Preempted(f"signal {signal.Signals(signals.received).name} at step {self.step}: "
+                                        f"checkpoint written to {self.out}, rerun the same command to resume")
+                    if self.step >= self.total_steps or end_of_epoch:
+                        break
+        if self.world.is_main:
+            export_teacher(self.teacher.backbone, self.cfg, self.out, self.step)
+        return self.out
+
+    def _log(self, epoch: int, loss: float, entropy: float, images: int, started: float, teacher_out: torch.Tensor) -> None:
+        if not self.world.is_main:
+            return
+        seconds = time.perf_counter() - started
+        record = {
+            "step": self.step, "epoch": epoch, "loss": loss, "lr": float(self.lr[self.step - 1]),
+            "wd": float(self.wd[self.step - 1]), "momentum": float(self.momentum[self.step - 1]),
+            "teacher_temp": self.loss.teacher_temperature(epoch), "teacher_entropy": entropy,
+            "collapse_entropy": math.log(self.cfg.model.out_dim),
+            "feature_std": float(torch.nn.functional.normalize(teacher_out.float(), dim=-1).std(dim=0).mean()),
+            "images_per_s": images / max(seconds, 1e-9),
+            "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20) if self.device.type == "cuda" else _rss_mb(),
+        }
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean entropy of the teacher's target distributions: ln(out_dim) means uniform targets (collapse)."""
+    p = torch.softmax((teacher_out.float() - center) / temp, dim=-1)
+    return -(p * torch.log(p + 1e-12)).sum(dim=-1).mean()
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_teacher(backbone: nn.Module, cfg: PretrainConfig, out: Path, step: int) -> Path:
+    """Save the teacher backbone (safetensors) and the JSON that says how to build and feed it."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    with atomic_path(out / "teacher_backbone.safetensors") as tmp:
+        save_file(weights, str(tmp))
+    meta = {
+        "backbone": cfg.model.backbone, "embed_dim": int(backbone.num_features), "input_size": cfg.crops.global_size,
+        "mean": list(cfg.crops.mean), "std": list(cfg.crops.std), "step": step, "format": "bony-dino-teacher-1",
+    }
+    with atomic_path(out / "teacher_backbone.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    return out / "teacher_backbone.safetensors"

@@ -1,0 +1,100 @@
+"""bony pretrain end to end on a tiny run: exact resume, pre-emption, corrupt checkpoints, NaN, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bonylib.config import load_config
+from bonylib.errors import BonyError
+from bonylib.models.backbones import create_backbone
+from bonylib.ssl.trainer import PretrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def images(smoke_data: Path) -> Path:
+    return smoke_data / "deepgleason" / "tiles"
+
+
+def config(repo: Path, images: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [f"data.images={images}", *overrides])
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def test_resumed_run_logs_the_same_losses(repo: Path, images: Path, tmp_path: Path) -> None:
+    Trainer(config(repo, images), tmp_path / "whole").train()
+    Trainer(config(repo, images, "max_steps=4"), tmp_path / "split").train()  # stops mid-epoch 1
+    assert max(losses(tmp_path / "split")) == 4
+    Trainer(config(repo, images), tmp_path / "split").train()
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(whole) == sorted(split) == list(range(1, 7))
+    for step in whole:
+        assert split[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+    a = load_file(str(tmp_path / "whole" / "teacher_backbone.safetensors"))
+    b = load_file(str(tmp_path / "split" / "teacher_backbone.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_export_loads_into_a_fresh_backbone(repo: Path, images: Path, tmp_path: Path) -> None:
+    out = Trainer(config(repo, images, "max_steps=1"), tmp_path / "run").train()
+    meta = json.loads((out / "teacher_backbone.json").read_text())
+    assert meta["backbone"] == "vit_tiny_patch16_224" and meta["embed_dim"] == 192 and meta["step"] == 1
+    backbone = create_backbone(meta["backbone"])
+    backbone.load_state_dict(load_file(str(out / "teacher_backbone.safetensors")))
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    teacher_backbone = {k.removeprefix("backbone."): v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, teacher_backbone[name])
+
+
+def test_corrupt_latest_checkpoint_falls_back(repo: Path, images: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "run"
+    Trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
+    numbered = sorted(out.glob("checkpoint-*.pth"))
+    assert [p.name for p in numbered] == ["checkpoint-00000002.pth", "checkpoint-00000003.pth", "checkpoint-00000004.pth"]
+    (out / "checkpoint.pth").write_bytes(b"truncated")
+    numbered[-1].write_bytes(numbered[-1].read_bytes()[:100])
+    trainer = Trainer(config(repo, images), out)
+    assert trainer.resume() and trainer.step == 3
+    assert "unreadable checkpoint" in caplog.text
+
+
+def test_non_finite_loss_stops_with_a_clear_error(repo: Path, images: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    Trainer(config(repo, images, "max_steps=2"), out).train()
+    before = (out / "checkpoint.pth").read_bytes()
+    trainer = Trainer(config(repo, images), out)
+    monkeypatch.setattr(trainer.loss, "forward", lambda student, teacher, epoch: student.sum() * float("nan"))
+    with pytest.raises(BonyError, match="loss is nan at step 2"):
+        trainer.train()
+    assert (out / "checkpoint.pth").read_bytes() == before, "the last good checkpoint is kept"
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",
+               str(repo / "configs/pretrain/smoke.yaml"), f"data.images={images}", "optim.epochs=50", "checkpoint_every=1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM" in stderr and "resume" in stderr
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] == max(losses(out)), "the checkpoint is at the last finished step"
