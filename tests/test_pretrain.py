@@ -98,3 +98,31 @@ def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp
     assert "SIGTERM" in stderr and "resume" in stderr
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["step"] == max(losses(out)), "the checkpoint is at the last finished step"
+
+
+def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = config(Path(repo), Path(images), "optim.batch_size=2", "max_steps=3")
+    Trainer(cfg, Path(out)).train()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, images: Path, tmp_path: Path) -> None:
+    """2 CPU processes (gloo) with 2 images each == 1 process with the same 4 images: same crops
+    (seeded per sample), averaged gradients, all-reduced center. ViT: no BatchNorm to differ."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(repo), str(images), str(tmp_path / "ddp"), port), nprocs=2)
+    Trainer(config(repo, images, "optim.batch_size=4", "max_steps=3"), tmp_path / "single").train()
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    single = torch.load(tmp_path / "single" / "checkpoint.pth", weights_only=True)
+    assert ddp["step"] == single["step"] == 3
+    torch.testing.assert_close(ddp["center"], single["center"], rtol=1e-4, atol=1e-6)
+    for part in ("student", "teacher"):
+        for name, value in single[part].items():
+            torch.testing.assert_close(ddp[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
