@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -36,6 +35,7 @@ from bonylib.config import option, save_config, section, to_dict
 from bonylib.errors import BonyError, ConfigError
 from bonylib.files import atomic_path, ensure_writable_dir
 from bonylib.models.backbones import create_backbone, parameter_groups
+from bonylib.models.export import export_encoder
 from bonylib.models.head import DINOHead, MultiCrop
 from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
 from bonylib.ssl.data import EpochSampler, SeededViews, images_from
@@ -105,6 +105,18 @@ class DataConfig:
 
 
 @dataclass
+class KnnConfig:
+    """Periodic weighted k-NN accuracy of the teacher's features on labelled tiles (monitoring only)."""
+
+    manifest: str = option("", "labelled tile manifest.parquet (empty: no k-NN monitoring)")
+    every_epochs: int = option(1, "epochs between k-NN evaluations (and one at the end)")
+    max_tiles: int = option(2000, "labelled tiles drawn from the manifest (seeded)")
+    test_fraction: float = option(0.3, "share of slides (manifest group) held out as the k-NN test set")
+    k: int = option(20, "neighbours")
+    temperature: float = option(0.07, "vote temperature")
+
+
+@dataclass
 class PretrainConfig:
     """Options of ``bony pretrain``."""
 
@@ -114,6 +126,7 @@ class PretrainConfig:
     optim: OptimConfig = section(OptimConfig, "optimiser and schedules")
     loss: LossConfig = section(LossConfig, "DINO loss")
     data: DataConfig = section(DataConfig, "pretraining images")
+    knn: KnnConfig = section(KnnConfig, "k-NN monitoring")
     log_every: int = option(10, "optimisation steps between log.jsonl lines")
     checkpoint_every: int = option(100, "optimisation steps between checkpoints (and one at every epoch end)")
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
@@ -328,6 +341,8 @@ class Trainer:
                     losses, entropies = [], []
                     started, images = time.perf_counter(), 0
                     end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if end_of_epoch and (epoch + 1) % self.cfg.knn.every_epochs == 0 or self.step == self.total_steps:
+                        self._log_knn(epoch)
                     if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                         self.save_checkpoint()
                     if signals.received is not None:
@@ -337,8 +352,30 @@ class Trainer:
                     if self.step >= self.total_steps or end_of_epoch:
                         break
         if self.world.is_main:
-            export_teacher(self.teacher.backbone, self.cfg, self.out, self.step)
+            export_encoder(self.teacher.backbone, self.cfg.model.backbone, self.cfg.crops.global_size,
+                           self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
         return self.out
+
+    def knn_accuracy(self) -> float:
+        """Weighted k-NN accuracy of the teacher backbone on the monitoring manifest (held-out slides)."""
+        import pandas as pd
+
+        from bonylib.evaluation.knn import manifest_knn_accuracy
+
+        cfg = self.cfg.knn
+        manifest = pd.read_parquet(cfg.manifest)
+        labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")]
+        sample = labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=self.cfg.seed)
+        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
+            return manifest_knn_accuracy(self.teacher.backbone, sample, self.cfg.crops.global_size, self.cfg.crops.mean,
+                                         self.cfg.crops.std, cfg.test_fraction, cfg.k, cfg.temperature)
+
+    def _log_knn(self, epoch: int) -> None:
+        if not (self.world.is_main and self.cfg.knn.manifest):
+            return
+        record = {"step": self.step, "epoch": epoch, "knn_accuracy": self.knn_accuracy()}
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _log(self, epoch: int, loss: float, entropy: float, images: int, started: float, teacher_out: torch.Tensor) -> None:
         if not self.world.is_main:
@@ -367,17 +404,3 @@ def _rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def export_teacher(backbone: nn.Module, cfg: PretrainConfig, out: Path, step: int) -> Path:
-    """Save the teacher backbone (safetensors) and the JSON that says how to build and feed it."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(out / "teacher_backbone.safetensors") as tmp:
-        save_file(weights, str(tmp))
-    meta = {
-        "backbone": cfg.model.backbone, "embed_dim": int(backbone.num_features), "input_size": cfg.crops.global_size,
-        "mean": list(cfg.crops.mean), "std": list(cfg.crops.std), "step": step, "format": "bony-dino-teacher-1",
-    }
-    with atomic_path(out / "teacher_backbone.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    return out / "teacher_backbone.safetensors"

@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: features, k-NN and (later) probes and benchmarks."""
