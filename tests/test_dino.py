@@ -134,3 +134,16 @@ def test_weight_decay_groups_leave_out_biases_norms_gains_and_xcit_temperature()
         assert no_weight_decay(name, param) == skip
     assert any(n.endswith("attn.temperature") for n, _ in model.named_parameters())
     assert groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.slow
+def test_centering_and_sharpening_each_prevent_one_collapse() -> None:
+    from bonylib.ssl.collapse import toy_dino
+
+    log_k = math.log(64)
+    dino = toy_dino(centering=True, sharpening=True).tail(20).mean()
+    assert dino.entropy < 0.5 * log_k and dino.mean_entropy > 0.5 * math.log(8), "confident and diverse"
+    no_centering = toy_dino(centering=False, sharpening=True).tail(20).mean()
+    assert no_centering.mean_entropy < 0.1, "one prototype for every image"
+    no_sharpening = toy_dino(centering=True, sharpening=False).tail(20).mean()
+    assert no_sharpening.entropy > 0.95 * log_k, "uniform targets"
