@@ -25,14 +25,15 @@ def book_copy(repo: Path, dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_datasets_notebook_runs_and_book_builds_offline(tmp_path: Path, repo: Path, smoke_data: Path) -> None:
+def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke_data: Path) -> None:
     if not (repo / "book" / "_static" / "mathjax" / "tex-chtml.js").is_file():
         pytest.skip("MathJax is not vendored (make does it before the tests)")
     book = book_copy(repo, tmp_path / "book_root")
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(smoke_data)
-    cfg = ReportConfig(notebooks=["01_datasets"], parameters={"01_datasets": {"max_slides": 2}})
+    cfg = ReportConfig(notebooks=["01_datasets", "02_dino_theory"],
+                       parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20}})
     index = build_report(book, run, cfg)
 
     executed = nbformat.read(book / "book" / "executed" / "01_datasets.ipynb", as_version=4)
@@ -40,6 +41,8 @@ def test_datasets_notebook_runs_and_book_builds_offline(tmp_path: Path, repo: Pa
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3, "PANDA, SICAPv2 and DeepGleason figures"
+    theory = nbformat.read(book / "book" / "executed" / "02_dino_theory.ipynb", as_version=4)
+    assert not [o for c in theory.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert (run / "report.yaml").is_file()
 
     assert index == book / "_build" / "html" / "index.html" and index.is_file()
