@@ -70,7 +70,7 @@ class Slide(ABC):
         return self.read_region((0, 0), level, self.level_dimensions[level])
 
     def close(self) -> None:
-        """Release the file."""
+        """Release the file (readers that hold no open handle have nothing to do)."""
 
     def __enter__(self) -> Slide:
         return self
