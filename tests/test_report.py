@@ -32,8 +32,10 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(smoke_data)
-    cfg = ReportConfig(notebooks=["01_datasets", "02_dino_theory"],
-                       parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20}})
+    smoke = str(repo / "configs" / "pretrain" / "smoke.yaml")
+    cfg = ReportConfig(notebooks=["01_datasets", "02_dino_theory", "04_pretraining"],
+                       parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20},
+                                   "04_pretraining": {"recipe": smoke, "overrides": ["knn.test_fraction=0.5"]}})
     index = build_report(book, run, cfg)
 
     executed = nbformat.read(book / "book" / "executed" / "01_datasets.ipynb", as_version=4)
@@ -41,8 +43,10 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3, "PANDA, SICAPv2 and DeepGleason figures"
-    theory = nbformat.read(book / "book" / "executed" / "02_dino_theory.ipynb", as_version=4)
-    assert not [o for c in theory.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    for later in ("02_dino_theory", "04_pretraining"):
+        executed = nbformat.read(book / "book" / "executed" / f"{later}.ipynb", as_version=4)
+        assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert (run / "pretrain" / "teacher_backbone.safetensors").is_file()
     assert (run / "report.yaml").is_file()
 
     assert index == book / "_build" / "html" / "index.html" and index.is_file()

@@ -51,7 +51,8 @@ def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, inp
     """Weighted k-NN accuracy of ``backbone``'s features on the labelled tiles of a manifest, slides held out.
 
     Tiles without a label and glass are left out; the split keeps each ``group`` on one side, so
-    the score measures what transfers to unseen slides, not memory of a slide's stain.
+    the score measures what transfers to unseen slides, not memory of a slide's stain. Returns NaN
+    when a side is empty.
     """
     from bonylib.data.datasets import TileDataset
     from bonylib.evaluation.features import EvalTransform, extract_features
@@ -65,4 +66,11 @@ def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, inp
                        source="slides")
     features, targets = extract_features(backbone, data, batch_size=batch_size)
     test_t = torch.from_numpy(test)
-    return knn_accuracy(features[~test_t], targets[~test_t], features[test_t], targets[test_t], k, temperature)
+    # a test tile of a class no training slide has (Karolinska's ungraded "cancer" when only Radboud
+    # slides are on the training side) cannot be predicted: it is left out rather than counted wrong
+    seen = torch.isin(targets, targets[~test_t].unique())
+    test_t &= seen
+    if not test_t.any():
+        return float("nan")
+    train_t = ~torch.from_numpy(test)
+    return knn_accuracy(features[train_t], targets[train_t], features[test_t], targets[test_t], k, temperature)
