@@ -363,3 +363,18 @@ def test_resume_may_change_workers(drawn, tmp_path: Path) -> None:
     tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=1"]))
     again = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=2", "block_tiles=4"]))
     assert again.skipped == 2 and again.tiled == 0
+
+
+def test_relabel_applies_a_policy_to_the_manifest_fractions(drawn, tmp_path: Path) -> None:
+    from bonylib.data.tiling import relabel
+
+    root, masks = drawn
+    manifest = pd.read_parquet(tile("panda", [root], tmp_path / "out", load_config(TileConfig)).manifest)
+    for policy in ("max", "majority", "min_fraction"):
+        labels = relabel(manifest, policy)
+        for image_id, provider in (("rad", "radboud"), ("kar", "karolinska")):
+            rows = manifest.slide_id == image_id
+            got = {(int(y) // T, int(x) // T): lab for x, y, lab in zip(manifest.x[rows], manifest.y[rows], labels[rows])}
+            assert got == expected_labels(masks[image_id], provider, policy)
+    unlabelled = manifest.head(2).assign(**{c: np.nan for c in manifest.columns if c.startswith("frac_")})
+    assert (relabel(unlabelled, "max") == "").all()

@@ -484,6 +484,13 @@ def assemble(out: Path, slide_ids: list[str]) -> Path:
     return out / "manifest.parquet"
 
 
+def relabel(manifest: pd.DataFrame, policy: str, min_fraction: float = 0.05) -> pd.Series:
+    """``label_name`` of every tile under another label policy, from the manifest's class fractions."""
+    fractions = manifest[list(FRACTION_COLUMNS)].to_numpy()
+    labels = tile_labels(np.nan_to_num(fractions), policy, min_fraction)
+    return pd.Series(np.where(np.isnan(fractions).any(axis=1), "", labels), index=manifest.index, name="label_name")
+
+
 def read_part(out: Path, slide_id: str) -> pd.DataFrame:
     """Every measured tile of one slide, kept or dropped with its reason (for plots of the filter)."""
     return pd.read_parquet(Path(out) / "parts" / f"{slide_id}.parquet")

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bonylib.config import option, save_config, section, to_dict
+from bonylib.data.labels import POLICIES
+from bonylib.data.tiling import relabel
 from bonylib.errors import BonyError, ConfigError
 from bonylib.files import atomic_path, ensure_writable_dir
 from bonylib.models.backbones import create_backbone, parameter_groups
@@ -109,11 +112,17 @@ class KnnConfig:
     """Periodic weighted k-NN accuracy of the teacher's features on labelled tiles (monitoring only)."""
 
     manifest: str = option("", "labelled tile manifest.parquet (empty: no k-NN monitoring)")
+    label_policy: str = option("min_fraction", "tile labels for k-NN, recomputed from the manifest's class fractions "
+                               "(max labels a stroma tile with a speck of cancer as cancer)")
     every_epochs: int = option(1, "epochs between k-NN evaluations (and one at the end)")
     max_tiles: int = option(2000, "labelled tiles drawn from the manifest (seeded)")
     test_fraction: float = option(0.3, "share of slides (manifest group) held out as the k-NN test set")
     k: int = option(20, "neighbours")
     temperature: float = option(0.07, "vote temperature")
+
+    def __post_init__(self) -> None:
+        if self.label_policy not in POLICIES:
+            raise ConfigError(f"knn.label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
 
 
 @dataclass
@@ -356,19 +365,15 @@ class Trainer:
                            self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
         return self.out
 
-    def knn_accuracy(self) -> float:
-        """Weighted k-NN accuracy of the teacher backbone on the monitoring manifest (held-out slides)."""
-        import pandas as pd
-
+    def knn_accuracy(self, backbone: nn.Module | None = None) -> float:
+        """Weighted k-NN accuracy of ``backbone`` (default: the teacher's) on the monitoring tiles, slides held out."""
         from bonylib.evaluation.knn import manifest_knn_accuracy
 
         cfg = self.cfg.knn
-        manifest = pd.read_parquet(cfg.manifest)
-        labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")]
-        sample = labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=self.cfg.seed)
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            return manifest_knn_accuracy(self.teacher.backbone, sample, self.cfg.crops.global_size, self.cfg.crops.mean,
-                                         self.cfg.crops.std, cfg.test_fraction, cfg.k, cfg.temperature)
+            return manifest_knn_accuracy(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
+                                         self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
+                                         cfg.test_fraction, cfg.k, cfg.temperature)
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
@@ -392,6 +397,14 @@ class Trainer:
         }
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
+    """The labelled tiles k-NN monitoring uses: relabelled by ``cfg.label_policy``, glass left out, a seeded sample."""
+    manifest = pd.read_parquet(cfg.manifest)
+    manifest = manifest.assign(label_name=relabel(manifest, cfg.label_policy))
+    labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")]
+    return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
 
 
 def _entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
