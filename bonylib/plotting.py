@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from bonylib.data.labels import snap_codes
+
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "background": (255, 255, 255),
     "stroma": (120, 190, 255),
@@ -99,8 +101,7 @@ def sicapv2_grid(root: Path, per_class: int = 4) -> Figure:
         for name in table.loc[table[label] == 1, "image_name"].head(per_class):
             rgb = np.asarray(Image.open(root / "images" / name).convert("RGB"))
             grades = np.asarray(Image.open(root / "masks" / name).convert("L"))
-            snapped = np.array([0, 3, 4, 5])[np.abs(grades[..., None].astype(int) - [0, 3, 4, 5]).argmin(-1)]
-            images.append(overlay(rgb, snapped, GLEASON_NAMES, alpha=0.3))
+            images.append(overlay(rgb, snap_codes(grades, "sicapv2"), GLEASON_NAMES, alpha=0.3))
             cribriform = " (G4C)" if int(table.loc[table.image_name == name, "G4C"].iloc[0]) else ""
             titles.append(f"{label}{cribriform}")
     return image_grid(images, titles, ncols=per_class)
@@ -164,25 +165,27 @@ def tiles_on_slide(path: Path, tiles: pd.DataFrame, max_px: int = 1024) -> Figur
     return fig
 
 
-def measure_examples(tiles: pd.DataFrame, measure: str, n: int = 6) -> Figure:
-    """Tiles spread over the range of one quality measure (lowest to highest), read from their slides."""
+def _read_tiles(tiles: pd.DataFrame) -> list[np.ndarray]:
+    """The tiles of manifest rows, read from their slides, as RGB arrays."""
     from bonylib.data.datasets import TileDataset
 
+    data = TileDataset(tiles.assign(label_name=""), source="slides")
+    return [np.asarray(data.read(i)) for i in range(len(data))]
+
+
+def measure_examples(tiles: pd.DataFrame, measure: str, n: int = 6) -> Figure:
+    """Tiles spread over the range of one quality measure (lowest to highest), read from their slides."""
     ordered = tiles.sort_values(measure).reset_index(drop=True)
     picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, n).round().astype(int))]
-    data = TileDataset(picks.assign(label_name=""), source="slides")
-    images = [np.asarray(data.read(i)) for i in range(len(data))]
+    images = _read_tiles(picks)
     titles = [f"{measure}={v:.3g}" + ("" if r == "" else f"\n(dropped: {r})") for v, r in zip(picks[measure], picks.reason)]
     return image_grid(images, titles, ncols=n, size=1.9)
 
 
 def class_grid(manifest: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figure:
     """A few kept tiles of each class in the manifest."""
-    from bonylib.data.datasets import TileDataset
-
     picks = [group.sample(min(per_class, len(group)), random_state=seed)
              for _, group in manifest[manifest.label_name != ""].groupby("label_name", sort=False)]
     chosen = pd.concat(picks).reset_index(drop=True) if picks else manifest.head(0)
-    data = TileDataset(chosen, source="slides")
-    images = [np.asarray(data.read(i)) for i in range(len(data))]
+    images = _read_tiles(chosen)
     return image_grid(images, [f"{row.label_name} ({row.provider})" for row in chosen.itertuples()], ncols=per_class, size=1.9)

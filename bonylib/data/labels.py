@@ -99,6 +99,20 @@ LOSSY_ENCODINGS = frozenset({"sicapv2"})
 """Encodings stored as JPEG, whose values blur and ring near edges: snapped and median-filtered."""
 
 
+def snap_codes(codes: np.ndarray, encoding: str) -> np.ndarray:
+    """Mask values (one (H, W) region or an (N, H, W) stack) cleaned for reading as codes of ``encoding``.
+
+    Lossless encodings are returned as they are. JPEG masks are snapped to the nearest code, then
+    given a 5x5 median: JPEG ringing along a 0|3 edge reads as 4 on a band of pixels, which would
+    make every Gleason-3 patch Gleason 4 under the "max" policy.
+    """
+    if encoding not in LOSSY_ENCODINGS:
+        return codes
+    valid = np.array(sorted(MASK_ENCODINGS[encoding]), dtype=np.uint8)
+    snapped = valid[np.abs(np.arange(256)[:, None] - valid.astype(int)).argmin(axis=1)][codes]
+    return ndimage.median_filter(snapped, size=5 if codes.ndim == 2 else (1, 5, 5), mode="nearest")
+
+
 def class_fractions(codes: np.ndarray, encoding: str) -> np.ndarray:
     """Fraction of each manifest label (``LABEL_NAMES`` order) in each mask region.
 
@@ -109,13 +123,7 @@ def class_fractions(codes: np.ndarray, encoding: str) -> np.ndarray:
     table = MASK_ENCODINGS[encoding]
     valid = np.array(sorted(table), dtype=np.uint8)
     single = codes.ndim == 2
-    regions = codes.reshape(1 if single else codes.shape[0], -1)
-    if encoding in LOSSY_ENCODINGS:
-        # snap to the nearest code, then a 5x5 median: JPEG ringing along a 0|3 edge reads as 4
-        # on a band of pixels, which would make every Gleason-3 patch Gleason 4 under "max"
-        lut = valid[np.abs(np.arange(256)[:, None] - valid.astype(int)).argmin(axis=1)]
-        snapped = lut[codes]
-        regions = ndimage.median_filter(snapped, size=5 if single else (1, 5, 5), mode="nearest").reshape(regions.shape)
+    regions = snap_codes(codes, encoding).reshape(1 if single else codes.shape[0], -1)
     histogram = np.stack([np.bincount(region, minlength=256) for region in regions])
     bad = np.setdiff1d(np.flatnonzero(histogram.sum(axis=0)), valid)
     if bad.size:

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from bonylib.data.slides import IMAGE_SUFFIXES as PLAIN_IMAGE_SUFFIXES
 from bonylib.errors import BonyError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(PLAIN_IMAGE_SUFFIXES | {".tif", ".tiff"}))
 
 
 class ImageFolder(Dataset):

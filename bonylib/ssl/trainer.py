@@ -335,7 +335,8 @@ class Trainer:
                     self._set_schedules(self.step)
                     loss, teacher_out = self._forward_backward(crops, epoch)
                     losses.append(loss)
-                    entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
+                    if self._logs(self.step + 1):  # the entropy costs a softmax over K: only for logged steps
+                        entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
                     images += crops[0].shape[0] * self.world.size
                     if (batch_index + 1) % accumulate:
                         continue
@@ -345,7 +346,7 @@ class Trainer:
                                         f"checkpoint is {self.out / 'checkpoint.pth'} (lower optim.lr or use fp32)")
                     self._optimizer_step(epoch)
                     self.step += 1
-                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    if self._logs(self.step):
                         self._log(epoch, mean_loss, torch.stack(entropies).mean().item(), images, started, teacher_out)
                     losses, entropies = [], []
                     started, images = time.perf_counter(), 0
@@ -381,6 +382,10 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch, "knn_accuracy": self.knn_accuracy()}
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def _logs(self, step: int) -> bool:
+        """Whether optimisation step ``step`` (counted from 1) writes a log.jsonl line."""
+        return step % self.cfg.log_every == 0 or step == self.total_steps
 
     def _log(self, epoch: int, loss: float, entropy: float, images: int, started: float, teacher_out: torch.Tensor) -> None:
         if not self.world.is_main:
