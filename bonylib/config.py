@@ -69,11 +69,12 @@ def load_config(schema: type[T], path: Path | None = None, overrides: Sequence[s
             raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
         layers.append((str(path), OmegaConf.create(loaded or {})))
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}': expected key=value (for example panda.slides=4)")
         try:
-            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+            # `key=` clears a text option (knn.manifest= turns monitoring off); OmegaConf would read null
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item if value else f"{key}=''"])))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {_first_line(exc)}") from None
     cfg = base

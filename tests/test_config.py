@@ -21,6 +21,7 @@ class Inner:
 @dataclass
 class Outer:
     seed: int = option(0, "the seed")
+    path: str = option("default.parquet", "a path")
     inner: Inner = section(Inner, "a group")
 
     def __post_init__(self) -> None:
@@ -39,6 +40,12 @@ def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
     cfg = load_config(Outer, path, ["inner.size=9", "inner.ratio=0.25"])
     assert cfg == Outer(seed=5, inner=Inner(size=9, ratio=0.25, names=["x", "y"]))
     assert load_config(Outer) == Outer()
+
+
+def test_empty_override_clears_a_text_option_but_not_a_number() -> None:
+    assert load_config(Outer, None, ["path="]).path == ""
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(Outer, None, ["seed="])
 
 
 def test_saved_config_reloads_to_the_same_object(tmp_path: Path) -> None:
@@ -92,6 +99,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_describe_lists_every_leaf_with_help() -> None:
     assert [(k, d, h) for k, d, h in describe(Outer)] == [
         ("seed", 0, "the seed"),
+        ("path", "default.parquet", "a path"),
         ("inner.size", 3, "a size"),
         ("inner.ratio", 0.5, "a ratio"),
         ("inner.names", ["a"], "some names"),
