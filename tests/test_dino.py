@@ -136,6 +136,18 @@ def test_weight_decay_groups_leave_out_biases_norms_gains_and_xcit_temperature()
     assert groups[1]["weight_decay"] == 0.0
 
 
+def test_seeded_backbone_is_repeatable_and_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    a = create_backbone("vit_tiny_patch16_224", seed=1).state_dict()
+    assert torch.equal(torch.rand(3), expected_next), "the global generator did not move"
+    b = create_backbone("vit_tiny_patch16_224", seed=1).state_dict()
+    c = create_backbone("vit_tiny_patch16_224", seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
+
+
 @pytest.mark.slow
 def test_centering_and_sharpening_each_prevent_one_collapse() -> None:
     from bonylib.ssl.collapse import toy_dino

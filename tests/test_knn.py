@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from bonylib.config import load_config
 from bonylib.data.tiling import TileConfig, tile
-from bonylib.evaluation.knn import held_out, knn_accuracy, weighted_knn
+from bonylib.evaluation.knn import cross_validated_knn_accuracy, knn_accuracy, slide_folds, weighted_knn
 from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 
@@ -48,19 +49,55 @@ def test_knn_separates_separable_classes() -> None:
     assert knn_accuracy(features[:200], shuffled[:200], features[200:], shuffled[200:]) < 0.6
 
 
-def test_held_out_keeps_groups_whole() -> None:
+def test_slide_folds_keep_groups_whole_balanced_and_deterministic() -> None:
     groups = pd.Series([f"slide{i % 40}" for i in range(400)])
-    test = held_out(groups, 0.3)
-    per_group = pd.Series(test).groupby(groups).nunique()
-    assert (per_group == 1).all(), "a slide is never on both sides"
-    assert 0.15 < test.mean() < 0.45
-    assert (held_out(groups, 0.3) == test).all(), "stable"
+    fold = slide_folds(groups, 5)
+    assert (pd.Series(fold).groupby(groups).nunique() == 1).all(), "a slide is never in two folds"
+    assert sorted(pd.Series(fold).groupby(groups).first().value_counts()) == [8] * 5, "8 slides per fold"
+    assert (slide_folds(groups, 5) == fold).all(), "deterministic"
+
+
+def test_cross_validation_equals_fold_by_fold_knn() -> None:
+    rng = np.random.default_rng(3)
+    groups = pd.Series([f"s{i // 20}" for i in range(300)])
+    labels = torch.tensor(rng.integers(0, 3, 300))
+    features = torch.tensor(rng.normal(size=(300, 6)) + labels.numpy()[:, None] * 0.8, dtype=torch.float32)
+    fold = slide_folds(groups, 4)
+    correct = 0
+    for f in range(4):  # independent computation: knn_accuracy on each split, weighted by its size
+        test, train = torch.from_numpy(fold == f), torch.from_numpy(fold != f)
+        correct += knn_accuracy(features[train], labels[train], features[test], labels[test]) * int(test.sum())
+    assert cross_validated_knn_accuracy(features, labels, groups, folds=4) == pytest.approx(correct / 300)
+
+
+def test_cross_validation_does_not_reward_slide_memory() -> None:
+    """Features that only identify the slide (its stain) predict a slide's tiles perfectly from the
+    same slide, and at chance from other slides: the held-out score must be the second."""
+    rng = np.random.default_rng(4)
+    groups = pd.Series([f"s{i // 10}" for i in range(600)])
+    slide_label = rng.integers(0, 2, 60)
+    labels = torch.tensor(slide_label[np.arange(600) // 10])
+    features = torch.tensor(rng.normal(size=(60, 16))[np.arange(600) // 10] + rng.normal(size=(600, 16)) * 0.05,
+                            dtype=torch.float32)
+    mixed = torch.from_numpy(rng.random(600) < 0.5)
+    assert knn_accuracy(features[mixed], labels[mixed], features[~mixed], labels[~mixed]) > 0.95
+    assert abs(cross_validated_knn_accuracy(features, labels, groups) - 0.5) < 0.12
+
+
+def test_cross_validation_leaves_out_classes_no_training_fold_has() -> None:
+    groups = pd.Series(["a"] * 10 + ["b"] * 10 + ["c"] * 10)
+    labels = torch.tensor([0] * 20 + [1] * 10)  # class 1 only on slide c
+    features = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)) * 0.01
+    features[:, 0] += torch.tensor([1.0] * 20 + [-1.0] * 10)  # a, b alike; c far away
+    # counted, slide c's tiles could only be predicted as class 0 (wrong): the score would be 20/30
+    assert cross_validated_knn_accuracy(features, labels, groups, folds=3) == 1.0, "slide c is not counted"
+    assert np.isnan(cross_validated_knn_accuracy(features, labels, pd.Series(["a"] * 30)))
 
 
 def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path: Path) -> None:
     tiles = tile("deepgleason", [smoke_data / "deepgleason"], tmp_path / "tiles", load_config(TileConfig, None, ["tile_px=64"]))
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [
-        f"data.manifest={tiles.manifest}", "data.tile_px=64", f"knn.manifest={tiles.manifest}", "knn.test_fraction=0.5"])
+        f"data.manifest={tiles.manifest}", "data.tile_px=64", f"knn.manifest={tiles.manifest}"])
     out = Trainer(cfg, tmp_path / "run").train()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_accuracy" in r]

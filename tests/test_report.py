@@ -35,7 +35,7 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     smoke = str(repo / "configs" / "pretrain" / "smoke.yaml")
     cfg = ReportConfig(notebooks=["01_datasets", "02_dino_theory", "04_pretraining"],
                        parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20},
-                                   "04_pretraining": {"recipe": smoke, "overrides": ["knn.test_fraction=0.5"]}})
+                                   "04_pretraining": {"recipe": smoke, "overrides": []}})
     index = build_report(book, run, cfg)
 
     executed = nbformat.read(book / "book" / "executed" / "01_datasets.ipynb", as_version=4)

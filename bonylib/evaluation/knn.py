@@ -39,38 +39,58 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return float((predicted == test_labels).float().mean())
 
 
-def held_out(groups: pd.Series, test_fraction: float) -> np.ndarray:
-    """Boolean test mask: whole groups (slides, patients) go to test by a stable hash of their name."""
-    codes = np.array([zlib.crc32(str(g).encode()) % 1000 for g in groups])
-    return codes < int(round(test_fraction * 1000))
+def slide_folds(groups: pd.Series, folds: int) -> np.ndarray:
+    """Fold index (0 .. folds-1) of each row, whole groups (slides, patients) per fold.
+
+    Groups are ordered by a stable hash of their name (not by name, which often encodes the site or
+    date) and dealt round-robin, so folds differ in size by at most one group.
+    """
+    names = sorted(set(map(str, groups)), key=lambda g: (zlib.crc32(g.encode()), g))
+    fold_of = {g: i % folds for i, g in enumerate(names)}
+    return np.array([fold_of[str(g)] for g in groups], dtype=np.int64)
+
+
+def cross_validated_knn_accuracy(features: torch.Tensor, labels: torch.Tensor, groups: pd.Series, folds: int = 5,
+                                 k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted k-NN accuracy with slides held out, every slide tested once.
+
+    The groups are split into ``folds`` folds; the tiles of each fold are classified by the tiles
+    of all other folds, and the accuracy is over all tiles. One fixed split of a few slides swings
+    by several points with the slides it happens to hold out; cross-validation averages that away.
+    A tile whose class no training fold has (Karolinska's ungraded "cancer" when every other slide
+    is Radboud) cannot be predicted and is left out rather than counted wrong. NaN when fewer
+    than two groups.
+    """
+    fold = torch.from_numpy(slide_folds(groups, folds))
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    correct, counted = 0, 0
+    for f in fold.unique():
+        test, train = fold == f, fold != f
+        test &= torch.isin(labels, labels[train].unique())
+        if not train.any() or not test.any():
+            continue
+        predicted = weighted_knn(features[train], labels[train], features[test], num_classes, k, temperature)
+        correct += int((predicted == labels[test]).sum())
+        counted += int(test.sum())
+    return correct / counted if counted else float("nan")
 
 
 def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
-                          std: list[float], test_fraction: float = 0.3, k: int = 20, temperature: float = 0.07,
+                          std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
                           batch_size: int = 64) -> float:
-    """Weighted k-NN accuracy of ``backbone``'s features on the labelled tiles of a manifest, slides held out.
+    """Cross-validated weighted k-NN accuracy of ``backbone``'s features on the labelled tiles of a manifest.
 
-    Tiles without a label and glass are left out; the split keeps each ``group`` on one side, so
-    the score measures what transfers to unseen slides, not memory of a slide's stain. Returns NaN
-    when a side is empty.
+    Tiles without a label and glass are left out; folds keep each ``group`` whole, so the score
+    measures what transfers to unseen slides, not memory of a slide's stain.
     """
     from bonylib.data.datasets import TileDataset
     from bonylib.evaluation.features import EvalTransform, extract_features
 
     labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")].reset_index(drop=True)
-    test = held_out(labelled["group"], test_fraction)
-    if test.all() or not test.any():
+    if labelled.empty:
         return float("nan")
     classes = sorted(set(labelled.label_name))
     data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std), classes=classes,
                        source="slides")
     features, targets = extract_features(backbone, data, batch_size=batch_size)
-    test_t = torch.from_numpy(test)
-    # a test tile of a class no training slide has (Karolinska's ungraded "cancer" when only Radboud
-    # slides are on the training side) cannot be predicted: it is left out rather than counted wrong
-    seen = torch.isin(targets, targets[~test_t].unique())
-    test_t &= seen
-    if not test_t.any():
-        return float("nan")
-    train_t = ~torch.from_numpy(test)
-    return knn_accuracy(features[train_t], targets[train_t], features[test_t], targets[test_t], k, temperature)
+    return cross_validated_knn_accuracy(features, targets, labelled["group"], folds, k, temperature)

@@ -8,6 +8,7 @@ ViT needs ``dynamic_img_size`` to interpolate its position embeddings for local 
 from __future__ import annotations
 
 import timm
+import torch
 from torch import nn
 
 from bonylib.errors import ConfigError
@@ -19,12 +20,19 @@ BACKBONES: tuple[str, ...] = (
 )
 
 
-def create_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
-    """A randomly initialised backbone that returns pooled features (``num_features`` wide)."""
+def create_backbone(name: str, drop_path_rate: float = 0.0, seed: int | None = None) -> nn.Module:
+    """A randomly initialised backbone that returns pooled features (``num_features`` wide).
+
+    With ``seed`` the weights come from that seed without touching torch's global generator, so
+    random-initialisation baselines can be drawn repeatably in the middle of a run.
+    """
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone '{name}' is not supported (choose from {', '.join(BACKBONES)})")
     extra = {"dynamic_img_size": True} if name.startswith("vit_") else {}
-    return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **extra)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **extra)
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
