@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py [--backbone xcit_nano_12_p16_224] [--batch 16]
         [--global-crops 2 --global-size 112 --local-crops 4 --local-size 48] [--steps 5]
-        [--json benchmarks/results/train_step.json]
+        [--json benchmarks/results/train_step.json] [--trials compile channels_last]
 
 In one run on the same machine and the same backbone, head and crops:
 
@@ -68,7 +68,7 @@ def _crops(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]
 
 def bony_step(trainer: Trainer, crops: list[torch.Tensor]) -> None:
     trainer._set_schedules(trainer.step)
-    trainer._forward_backward(crops, epoch=1)
+    trainer._forward_backward(crops, epoch=1, sync=True)
     trainer._optimizer_step(epoch=1)
     trainer.step += 1
 
@@ -140,13 +140,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train_step.json"))
-    parser.add_argument("--variant", choices=["naive", "bony"], help=argparse.SUPPRESS)
+    parser.add_argument("--trials", nargs="*", default=[], choices=["compile", "channels_last"],
+                        help="also time bony's step with torch.compile'd backbones and/or channels-last convolutions")
+    parser.add_argument("--variant", choices=["naive", "bony", "compile", "channels_last"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_variant(args)))
         return
     runs = {}
-    for variant in ("naive", "bony"):  # each in its own process: peak memory is its own
+    for variant in ("naive", "bony", *args.trials):  # each in its own process: peak memory is its own
         command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
@@ -162,6 +164,8 @@ def main() -> None:
         "flop_per_step": ours["flop_per_step"], "achieved_flop_per_s": achieved,
         "matmul_peak_flop_per_s": ours["matmul_peak"], "mfu": achieved / ours["matmul_peak"],
         "peak_memory_mb": {"naive": naive["peak_mb"], "bony": ours["peak_mb"]},
+        "trials": {t: {"images_per_s": runs[t]["images_per_s"], "ratio_vs_bony": runs[t]["images_per_s"] / ours["images_per_s"],
+                       "peak_mb": runs[t]["peak_mb"]} for t in args.trials},
     }
     print(f"{args.backbone}, {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size} crops, "
           f"batch {args.batch}, {args.precision}, on {ours['device']} ({os.cpu_count()} CPUs)")
@@ -172,9 +176,22 @@ def main() -> None:
           f"matmul limit {ours['matmul_peak'] / 1e9:.1f} GFLOP/s, MFU {report['mfu']:.1%}")
     print(f"peak memory: naive {naive['peak_mb']:.0f} MB, bony {ours['peak_mb']:.0f} MB "
           f"({'GPU allocated' if ours['device'] != 'cpu' else 'process RSS'})")
+    for trial, result in report["trials"].items():
+        print(f"trial {trial}: {result['images_per_s']:.1f} images/s, {result['ratio_vs_bony']:.2f} x bony's step")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {args.json}")
+
+
+def _apply_trial(trainer: Trainer, trial: str) -> None:
+    """What each trial changes in bony's step: the backbones compiled (inductor; the warm-up steps
+    absorb compilation, one graph per crop size) or their convolutions (XCiT's stem and LPI) in
+    channels-last memory format."""
+    for model in (trainer._student_module, trainer.teacher):
+        if trial == "compile":
+            model.backbone = torch.compile(model.backbone)
+        else:
+            model.backbone.to(memory_format=torch.channels_last)
 
 
 def _variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -187,6 +204,11 @@ def _variant(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(trainer._student_module.parameters(), lr=1e-4, foreach=False)
         result["images_per_s"] = _rate(lambda: naive_step(trainer, crops, optimizer), args.warmup, args.steps,
                                        args.batch, device)
+    elif args.variant in ("compile", "channels_last"):
+        _apply_trial(trainer, args.variant)
+        if args.variant == "channels_last":
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
     else:
         result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
         with FlopCounterMode(display=False) as counter:

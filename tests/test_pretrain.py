@@ -100,24 +100,51 @@ def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp
     assert state["step"] == max(losses(out)), "the checkpoint is at the last finished step"
 
 
-def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int) -> None:
+def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int, overrides: tuple[str, ...]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = config(Path(repo), Path(images), "optim.batch_size=2", "max_steps=3")
+    cfg = config(Path(repo), Path(images), *overrides, "max_steps=3")
     Trainer(cfg, Path(out)).train()
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, images: Path, tmp_path: Path) -> None:
-    """2 CPU processes (gloo) with 2 images each == 1 process with the same 4 images: same crops
-    (seeded per sample), averaged gradients, all-reduced center. ViT: no BatchNorm to differ."""
+def test_tensorboard_mirrors_log_jsonl_and_drops_events_past_the_resumed_checkpoint(repo: Path, images: Path,
+                                                                                     tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    Trainer(config(repo, images, "tensorboard=true", "max_steps=3"), out).train()  # checkpoints at 2 and 3
+    (out / "checkpoint-00000003.pth").unlink()  # as if killed after logging step 3, before its checkpoint
+    (out / "checkpoint.pth").write_bytes((out / "checkpoint-00000002.pth").read_bytes())
+    first_step3 = losses(out)[3]
+    Trainer(config(repo, images, "tensorboard=true", "loss.student_temp=0.2"), out).train()  # step 3 again, differently
+    assert losses(out)[3] != first_step3, "the rerun of step 3 logged a new value"
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    logged = {e.step: e.value for e in events.Scalars("pretrain/loss")}
+    assert sorted(logged) == list(range(1, 7)) and len(events.Scalars("pretrain/loss")) == 6, "no stale step 3"
+    for step, value in losses(out).items():
+        assert logged[step] == pytest.approx(value, rel=1e-6), step
+    assert {"pretrain/lr", "pretrain/teacher_entropy", "pretrain/images_per_s"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(("per_process", "single_process"), [
+    (("optim.batch_size=2",), ("optim.batch_size=4",)),
+    (("optim.batch_size=1", "optim.accumulate=2"), ("optim.batch_size=2", "optim.accumulate=2")),
+], ids=["one-pass", "accumulated"])
+def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, images: Path, tmp_path: Path,
+                                                                per_process: tuple[str, ...],
+                                                                single_process: tuple[str, ...]) -> None:
+    """2 CPU processes (gloo) with n images each == 1 process with the same 2n images: same crops
+    (seeded per sample), averaged gradients, all-reduced center. ViT: no BatchNorm to differ. With
+    accumulation the first micro-batch's gradients stay local (no_sync) until the second's backward."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(repo), str(images), str(tmp_path / "ddp"), port), nprocs=2)
-    Trainer(config(repo, images, "optim.batch_size=4", "max_steps=3"), tmp_path / "single").train()
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(repo), str(images), str(tmp_path / "ddp"), port, per_process),
+                                nprocs=2)
+    Trainer(config(repo, images, *single_process, "max_steps=3"), tmp_path / "single").train()
     ddp = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoint.pth", weights_only=True)
     assert ddp["step"] == single["step"] == 3

@@ -10,6 +10,7 @@ Output folder::
 
     config.yaml                      resolved config
     log.jsonl                        one JSON object per logged step
+    tensorboard/                     the same values as TensorBoard scalars (with tensorboard=true)
     checkpoint.pth                   latest full state (also checkpoint-<step>.pth, the last k kept)
     teacher_backbone.safetensors     the exported teacher backbone ...
     teacher_backbone.json            ... and what is needed to rebuild and feed it
@@ -17,6 +18,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -116,11 +118,14 @@ class KnnConfig:
                                "(max labels a stroma tile with a speck of cancer as cancer)")
     every_epochs: int = option(1, "epochs between k-NN evaluations (and one at the end)")
     max_tiles: int = option(2000, "labelled tiles drawn from the manifest (seeded)")
-    test_fraction: float = option(0.3, "share of slides (manifest group) held out as the k-NN test set")
+    folds: int = option(5, "slides (manifest group) are split into this many folds; each fold's tiles are "
+                        "classified by the other folds' tiles, so every slide is tested once")
     k: int = option(20, "neighbours")
     temperature: float = option(0.07, "vote temperature")
 
     def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"knn.folds must be at least 2, got {self.folds}")
         if self.label_policy not in POLICIES:
             raise ConfigError(f"knn.label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
 
@@ -137,6 +142,7 @@ class PretrainConfig:
     data: DataConfig = section(DataConfig, "pretraining images")
     knn: KnnConfig = section(KnnConfig, "k-NN monitoring")
     log_every: int = option(10, "optimisation steps between log.jsonl lines")
+    tensorboard: bool = option(False, "also write every log.jsonl value as a TensorBoard scalar under tensorboard/")
     checkpoint_every: int = option(100, "optimisation steps between checkpoints (and one at every epoch end)")
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
     max_steps: int = option(0, "stop after this many optimisation steps (0: train all epochs); for tests and timing")
@@ -205,6 +211,7 @@ class Trainer:
         self.momentum = cosine_schedule(cfg.optim.momentum_teacher, 1.0, cfg.optim.epochs, self.steps_per_epoch)
         self.total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.step = 0
+        self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
         if self.world.is_main:
             save_config(cfg, self.out / "config.yaml")
 
@@ -296,15 +303,19 @@ class Trainer:
                           num_workers=self.cfg.data.workers, collate_fn=collate_crops, drop_last=True,
                           pin_memory=self.device.type == "cuda")
 
-    def _forward_backward(self, crops: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, crops: list[torch.Tensor], epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch; under DDP the gradients are all-reduced only when ``sync`` (the last of an accumulation)."""
         crops = [c.to(self.device, non_blocking=True) for c in crops]
         n_global = self.cfg.crops.global_crops
-        with _autocast(self.cfg.optim.precision, self.device):
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:n_global])
-            student_out = self.student(crops)
-            loss = self.loss(student_out, teacher_out, epoch)
-        self.scaler.scale(loss / self.cfg.optim.accumulate).backward()
+        # DDP would all-reduce after every backward; the forward and backward of a non-final micro-batch run
+        # under no_sync so only the accumulated gradient crosses the network
+        with contextlib.nullcontext() if sync or self.world.size == 1 else self.student.no_sync():
+            with _autocast(self.cfg.optim.precision, self.device):
+                with torch.no_grad():
+                    teacher_out = self.teacher(crops[:n_global])
+                student_out = self.student(crops)
+                loss = self.loss(student_out, teacher_out, epoch)
+            self.scaler.scale(loss / self.cfg.optim.accumulate).backward()
         return loss.detach(), teacher_out.detach()
 
     def _optimizer_step(self, epoch: int) -> None:
@@ -324,7 +335,25 @@ class Trainer:
 
     def train(self) -> Path:
         """Train until ``total_steps`` (resuming if a checkpoint exists); export the teacher; return the folder."""
-        self.resume()
+        resumed = self.resume()
+        if self.cfg.tensorboard and self.world.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # on resume, events past the checkpoint (logged before the interruption) are dropped, as in log.jsonl
+            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if resumed else None)
+        try:
+            self._train_steps()
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+        if self.world.is_main:
+            export_encoder(self.teacher.backbone, self.cfg.model.backbone, self.cfg.crops.global_size,
+                           self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
+        return self.out
+
+    def _train_steps(self) -> None:
+        """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
         accumulate = self.cfg.optim.accumulate
         with _Signals() as signals:
             while self.step < self.total_steps:
@@ -333,7 +362,7 @@ class Trainer:
                 losses, entropies = [], []
                 for batch_index, (crops, _) in enumerate(self._loader(epoch, step_in_epoch * accumulate)):
                     self._set_schedules(self.step)
-                    loss, teacher_out = self._forward_backward(crops, epoch)
+                    loss, teacher_out = self._forward_backward(crops, epoch, sync=(batch_index + 1) % accumulate == 0)
                     losses.append(loss)
                     if self._logs(self.step + 1):  # the entropy costs a softmax over K: only for logged steps
                         entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
@@ -361,10 +390,6 @@ class Trainer:
                                         f"checkpoint written to {self.out}, rerun the same command to resume")
                     if self.step >= self.total_steps or end_of_epoch:
                         break
-        if self.world.is_main:
-            export_encoder(self.teacher.backbone, self.cfg.model.backbone, self.cfg.crops.global_size,
-                           self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
-        return self.out
 
     def knn_accuracy(self, backbone: nn.Module | None = None) -> float:
         """Weighted k-NN accuracy of ``backbone`` (default: the teacher's) on the monitoring tiles, slides held out."""
@@ -374,14 +399,21 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
             return manifest_knn_accuracy(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
                                          self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
-                                         cfg.test_fraction, cfg.k, cfg.temperature)
+                                         cfg.folds, cfg.k, cfg.temperature)
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
             return
-        record = {"step": self.step, "epoch": epoch, "knn_accuracy": self.knn_accuracy()}
+        self._write({"step": self.step, "epoch": epoch, "knn_accuracy": self.knn_accuracy()})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Append one record to log.jsonl and, when enabled, its numbers to TensorBoard at its step."""
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    self._tensorboard.add_scalar(f"pretrain/{key}", value, record["step"])
 
     def _logs(self, step: int) -> bool:
         """Whether optimisation step ``step`` (counted from 1) writes a log.jsonl line."""
@@ -400,8 +432,7 @@ class Trainer:
             "images_per_s": images / max(seconds, 1e-9),
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20) if self.device.type == "cuda" else _rss_mb(),
         }
-        with open(self.out / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._write(record)
 
 
 def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
