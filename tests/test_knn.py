@@ -102,4 +102,5 @@ def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_accuracy" in r]
     assert [r["epoch"] for r in knn] == [0, 1]
-    assert all(0.0 <= r["knn_accuracy"] <= 1.0 or np.isnan(r["knn_accuracy"]) for r in knn)
+    for key in ("knn_accuracy", "knn_accuracy_cancer"):
+        assert all(0.0 <= r[key] <= 1.0 or np.isnan(r[key]) for r in knn), key

@@ -8,6 +8,7 @@ L2-normalised first, so similarity is the dot product.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,22 +76,36 @@ def cross_validated_knn_accuracy(features: torch.Tensor, labels: torch.Tensor, g
     return correct / counted if counted else float("nan")
 
 
+LABEL_TASKS: dict[str, dict[str, str]] = {
+    "labels": {},
+    "cancer": {"G3": "cancer", "G4": "cancer", "G5": "cancer"},
+}
+"""k-NN tasks on one set of features: the manifest's labels as they are (benign and grades), and
+cancer vs benign (grades merged, the distinction Karolinska's masks make)."""
+
+
 def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
                           std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
-                          batch_size: int = 64) -> float:
+                          batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS)) -> dict[str, float]:
     """Cross-validated weighted k-NN accuracy of ``backbone``'s features on the labelled tiles of a manifest.
 
     Tiles without a label and glass are left out; folds keep each ``group`` whole, so the score
-    measures what transfers to unseen slides, not memory of a slide's stain.
+    measures what transfers to unseen slides, not memory of a slide's stain. Features are
+    extracted once and scored for each of ``tasks`` (keys of :data:`LABEL_TASKS`).
     """
     from bonylib.data.datasets import TileDataset
     from bonylib.evaluation.features import EvalTransform, extract_features
 
     labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")].reset_index(drop=True)
     if labelled.empty:
-        return float("nan")
-    classes = sorted(set(labelled.label_name))
-    data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std), classes=classes,
-                       source="slides")
-    features, targets = extract_features(backbone, data, batch_size=batch_size)
-    return cross_validated_knn_accuracy(features, targets, labelled["group"], folds, k, temperature)
+        return {task: float("nan") for task in tasks}
+    data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std),
+                       classes=sorted(set(labelled.label_name)), source="slides")
+    features, _ = extract_features(backbone, data, batch_size=batch_size)
+    scores = {}
+    for task in tasks:
+        names = labelled.label_name.replace(LABEL_TASKS[task])
+        classes = sorted(set(names))
+        targets = torch.tensor([classes.index(name) for name in names])
+        scores[task] = cross_validated_knn_accuracy(features, targets, labelled["group"], folds, k, temperature)
+    return scores

@@ -391,20 +391,22 @@ class Trainer:
                     if self.step >= self.total_steps or end_of_epoch:
                         break
 
-    def knn_accuracy(self, backbone: nn.Module | None = None) -> float:
-        """Weighted k-NN accuracy of ``backbone`` (default: the teacher's) on the monitoring tiles, slides held out."""
+    def knn_scores(self, backbone: nn.Module | None = None) -> dict[str, float]:
+        """Weighted k-NN accuracy of ``backbone`` (default: the teacher's) on the monitoring tiles, slides held
+        out: ``knn_accuracy`` on the tiles' labels, ``knn_accuracy_cancer`` on cancer vs benign."""
         from bonylib.evaluation.knn import manifest_knn_accuracy
 
         cfg = self.cfg.knn
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            return manifest_knn_accuracy(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
-                                         self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
-                                         cfg.folds, cfg.k, cfg.temperature)
+            scores = manifest_knn_accuracy(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
+                                           self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
+                                           cfg.folds, cfg.k, cfg.temperature)
+        return {"knn_accuracy": scores["labels"], "knn_accuracy_cancer": scores["cancer"]}
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
             return
-        self._write({"step": self.step, "epoch": epoch, "knn_accuracy": self.knn_accuracy()})
+        self._write({"step": self.step, "epoch": epoch, **self.knn_scores()})
 
     def _write(self, record: dict[str, Any]) -> None:
         """Append one record to log.jsonl and, when enabled, its numbers to TensorBoard at its step."""
