@@ -12,7 +12,7 @@ import torch
 
 from bonylib.config import load_config
 from bonylib.data.tiling import TileConfig, tile
-from bonylib.evaluation.knn import cross_validated_knn_accuracy, knn_accuracy, slide_folds, weighted_knn
+from bonylib.evaluation.knn import accuracy, balanced_accuracy, cross_validated_knn, knn_accuracy, slide_folds, weighted_knn
 from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 
@@ -67,7 +67,7 @@ def test_cross_validation_equals_fold_by_fold_knn() -> None:
     for f in range(4):  # independent computation: knn_accuracy on each split, weighted by its size
         test, train = torch.from_numpy(fold == f), torch.from_numpy(fold != f)
         correct += knn_accuracy(features[train], labels[train], features[test], labels[test]) * int(test.sum())
-    assert cross_validated_knn_accuracy(features, labels, groups, folds=4) == pytest.approx(correct / 300)
+    assert accuracy(cross_validated_knn(features, labels, groups, folds=4), labels) == pytest.approx(correct / 300)
 
 
 def test_cross_validation_does_not_reward_slide_memory() -> None:
@@ -81,7 +81,7 @@ def test_cross_validation_does_not_reward_slide_memory() -> None:
                             dtype=torch.float32)
     mixed = torch.from_numpy(rng.random(600) < 0.5)
     assert knn_accuracy(features[mixed], labels[mixed], features[~mixed], labels[~mixed]) > 0.95
-    assert abs(cross_validated_knn_accuracy(features, labels, groups) - 0.5) < 0.12
+    assert abs(accuracy(cross_validated_knn(features, labels, groups), labels) - 0.5) < 0.12
 
 
 def test_cross_validation_leaves_out_classes_no_training_fold_has() -> None:
@@ -90,8 +90,22 @@ def test_cross_validation_leaves_out_classes_no_training_fold_has() -> None:
     features = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)) * 0.01
     features[:, 0] += torch.tensor([1.0] * 20 + [-1.0] * 10)  # a, b alike; c far away
     # counted, slide c's tiles could only be predicted as class 0 (wrong): the score would be 20/30
-    assert cross_validated_knn_accuracy(features, labels, groups, folds=3) == 1.0, "slide c is not counted"
-    assert np.isnan(cross_validated_knn_accuracy(features, labels, pd.Series(["a"] * 30)))
+    predicted = cross_validated_knn(features, labels, groups, folds=3)
+    assert (predicted[20:] == -1).all() and accuracy(predicted, labels) == 1.0, "slide c is not counted"
+    assert np.isnan(accuracy(cross_validated_knn(features, labels, pd.Series(["a"] * 30)), labels))
+
+
+def test_balanced_accuracy_matches_sklearn_and_sees_through_a_majority_class() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(5)
+    labels = torch.tensor(rng.choice(4, 500, p=[0.7, 0.1, 0.1, 0.1]))
+    predicted = torch.where(torch.from_numpy(rng.random(500) < 0.6), labels, torch.tensor(rng.integers(0, 4, 500)))
+    predicted[:40] = -1  # not predictable: left out of both scores
+    assert balanced_accuracy(predicted, labels) == pytest.approx(balanced_accuracy_score(labels[40:], predicted[40:]))
+    assert accuracy(predicted, labels) == pytest.approx(float((predicted[40:] == labels[40:]).float().mean()))
+    always_majority = torch.zeros_like(labels)
+    assert accuracy(always_majority, labels) > 0.6 and balanced_accuracy(always_majority, labels) == 0.25
 
 
 def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path: Path) -> None:
@@ -102,5 +116,5 @@ def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_accuracy" in r]
     assert [r["epoch"] for r in knn] == [0, 1]
-    for key in ("knn_accuracy", "knn_accuracy_cancer"):
+    for key in ("knn_accuracy", "knn_balanced_accuracy", "knn_accuracy_cancer", "knn_balanced_accuracy_cancer"):
         assert all(0.0 <= r[key] <= 1.0 or np.isnan(r[key]) for r in knn), key

@@ -51,29 +51,42 @@ def slide_folds(groups: pd.Series, folds: int) -> np.ndarray:
     return np.array([fold_of[str(g)] for g in groups], dtype=np.int64)
 
 
-def cross_validated_knn_accuracy(features: torch.Tensor, labels: torch.Tensor, groups: pd.Series, folds: int = 5,
-                                 k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted k-NN accuracy with slides held out, every slide tested once.
+def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, groups: pd.Series, folds: int = 5,
+                        k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Weighted k-NN prediction of every tile with its slide held out; -1 where there is none.
 
     The groups are split into ``folds`` folds; the tiles of each fold are classified by the tiles
-    of all other folds, and the accuracy is over all tiles. One fixed split of a few slides swings
-    by several points with the slides it happens to hold out; cross-validation averages that away.
+    of all other folds, so every slide is tested once. One fixed split of a few slides swings by
+    several points with the slides it happens to hold out; cross-validation averages that away.
     A tile whose class no training fold has (Karolinska's ungraded "cancer" when every other slide
-    is Radboud) cannot be predicted and is left out rather than counted wrong. NaN when fewer
-    than two groups.
+    is Radboud) cannot be predicted and gets -1 rather than a wrong answer.
     """
     fold = torch.from_numpy(slide_folds(groups, folds))
     num_classes = int(labels.max()) + 1 if len(labels) else 0
-    correct, counted = 0, 0
+    predicted = torch.full_like(labels, -1)
     for f in fold.unique():
         test, train = fold == f, fold != f
         test &= torch.isin(labels, labels[train].unique())
-        if not train.any() or not test.any():
-            continue
-        predicted = weighted_knn(features[train], labels[train], features[test], num_classes, k, temperature)
-        correct += int((predicted == labels[test]).sum())
-        counted += int(test.sum())
-    return correct / counted if counted else float("nan")
+        if train.any() and test.any():
+            predicted[test] = weighted_knn(features[train], labels[train], features[test], num_classes, k, temperature)
+    return predicted
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the predicted tiles (``predicted >= 0``) that are right; NaN when none is predicted."""
+    counted = predicted >= 0
+    return float((predicted[counted] == labels[counted]).float().mean()) if counted.any() else float("nan")
+
+
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the share of each class's predicted tiles that are right (macro recall).
+
+    With 70 % benign tiles a model that answers "benign" to everything scores 0.7 accuracy but 1 /
+    (number of classes) balanced accuracy; kaiko eva reports this for its patch benchmarks too.
+    """
+    counted = predicted >= 0
+    recalls = [float((predicted[counted & (labels == c)] == c).float().mean()) for c in labels[counted].unique()]
+    return float(np.mean(recalls)) if recalls else float("nan")
 
 
 LABEL_TASKS: dict[str, dict[str, str]] = {
@@ -84,10 +97,11 @@ LABEL_TASKS: dict[str, dict[str, str]] = {
 cancer vs benign (grades merged, the distinction Karolinska's masks make)."""
 
 
-def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
-                          std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
-                          batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS)) -> dict[str, float]:
-    """Cross-validated weighted k-NN accuracy of ``backbone``'s features on the labelled tiles of a manifest.
+def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
+                       std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
+                       batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS)) -> dict[str, dict[str, float]]:
+    """Cross-validated weighted k-NN accuracy and balanced accuracy of ``backbone``'s features on the
+    labelled tiles of a manifest, per task: ``{task: {"accuracy": ..., "balanced_accuracy": ...}}``.
 
     Tiles without a label and glass are left out; folds keep each ``group`` whole, so the score
     measures what transfers to unseen slides, not memory of a slide's stain. Features are
@@ -98,7 +112,7 @@ def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, inp
 
     labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")].reset_index(drop=True)
     if labelled.empty:
-        return {task: float("nan") for task in tasks}
+        return {task: {"accuracy": float("nan"), "balanced_accuracy": float("nan")} for task in tasks}
     data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std),
                        classes=sorted(set(labelled.label_name)), source="slides")
     features, _ = extract_features(backbone, data, batch_size=batch_size)
@@ -107,5 +121,6 @@ def manifest_knn_accuracy(backbone: torch.nn.Module, manifest: pd.DataFrame, inp
         names = labelled.label_name.replace(LABEL_TASKS[task])
         classes = sorted(set(names))
         targets = torch.tensor([classes.index(name) for name in names])
-        scores[task] = cross_validated_knn_accuracy(features, targets, labelled["group"], folds, k, temperature)
+        predicted = cross_validated_knn(features, targets, labelled["group"], folds, k, temperature)
+        scores[task] = {"accuracy": accuracy(predicted, targets), "balanced_accuracy": balanced_accuracy(predicted, targets)}
     return scores

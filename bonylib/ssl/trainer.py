@@ -392,16 +392,17 @@ class Trainer:
                         break
 
     def knn_scores(self, backbone: nn.Module | None = None) -> dict[str, float]:
-        """Weighted k-NN accuracy of ``backbone`` (default: the teacher's) on the monitoring tiles, slides held
-        out: ``knn_accuracy`` on the tiles' labels, ``knn_accuracy_cancer`` on cancer vs benign."""
-        from bonylib.evaluation.knn import manifest_knn_accuracy
+        """Weighted k-NN accuracy and balanced accuracy of ``backbone`` (default: the teacher's) on the
+        monitoring tiles, slides held out: ``knn_*`` on the tiles' labels, ``knn_*_cancer`` on cancer vs benign."""
+        from bonylib.evaluation.knn import manifest_knn_scores
 
         cfg = self.cfg.knn
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            scores = manifest_knn_accuracy(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
-                                           self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
-                                           cfg.folds, cfg.k, cfg.temperature)
-        return {"knn_accuracy": scores["labels"], "knn_accuracy_cancer": scores["cancer"]}
+            scores = manifest_knn_scores(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
+                                         self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
+                                         cfg.folds, cfg.k, cfg.temperature)
+        return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
+                for task, metrics in scores.items() for metric, value in metrics.items()}
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
