@@ -2,12 +2,13 @@
 
     python benchmarks/bench_train_step.py [--backbone xcit_nano_12_p16_224] [--batch 16]
         [--global-crops 2 --global-size 112 --local-crops 4 --local-size 48] [--steps 5]
-        [--json benchmarks/results/train_step.json] [--trials compile channels_last]
+        [--json benchmarks/results/train_step.json] [--trials compile contiguous]
 
 In one run on the same machine and the same backbone, head and crops:
 
 - bony: the trainer's own step (``Trainer._forward_backward`` + ``_optimizer_step``): one backbone
-  pass per crop resolution, autocast (bf16 by default), foreach AdamW, EMA teacher;
+  pass per crop resolution, autocast (bf16 by default), channels-last convolutions, foreach AdamW,
+  EMA teacher;
 - naive: the paper's pseudo-code in eager fp32: every crop through the student separately, each
   global crop through the teacher separately, plain AdamW, a per-parameter EMA loop;
 - limit: the machine's measured matmul rate (a large square matmul in the same precision), used
@@ -140,9 +141,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train_step.json"))
-    parser.add_argument("--trials", nargs="*", default=[], choices=["compile", "channels_last"],
-                        help="also time bony's step with torch.compile'd backbones and/or channels-last convolutions")
-    parser.add_argument("--variant", choices=["naive", "bony", "compile", "channels_last"], help=argparse.SUPPRESS)
+    parser.add_argument("--trials", nargs="*", default=[], choices=["compile", "contiguous"],
+                        help="also time bony's step with torch.compile'd backbones, or with contiguous (not "
+                             "channels-last) convolutions")
+    parser.add_argument("--variant", choices=["naive", "bony", "compile", "contiguous"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_variant(args)))
@@ -185,13 +187,15 @@ def main() -> None:
 
 def _apply_trial(trainer: Trainer, trial: str) -> None:
     """What each trial changes in bony's step: the backbones compiled (inductor; the warm-up steps
-    absorb compilation, one graph per crop size) or their convolutions (XCiT's stem and LPI) in
-    channels-last memory format."""
+    absorb compilation, one graph per crop size), or weights and crops back in contiguous memory
+    format (what ``model.channels_last=false`` runs)."""
+    if trial == "contiguous":
+        trainer.cfg.model.channels_last = False
     for model in (trainer._student_module, trainer.teacher):
         if trial == "compile":
             model.backbone = torch.compile(model.backbone)
         else:
-            model.backbone.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.contiguous_format)
 
 
 def _variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,13 +205,12 @@ def _variant(args: argparse.Namespace) -> dict[str, Any]:
     crops = _crops(args, device)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if args.variant == "naive":
+        _apply_trial(trainer, "contiguous")  # the pseudo-code as written: default memory format
         optimizer = torch.optim.AdamW(trainer._student_module.parameters(), lr=1e-4, foreach=False)
         result["images_per_s"] = _rate(lambda: naive_step(trainer, crops, optimizer), args.warmup, args.steps,
                                        args.batch, device)
-    elif args.variant in ("compile", "channels_last"):
+    elif args.variant in ("compile", "contiguous"):
         _apply_trial(trainer, args.variant)
-        if args.variant == "channels_last":
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
     else:
         result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)

@@ -136,6 +136,17 @@ def test_weight_decay_groups_leave_out_biases_norms_gains_and_xcit_temperature()
     assert groups[1]["weight_decay"] == 0.0
 
 
+def test_channels_last_changes_the_memory_format_not_the_features() -> None:
+    model = create_backbone("xcit_nano_12_p16_224", seed=0).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        assert model.patch_embed.proj[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_seeded_backbone_is_repeatable_and_leaves_the_global_generator_alone() -> None:
     torch.manual_seed(5)
     expected_next = torch.rand(3)
