@@ -13,12 +13,16 @@ RUN ?= runs/demo
 export PATH := $(VENV)/bin:$(PATH)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: env report test clean help
+.PHONY: env report test clean help venv-path
 
 help:
 	@echo "make report  - environment, demo data, the numbered notebooks (papermill), HTML book in _build/html"
 	@echo "make test    - environment and the test suite"
 	@echo "make clean   - remove the run folder and the book build (the cached environment stays)"
+	@echo "make venv-path - print the cached environment's folder (source it: \$$(make -s venv-path)/bin/activate)"
+
+venv-path:
+	@echo $(VENV)
 
 # The stamp .ready is written last: an install that was killed leaves no stamp, and the next
 # call starts that environment again from scratch. (A venv cannot be built elsewhere and
@@ -31,6 +35,8 @@ $(VENV)/.ready:
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
 	touch $(VENV)/.ready
+	@# one cached environment: those of older locks go once this one is complete
+	find $(BONY_CACHE) -maxdepth 1 -name 'venv-*' ! -path '$(VENV)' -exec rm -rf {} +
 
 # The package is installed editable on every call: the cached environment is shared between
 # clones, and this points it at the clone that runs.
