@@ -36,7 +36,7 @@ $(VENV)/.ready:
 	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
 	touch $(VENV)/.ready
 	@# one cached environment: those of older locks go once this one is complete
-	find $(BONY_CACHE) -maxdepth 1 -name 'venv-*' ! -path '$(VENV)' -exec rm -rf {} +
+	find "$(BONY_CACHE)" -mindepth 1 -maxdepth 1 -type d -name 'venv-*' ! -name 'venv-$(LOCK_HASH)' -exec rm -rf {} +
 
 # The package is installed editable on every call: the cached environment is shared between
 # clones, and this points it at the clone that runs.

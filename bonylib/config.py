@@ -72,9 +72,10 @@ def load_config(schema: type[T], path: Path | None = None, overrides: Sequence[s
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}': expected key=value (for example panda.slides=4)")
+        if not value and isinstance(OmegaConf.select(base, key.strip(), default=None), str):
+            item = f"{key}=''"  # `key=` clears a text option (knn.manifest= turns monitoring off); others read null
         try:
-            # `key=` clears a text option (knn.manifest= turns monitoring off); OmegaConf would read null
-            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item if value else f"{key}=''"])))
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {_first_line(exc)}") from None
     cfg = base

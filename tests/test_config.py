@@ -42,10 +42,10 @@ def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
     assert load_config(Outer) == Outer()
 
 
-def test_empty_override_clears_a_text_option_but_not_a_number() -> None:
+def test_empty_override_clears_a_text_option_and_reads_null_elsewhere() -> None:
     assert load_config(Outer, None, ["path="]).path == ""
     with pytest.raises(ConfigError, match="seed"):
-        load_config(Outer, None, ["seed="])
+        load_config(Outer, None, ["seed="])  # null for an int: refused, as before
 
 
 def test_saved_config_reloads_to_the_same_object(tmp_path: Path) -> None:

@@ -118,3 +118,4 @@ def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path
     assert [r["epoch"] for r in knn] == [0, 1]
     for key in ("knn_accuracy", "knn_balanced_accuracy", "knn_accuracy_cancer", "knn_balanced_accuracy_cancer"):
         assert all(0.0 <= r[key] <= 1.0 or np.isnan(r[key]) for r in knn), key
+    assert np.isfinite(knn[-1]["knn_accuracy_cancer"]), "the smoke tiles have benign and cancer on several slides"

@@ -136,7 +136,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, image
                                                                 single_process: tuple[str, ...]) -> None:
     """2 CPU processes (gloo) with n images each == 1 process with the same 2n images: same crops
     (seeded per sample), averaged gradients, all-reduced center. ViT: no BatchNorm to differ. With
-    accumulation the first micro-batch's gradients stay local (no_sync) until the second's backward."""
+    accumulation (the first micro-batch under no_sync) the gradients must still be those of the whole
+    batch: syncing on the wrong micro-batch would fail this; skipping no_sync would only be slower."""
     import socket
 
     with socket.socket() as s:

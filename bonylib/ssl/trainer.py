@@ -340,12 +340,12 @@ class Trainer:
 
     def train(self) -> Path:
         """Train until ``total_steps`` (resuming if a checkpoint exists); export the teacher; return the folder."""
-        resumed = self.resume()
+        self.resume()
         if self.cfg.tensorboard and self.world.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # on resume, events past the checkpoint (logged before the interruption) are dropped, as in log.jsonl
-            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if resumed else None)
+            # events past the checkpoint (logged before an interruption) are dropped: one event per step
+            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
         try:
             self._train_steps()
         finally:
