@@ -209,11 +209,11 @@ def _variant(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(trainer._student_module.parameters(), lr=1e-4, foreach=False)
         result["images_per_s"] = _rate(lambda: naive_step(trainer, crops, optimizer), args.warmup, args.steps,
                                        args.batch, device)
-    elif args.variant in ("compile", "contiguous"):
-        _apply_trial(trainer, args.variant)
-        result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
     else:
+        if args.variant != "bony":
+            _apply_trial(trainer, args.variant)
         result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
+    if args.variant == "bony":
         with FlopCounterMode(display=False) as counter:
             bony_step(trainer, crops)
         result["flop_per_step"] = counter.get_total_flops()

@@ -36,8 +36,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
     """Share of test features whose weighted k-NN prediction is their label."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    predicted = weighted_knn(train_features, train_labels, test_features, num_classes, k, temperature)
-    return float((predicted == test_labels).float().mean())
+    return accuracy(weighted_knn(train_features, train_labels, test_features, num_classes, k, temperature), test_labels)
 
 
 def slide_folds(groups: pd.Series, folds: int) -> np.ndarray:
@@ -89,6 +88,11 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
+def labelled_tiles(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The tiles k-NN can score: those with a label that is not glass."""
+    return manifest[(manifest.label_name != "") & (manifest.label_name != "background")]
+
+
 LABEL_TASKS: dict[str, dict[str, str]] = {
     "labels": {},
     "cancer": {"G3": "cancer", "G4": "cancer", "G5": "cancer"},
@@ -110,7 +114,7 @@ def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input
     from bonylib.data.datasets import TileDataset
     from bonylib.evaluation.features import EvalTransform, extract_features
 
-    labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")].reset_index(drop=True)
+    labelled = labelled_tiles(manifest).reset_index(drop=True)
     if labelled.empty:
         return {task: {"accuracy": float("nan"), "balanced_accuracy": float("nan")} for task in tasks}
     data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std),

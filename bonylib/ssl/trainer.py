@@ -38,6 +38,7 @@ from bonylib.config import option, save_config, section, to_dict
 from bonylib.data.labels import POLICIES
 from bonylib.data.tiling import relabel
 from bonylib.errors import BonyError, ConfigError
+from bonylib.evaluation.knn import labelled_tiles, manifest_knn_scores
 from bonylib.files import atomic_path, ensure_writable_dir
 from bonylib.models.backbones import create_backbone, parameter_groups
 from bonylib.models.export import export_encoder
@@ -228,9 +229,8 @@ class Trainer:
         teacher.load_state_dict(student.state_dict())
         for p in teacher.parameters():
             p.requires_grad = False
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        student = student.to(self.device, memory_format=memory_format)
-        teacher = teacher.to(self.device, memory_format=memory_format)
+        student = student.to(self.device, memory_format=self._memory_format)
+        teacher = teacher.to(self.device, memory_format=self._memory_format)
         if self.world.size > 1:
             if self.device.type == "cuda":  # SyncBatchNorm exists only on GPUs (XCiT's stem and LPI)
                 student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -238,6 +238,11 @@ class Trainer:
             student = nn.parallel.DistributedDataParallel(
                 student, device_ids=[self.world.local_rank] if self.device.type == "cuda" else None)
         return student, teacher
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        """Layout of weights and crops, from ``model.channels_last``."""
+        return torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
 
     @property
     def _student_module(self) -> nn.Module:
@@ -309,8 +314,7 @@ class Trainer:
 
     def _forward_backward(self, crops: list[torch.Tensor], epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch; under DDP the gradients are all-reduced only when ``sync`` (the last of an accumulation)."""
-        memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        crops = [c.to(self.device, non_blocking=True, memory_format=memory_format) for c in crops]
+        crops = [c.to(self.device, non_blocking=True, memory_format=self._memory_format) for c in crops]
         n_global = self.cfg.crops.global_crops
         # DDP would all-reduce after every backward; the forward and backward of a non-final micro-batch run
         # under no_sync so only the accumulated gradient crosses the network
@@ -399,8 +403,6 @@ class Trainer:
     def knn_scores(self, backbone: nn.Module | None = None) -> dict[str, float]:
         """Weighted k-NN accuracy and balanced accuracy of ``backbone`` (default: the teacher's) on the
         monitoring tiles, slides held out: ``knn_*`` on the tiles' labels, ``knn_*_cancer`` on cancer vs benign."""
-        from bonylib.evaluation.knn import manifest_knn_scores
-
         cfg = self.cfg.knn
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
             scores = manifest_knn_scores(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
@@ -446,8 +448,7 @@ class Trainer:
 def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
     """The labelled tiles k-NN monitoring uses: relabelled by ``cfg.label_policy``, glass left out, a seeded sample."""
     manifest = pd.read_parquet(cfg.manifest)
-    manifest = manifest.assign(label_name=relabel(manifest, cfg.label_policy))
-    labelled = manifest[(manifest.label_name != "") & (manifest.label_name != "background")]
+    labelled = labelled_tiles(manifest.assign(label_name=relabel(manifest, cfg.label_policy)))
     return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
 
 
