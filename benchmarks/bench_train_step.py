@@ -2,27 +2,28 @@
 
     python benchmarks/bench_train_step.py [--backbone xcit_nano_12_p16_224] [--batch 16]
         [--global-crops 2 --global-size 112 --local-crops 4 --local-size 48] [--steps 5]
-        [--json benchmarks/results/train_step.json] [--trials compile contiguous]
+        [--precisions fp32 bf16 auto] [--json benchmarks/results/train_step.json] [--trials compile contiguous]
 
 In one run on the same machine and the same backbone, head and crops:
 
-- bony: the trainer's own step (``Trainer._forward_backward`` + ``_optimizer_step``): one backbone
-  pass per crop resolution, autocast (bf16 by default), channels-last convolutions, foreach AdamW,
-  EMA teacher;
+- bony in each precision of ``--precisions``: the trainer's own step (``Trainer._forward_backward`` +
+  ``_optimizer_step``): one backbone pass per crop resolution, autocast, channels-last convolutions,
+  foreach AdamW, EMA teacher. ``auto`` is what every recipe runs: the precision resolved from this
+  machine's hardware (bonylib.runtime), so its row says what a user gets here;
 - naive: the paper's pseudo-code in eager fp32: every crop through the student separately, each
   global crop through the teacher separately, plain AdamW, a per-parameter EMA loop;
-- limit: the machine's measured matmul rate (a large square matmul in the same precision), used
-  for the model-FLOP utilisation (MFU = FLOP per step x steps/s / matmul rate). FLOP per step are
-  counted by ``torch.utils.flop_counter`` on bony's step.
+- limit: the machine's measured matmul rate in the precision each variant actually ran, used for its
+  model-FLOP utilisation (MFU = FLOP per step x steps/s / matmul rate; above 100 % would be a bug).
+  FLOP per step are counted by ``torch.utils.flop_counter`` on bony's step (the same in every precision).
 
-Prints images/s, the ratio bony/naive (target >= 1.3), MFU and peak memory, and saves JSON.
+Prints and saves the machine (CPU model, torch's CPU capability, GPU), images/s, each bony variant's
+ratio to naive (target >= 1.3 under auto), MFU and peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from bonylib.config import load_config
+from bonylib.runtime import describe_machine, machine_record, matmul_rate
 from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 
@@ -113,19 +115,10 @@ def _rate(step: Any, warmup: int, steps: int, batch: int, device: torch.device) 
     return steps * batch / (time.perf_counter() - start)
 
 
-def matmul_peak(precision: str, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of an n x n matmul in the step's precision: this machine's practical limit."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+def matmul_limit(precision: str, device: torch.device) -> float:
+    """This machine's practical limit in ``precision``: a large matmul's FLOP/s (1024 on CPUs, 8192 on GPUs),
+    timed for at least a second (one call at most where the precision is emulated and slow)."""
+    return matmul_rate(precision, device.type, n=8192 if device.type == "cuda" else 1024, min_s=1.0, max_s=1.0)
 
 
 def main() -> None:
@@ -137,58 +130,62 @@ def main() -> None:
     parser.add_argument("--global-size", type=int, default=112)
     parser.add_argument("--local-crops", type=int, default=4)
     parser.add_argument("--local-size", type=int, default=48)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "auto"], choices=["fp32", "bf16", "fp16", "auto"],
+                        help="bony's step in each of these (fp32 is always timed: it counts the FLOP)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train_step.json"))
     parser.add_argument("--trials", nargs="*", default=[], choices=["compile", "contiguous"],
                         help="also time bony's step with torch.compile'd backbones, or with contiguous (not "
                              "channels-last) convolutions")
-    parser.add_argument("--variant", choices=["naive", "bony", "compile", "contiguous"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_variant(args)))
         return
+    machine = machine_record()
+    print(f"{args.backbone}, {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size} crops, "
+          f"batch {args.batch}, on {describe_machine(machine)}", flush=True)
+    precisions = list(dict.fromkeys(["fp32", *args.precisions]))
     runs = {}
-    for variant in ("naive", "bony", *args.trials):  # each in its own process: peak memory is its own
+    # each variant in its own process: peak memory is its own, and no variant inherits another's threads or caches
+    for variant in ["naive", *(f"bony_{p}" for p in precisions), *args.trials]:
         command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{variant} failed:\n{done.stderr}")
         runs[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    naive, ours = runs["naive"], runs["bony"]
-    achieved = ours["flop_per_step"] * ours["images_per_s"] / args.batch
+        print(f"  {variant:<12} {runs[variant]['images_per_s']:8.1f} images/s  ({runs[variant]['precision']})", flush=True)
+    naive, flop = runs["naive"], runs["bony_fp32"]["flop_per_step"]
+    variants = {}
+    for name, run in runs.items():
+        achieved = flop * run["images_per_s"] / args.batch
+        variants[name] = run | {"achieved_flop_per_s": achieved, "mfu": achieved / run["matmul_limit"],
+                                "ratio_vs_naive": run["images_per_s"] / naive["images_per_s"]}
     report = {
-        "device": ours["device"], "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "args": {k: v for k, v in vars(args).items() if k != "variant"} | {"json": str(args.json)},
-        "images_per_s": {"bony": ours["images_per_s"], "naive": naive["images_per_s"]},
-        "ratio_bony_vs_naive": ours["images_per_s"] / naive["images_per_s"],
-        "flop_per_step": ours["flop_per_step"], "achieved_flop_per_s": achieved,
-        "matmul_peak_flop_per_s": ours["matmul_peak"], "mfu": achieved / ours["matmul_peak"],
-        "peak_memory_mb": {"naive": naive["peak_mb"], "bony": ours["peak_mb"]},
-        "trials": {t: {"images_per_s": runs[t]["images_per_s"], "ratio_vs_bony": runs[t]["images_per_s"] / ours["images_per_s"],
-                       "peak_mb": runs[t]["peak_mb"]} for t in args.trials},
+        "machine": machine, "args": {k: v for k, v in vars(args).items() if k != "variant"} | {"json": str(args.json)},
+        "flop_per_step": flop, "variants": variants,
+        "auto_resolves_to": runs.get("bony_auto", {}).get("precision"),
+        "ratio_auto_vs_naive": variants["bony_auto"]["ratio_vs_naive"] if "bony_auto" in variants else None,
+        "target_auto_vs_naive": 1.3,
     }
-    print(f"{args.backbone}, {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size} crops, "
-          f"batch {args.batch}, {args.precision}, on {ours['device']} ({os.cpu_count()} CPUs)")
-    print(f"naive (fp32, crop by crop): {naive['images_per_s']:8.1f} images/s")
-    print(f"bony:                       {ours['images_per_s']:8.1f} images/s   ratio "
-          f"{report['ratio_bony_vs_naive']:.2f} (target >= 1.3)")
-    print(f"model FLOP/step {ours['flop_per_step'] / 1e9:.1f} G, achieved {achieved / 1e9:.1f} GFLOP/s, "
-          f"matmul limit {ours['matmul_peak'] / 1e9:.1f} GFLOP/s, MFU {report['mfu']:.1%}")
-    print(f"peak memory: naive {naive['peak_mb']:.0f} MB, bony {ours['peak_mb']:.0f} MB "
-          f"({'GPU allocated' if ours['device'] != 'cpu' else 'process RSS'})")
-    for trial, result in report["trials"].items():
-        print(f"trial {trial}: {result['images_per_s']:.1f} images/s, {result['ratio_vs_bony']:.2f} x bony's step")
+    print(f"model FLOP/step {flop / 1e9:.1f} G; peak memory is {'GPU allocated' if machine['gpu'] else 'process RSS'}")
+    print(f"{'variant':<12} {'precision':<9} {'images/s':>9} {'vs naive':>9} {'GFLOP/s':>8} {'limit':>8} {'MFU':>7} {'peak MB':>8}")
+    for name, v in variants.items():
+        print(f"{name:<12} {v['precision']:<9} {v['images_per_s']:9.1f} {v['ratio_vs_naive']:8.2f}x "
+              f"{v['achieved_flop_per_s'] / 1e9:8.1f} {v['matmul_limit'] / 1e9:8.1f} {v['mfu']:7.1%} {v['peak_mb']:8.0f}")
+    if "bony_auto" in variants:
+        print(f"auto runs {report['auto_resolves_to']} here ({runs['bony_auto']['reason']}): "
+              f"{report['ratio_auto_vs_naive']:.2f}x naive (target >= 1.3)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {args.json}")
 
 
 def _apply_trial(trainer: Trainer, trial: str) -> None:
-    """What each trial changes in bony's step: the backbones compiled (inductor; the warm-up steps
-    absorb compilation, one graph per crop size), or weights and crops back in contiguous memory
-    format (what ``model.channels_last=false`` runs)."""
+    """What each trial changes in bony's step (in the precision ``auto`` resolves to): the backbones
+    compiled (inductor; the warm-up steps absorb compilation, one graph per crop size), or weights and
+    crops back in contiguous memory format (what ``model.channels_last=false`` runs)."""
     if trial == "contiguous":
         trainer.cfg.model.channels_last = False
     for model in (trainer._student_module, trainer.teacher):
@@ -199,25 +196,33 @@ def _apply_trial(trainer: Trainer, trial: str) -> None:
 
 
 def _variant(args: argparse.Namespace) -> dict[str, Any]:
-    """One variant's images/s (and, for bony, FLOP per step and the matmul limit), in this process."""
-    trainer = _trainer(args, "fp32" if args.variant == "naive" else args.precision)
+    """One variant's images/s, the precision it ran, the matmul limit in that precision (and, for bony in
+    fp32, the FLOP per step), in this process."""
+    if args.variant == "naive":
+        precision = "fp32"
+    elif args.variant in args.trials:
+        precision = "auto"
+    else:
+        precision = args.variant.removeprefix("bony_")
+    trainer = _trainer(args, precision)
     device = trainer.device
     crops = _crops(args, device)
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    result: dict[str, Any] = {"precision": trainer.precision.name, "reason": trainer.precision.reason,
+                              "threads": trainer.threads.torch_threads}
     if args.variant == "naive":
         _apply_trial(trainer, "contiguous")  # the pseudo-code as written: default memory format
         optimizer = torch.optim.AdamW(trainer._student_module.parameters(), lr=1e-4, foreach=False)
         result["images_per_s"] = _rate(lambda: naive_step(trainer, crops, optimizer), args.warmup, args.steps,
                                        args.batch, device)
     else:
-        if args.variant != "bony":
+        if args.variant in args.trials:
             _apply_trial(trainer, args.variant)
         result["images_per_s"] = _rate(lambda: bony_step(trainer, crops), args.warmup, args.steps, args.batch, device)
-    if args.variant == "bony":
+    if args.variant == "bony_fp32":
         with FlopCounterMode(display=False) as counter:
             bony_step(trainer, crops)
         result["flop_per_step"] = counter.get_total_flops()
-        result["matmul_peak"] = matmul_peak(args.precision, device)
+    result["matmul_limit"] = matmul_limit(trainer.precision.name, device)
     result["peak_mb"] = _peak_mb(device)
     return result
 

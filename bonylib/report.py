@@ -79,7 +79,9 @@ def _environment(**values: str) -> Iterator[None]:
 def run_notebook(source: Path, dest: Path, parameters: dict[str, Any], timeout_s: int) -> bool:
     """Execute ``source`` with ``parameters`` into ``dest``; return whether it ran without error.
 
-    The notebook runs with its own folder as working directory, as it does in JupyterLab.
+    The notebook runs with its own folder as working directory, as it does in JupyterLab. What its
+    cells write to stderr (logging: training progress, warnings) is streamed to this process's stderr
+    while it runs, so a long chapter is not silent in the terminal.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -89,6 +91,7 @@ def run_notebook(source: Path, dest: Path, parameters: dict[str, Any], timeout_s
             papermill.execute_notebook(
                 str(source), str(tmp), parameters=parameters, cwd=str(source.parent),
                 kernel_name="python3", progress_bar=False, execution_timeout=timeout_s,
+                stderr_file=sys.stderr,  # the kernel's log lines (training progress) reach the terminal as they come
             )
         except PapermillExecutionError as exc:
             log.error("%s failed: %s: %s", source.name, exc.ename, exc.evalue)

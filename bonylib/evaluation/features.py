@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from bonylib.runtime import Precision
+
 
 class EvalTransform:
     """PIL image -> normalised float tensor at ``size`` pixels (no augmentation)."""
@@ -27,14 +29,20 @@ class EvalTransform:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 64, workers: int = 0,
-                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32, targets (N,)) of ``dataset``'s ``(tensor, target)`` items, in order."""
+                     device: torch.device | None = None, precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32, targets (N,)) of ``dataset``'s ``(tensor, target)`` items, in order.
+
+    ``precision`` is the autocast the features are computed in (default fp32): pass the precision
+    resolved for the machine (:func:`bonylib.runtime.resolve_precision`), never a fixed bf16.
+    """
     device = device or next(backbone.parameters()).device
+    precision = precision or Precision("fp32", "fp32", "the default")
     was_training = backbone.training
     backbone.eval()
     features, targets = [], []
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False):
-        features.append(backbone(images.to(device)).float().cpu())
+        with precision.autocast(device):
+            features.append(backbone(images.to(device)).float().cpu())
         targets.append(torch.as_tensor(labels))
     backbone.train(was_training)
     if not features:

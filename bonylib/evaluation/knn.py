@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from bonylib.runtime import Precision
+
 
 @torch.no_grad()
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -103,13 +105,14 @@ cancer vs benign (grades merged, the distinction Karolinska's masks make)."""
 
 def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
                        std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
-                       batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS)) -> dict[str, dict[str, float]]:
+                       batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS),
+                       precision: Precision | None = None) -> dict[str, dict[str, float]]:
     """Cross-validated weighted k-NN accuracy and balanced accuracy of ``backbone``'s features on the
     labelled tiles of a manifest, per task: ``{task: {"accuracy": ..., "balanced_accuracy": ...}}``.
 
     Tiles without a label and glass are left out; folds keep each ``group`` whole, so the score
     measures what transfers to unseen slides, not memory of a slide's stain. Features are
-    extracted once and scored for each of ``tasks`` (keys of :data:`LABEL_TASKS`).
+    extracted once (in ``precision``, default fp32) and scored for each of ``tasks`` (keys of :data:`LABEL_TASKS`).
     """
     from bonylib.data.datasets import TileDataset
     from bonylib.evaluation.features import EvalTransform, extract_features
@@ -119,7 +122,7 @@ def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input
         return {task: {"accuracy": float("nan"), "balanced_accuracy": float("nan")} for task in tasks}
     data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std),
                        classes=sorted(set(labelled.label_name)), source="slides")
-    features, _ = extract_features(backbone, data, batch_size=batch_size)
+    features, _ = extract_features(backbone, data, batch_size=batch_size, precision=precision)
     scores = {}
     for task in tasks:
         names = labelled.label_name.replace(LABEL_TASKS[task])

@@ -2,13 +2,15 @@
 
 The loop follows facebookresearch/dino (multi-crop student, EMA teacher on global crops, centred
 and sharpened teacher targets, AdamW with cosine schedules, last layer frozen at first, gradient
-clipping) and adds what a shared cluster needs: gradient accumulation, bf16/fp16 autocast,
+clipping) and adds what a shared cluster needs: gradient accumulation, autocast in the precision the
+hardware computes fastest (``precision: auto``), threads sized to the CPUs the job may use,
 checkpoints that resume exactly (same losses as an uninterrupted run), SIGTERM/SIGUSR1 handling
 for pre-emption, and a fall-back to the previous checkpoint when the latest is unreadable.
 
 Output folder::
 
-    config.yaml                      resolved config
+    config.yaml                      resolved config (precision and workers as they ran)
+    runtime.json                     the machine, the precision chosen and why, the thread split
     log.jsonl                        one JSON object per logged step
     tensorboard/                     the same values as TensorBoard scalars (with tensorboard=true)
     checkpoint.pth                   latest full state (also checkpoint-<step>.pth, the last k kept)
@@ -19,6 +21,7 @@ Output folder::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import pandas as pd
 import torch
@@ -39,10 +42,11 @@ from bonylib.data.labels import POLICIES
 from bonylib.data.tiling import relabel
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.knn import labelled_tiles, manifest_knn_scores
-from bonylib.files import atomic_path, ensure_writable_dir
+from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
 from bonylib.models.backbones import create_backbone, parameter_groups
 from bonylib.models.export import export_encoder
 from bonylib.models.head import DINOHead, MultiCrop
+from bonylib.runtime import PRECISIONS, machine_record, plan_threads, resolve_precision
 from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
 from bonylib.ssl.data import EpochSampler, SeededViews, images_from
 from bonylib.ssl.distributed import World, all_reduce_mean, init_distributed
@@ -82,11 +86,12 @@ class OptimConfig:
     momentum_teacher: float = option(0.996, "teacher EMA momentum at the start (cosine to 1)")
     clip_grad: float = option(3.0, "clip each parameter's gradient norm to this (0: no clipping)")
     freeze_last_layer: int = option(1, "epochs during which the head's last layer is not updated")
-    precision: str = option("bf16", "autocast precision: bf16 (CPU and GPU), fp16 (GPU, with a gradient scaler) or fp32")
+    precision: str = option("auto", "autocast precision: auto (bf16 where the GPU or CPU computes it natively, fp16 "
+                            "on other GPUs, else fp32), bf16, fp16 (GPU, with a gradient scaler) or fp32")
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"optim.precision must be bf16, fp16 or fp32, got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"optim.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if min(self.epochs, self.batch_size, self.accumulate) < 1:
             raise ConfigError("optim.epochs, optim.batch_size and optim.accumulate must be at least 1")
 
@@ -109,7 +114,12 @@ class DataConfig:
     manifest: str = option("", "a bony tile manifest.parquet (tiles from its shards, or from the slides)")
     images: str = option("", "a folder of images (any size; crops are taken from each)")
     tile_px: int = option(224, "side of the tiles read from a manifest")
-    workers: int = option(2, "DataLoader worker processes")
+    workers: Union[int, str] = option("auto", "DataLoader worker processes: auto (from the CPUs this process may use: "
+                                      "affinity, cgroup quota, SLURM_CPUS_PER_TASK) or a number (0: load in the trainer)")
+
+    def __post_init__(self) -> None:
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ConfigError(f"data.workers must be auto or a number >= 0, got '{self.workers}'")
 
 
 @dataclass
@@ -175,13 +185,6 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _autocast(precision: str, device: torch.device) -> Any:
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class Trainer:
     """One DINO run: models, optimiser, schedules, data, checkpoints and the loop."""
 
@@ -189,8 +192,12 @@ class Trainer:
         self.cfg, self.out = cfg, ensure_writable_dir(Path(out))
         self.world = world or init_distributed()
         self.device = torch.device(f"cuda:{self.world.local_rank}" if torch.cuda.is_available() else "cpu")
-        if cfg.optim.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("optim.precision=fp16 needs a GPU; use bf16 on the CPU")
+        self.precision = resolve_precision(cfg.optim.precision, self.device)
+        self.threads = plan_threads(cfg.data.workers, gpu=self.device.type == "cuda")
+        self.threads.apply()
+        log.info("precision %s (asked: %s; %s); %d torch threads and %d data workers on %d usable CPUs",
+                 self.precision.name, self.precision.requested, self.precision.reason, self.threads.torch_threads,
+                 self.threads.workers, self.threads.cpus)
         torch.manual_seed(cfg.seed)
         images = images_from(cfg.data.manifest, cfg.data.images, cfg.data.tile_px)
         self.views = SeededViews(images, MultiCropTransform(cfg.crops), cfg.seed)
@@ -201,7 +208,7 @@ class Trainer:
         self.student, self.teacher = self._models()
         self.groups = parameter_groups(self.student)
         self.optimizer = torch.optim.AdamW(self.groups, lr=0.0, foreach=True)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         n_crops = cfg.crops.global_crops + cfg.crops.local_crops
         self.loss = DINOLoss(cfg.model.out_dim, cfg.crops.global_crops, n_crops, cfg.optim.epochs,
                              cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs,
@@ -214,9 +221,20 @@ class Trainer:
         self.momentum = cosine_schedule(cfg.optim.momentum_teacher, 1.0, cfg.optim.epochs, self.steps_per_epoch)
         self.total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.step = 0
+        self._progress = (time.perf_counter(), 0, 0.0)  # (when this process started training, at which step, k-NN seconds since)
         self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
         if self.world.is_main:
-            save_config(cfg, self.out / "config.yaml")
+            self._record_runtime()
+
+    def _record_runtime(self) -> None:
+        """Save the config as it runs (precision and workers resolved) and what machine ran it, and why."""
+        cfg = self.cfg
+        resolved = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, precision=self.precision.name),
+                                       data=dataclasses.replace(cfg.data, workers=self.threads.workers))
+        save_config(resolved, self.out / "config.yaml")
+        record = {"machine": machine_record(), "precision": self.precision.record(),
+                  "threads": dataclasses.asdict(self.threads), "world_size": self.world.size}
+        write_text_atomic(self.out / "runtime.json", json.dumps(record, indent=2) + "\n")
 
     def _models(self) -> tuple[nn.Module, nn.Module]:
         cfg = self.cfg.model
@@ -309,7 +327,7 @@ class Trainer:
         self.views.epoch = epoch
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.views, batch_size=self.cfg.optim.batch_size, sampler=self.sampler,
-                          num_workers=self.cfg.data.workers, collate_fn=collate_crops, drop_last=True,
+                          num_workers=self.threads.workers, collate_fn=collate_crops, drop_last=True,
                           pin_memory=self.device.type == "cuda")
 
     def _forward_backward(self, crops: list[torch.Tensor], epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +337,7 @@ class Trainer:
         # DDP would all-reduce after every backward; the forward and backward of a non-final micro-batch run
         # under no_sync so only the accumulated gradient crosses the network
         with contextlib.nullcontext() if sync or self.world.size == 1 else self.student.no_sync():
-            with _autocast(self.cfg.optim.precision, self.device):
+            with self.precision.autocast(self.device):
                 with torch.no_grad():
                     teacher_out = self.teacher(crops[:n_global])
                 student_out = self.student(crops)
@@ -364,6 +382,7 @@ class Trainer:
     def _train_steps(self) -> None:
         """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
         accumulate = self.cfg.optim.accumulate
+        self._progress = (time.perf_counter(), self.step, 0.0)
         with _Signals() as signals:
             while self.step < self.total_steps:
                 epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -390,7 +409,9 @@ class Trainer:
                     started, images = time.perf_counter(), 0
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     if end_of_epoch and (epoch + 1) % self.cfg.knn.every_epochs == 0 or self.step == self.total_steps:
+                        knn_started = time.perf_counter()
                         self._log_knn(epoch)
+                        self._progress = (*self._progress[:2], self._progress[2] + time.perf_counter() - knn_started)
                     if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                         self.save_checkpoint()
                     if signals.received is not None:
@@ -407,14 +428,17 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
             scores = manifest_knn_scores(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
                                          self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
-                                         cfg.folds, cfg.k, cfg.temperature)
+                                         cfg.folds, cfg.k, cfg.temperature, precision=self.precision)
         return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
                 for task, metrics in scores.items() for metric, value in metrics.items()}
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
             return
-        self._write({"step": self.step, "epoch": epoch, **self.knn_scores()})
+        scores = self.knn_scores()
+        self._write({"step": self.step, "epoch": epoch, **scores})
+        log.info("step %d: k-NN balanced accuracy %.3f (labels), %.3f (cancer vs benign)", self.step,
+                 scores["knn_balanced_accuracy"], scores["knn_balanced_accuracy_cancer"])
 
     def _write(self, record: dict[str, Any]) -> None:
         """Append one record to log.jsonl and, when enabled, its numbers to TensorBoard at its step."""
@@ -443,6 +467,19 @@ class Trainer:
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20) if self.device.type == "cuda" else _rss_mb(),
         }
         self._write(record)
+        log.info("step %d/%d (epoch %d/%d): loss %.3f, %.1f images/s, %s left", self.step, self.total_steps, epoch + 1,
+                 self.cfg.optim.epochs, loss, record["images_per_s"], _duration(self._seconds_left()))
+
+    def _seconds_left(self) -> float:
+        """Time to the last step at this process's mean pace so far (k-NN evaluations excluded)."""
+        started, first_step, knn_seconds = self._progress
+        done = self.step - first_step
+        return (time.perf_counter() - started - knn_seconds) / max(done, 1) * (self.total_steps - self.step)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
 
 
 def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:

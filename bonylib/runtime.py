@@ -1,0 +1,285 @@
+"""What this machine can run: the device, the precision chosen by the hardware, threads sized to the job.
+
+Machines of one kind differ: one CPU computes bf16 natively (AVX512-BF16 or AMX), another has only
+AVX2, where bf16 autocast is emulated and ran 15x slower than fp32. So nothing here assumes the CPU
+it was measured on. ``precision: auto`` (every recipe's default) resolves from the hardware and, on a
+CPU that claims native bf16, from a short matmul probe; threads and DataLoader workers come from the
+CPUs this process may actually use (affinity mask, cgroup quota, SLURM's allocation), not from the
+machine's core count. Every decision carries its reason, so a run can record what ran and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bonylib.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""CPU flags (as /proc/cpuinfo names them) of instructions that compute bf16 natively: x86's AVX512-BF16
+and AMX-BF16, and Arm's BF16 extension."""
+BF16_MIN_SPEEDUP = 1.25
+"""A CPU with a native-bf16 flag gets bf16 only if the probe's bf16 matmul is at least this much faster than
+fp32: autocast adds casts around every op, so a bf16 matmul that is barely faster makes a slower step."""
+
+
+# ---- the machine -----------------------------------------------------------------------------
+
+
+def _cpuinfo(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where the file does not exist)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if not line.strip():
+                if fields:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (what a reader compares benchmark figures by)."""
+    info = _cpuinfo()
+    return info.get("model name") or info.get("Model") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``); empty where the OS does not list them."""
+    info = _cpuinfo(cpuinfo)
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def cpu_capability() -> str:
+    """torch's CPU kernel level (``AVX2``, ``AVX512``, ...): which vectorised kernels torch runs here."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _cgroup_cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use (quota / period), or None when unlimited.
+
+    cgroup v2 keeps ``cpu.max`` ("quota period" or "max period") in the process's own group and in
+    each ancestor, and the tightest applies; v1 keeps ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    Docker's ``--cpus`` and Kubernetes' limits set these, not the affinity mask.
+    """
+    limits: list[float] = []
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            hierarchy, _, path = line.partition(":")[2].partition(":")
+            path = path.lstrip("/")
+            if hierarchy == "":  # v2: walk from the process's group up to the root
+                group = cgroup_root / path
+                for folder in (group, *group.parents):
+                    if not str(folder).startswith(str(cgroup_root)):
+                        break
+                    with contextlib.suppress(OSError, ValueError):
+                        quota, period = (folder / "cpu.max").read_text().split()[:2]
+                        if quota != "max":
+                            limits.append(int(quota) / int(period))
+            elif "cpu" in hierarchy.split(","):
+                for folder in (cgroup_root / hierarchy / path, cgroup_root / "cpu,cpuacct" / path, cgroup_root / "cpu"):
+                    with contextlib.suppress(OSError, ValueError):
+                        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+                        period_us = int((folder / "cpu.cfs_period_us").read_text())
+                        if quota_us > 0:
+                            limits.append(quota_us / period_us)
+                        break
+    return min(limits) if limits else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by the cgroup quota and SLURM's allocation,
+    shared among the processes torchrun started on this node (``LOCAL_WORLD_SIZE``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.floor(quota)))
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 1:
+        cpus //= int(local)
+    return max(1, cpus)
+
+
+def machine_record() -> dict[str, Any]:
+    """Who ran a benchmark or a run: every figure we report names the CPU, torch's kernel level and the GPU."""
+    record: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "native_bf16_cpu": bool(cpu_flags() & NATIVE_BF16_FLAGS),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return record
+
+
+def describe_machine(record: dict[str, Any] | None = None) -> str:
+    """One line for a benchmark's printout: CPU model, torch's CPU capability, usable CPUs, GPU."""
+    r = record or machine_record()
+    gpu = f", GPU {r['gpu']}" if r.get("gpu") else ""
+    bf16 = "native bf16" if r["native_bf16_cpu"] else "no native bf16"
+    return f"{r['cpu_model']} (torch CPU capability {r['cpu_capability']}, {bf16}, {r['usable_cpus']} usable CPUs){gpu}"
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast precision a stage runs in, what was asked for, and why this was chosen."""
+
+    name: str
+    requested: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    def autocast(self, device: torch.device) -> Any:
+        """The autocast context for ``device`` (disabled in fp32)."""
+        if self.name == "fp32":
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def record(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rate(precision: str, device_type: str = "cpu", n: int = 256, min_s: float = 0.05, max_s: float = 0.5) -> float:
+    """Measured FLOP/s of an ``n`` x ``n`` matmul in ``precision`` (cached per process).
+
+    Short on purpose (well under a second even where bf16 is emulated at 0.3 GFLOP/s): it repeats the
+    matmul until ``min_s`` has passed, and stops after ``max_s`` whatever the count.
+    """
+    device = torch.device(device_type)
+    dtype = DTYPES[precision]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # first call: kernel selection, packing buffers
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_s or elapsed >= max_s:
+            return 2 * n**3 * count / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_speedup() -> float:
+    """The CPU's bf16 matmul rate over its fp32 rate (the probe): above 1 where bf16 is native."""
+    return matmul_rate("bf16") / matmul_rate("fp32")
+
+
+def resolve_precision(requested: str, device: torch.device, flags: frozenset[str] | None = None) -> Precision:
+    """The precision a stage runs in on ``device``.
+
+    ``auto``: bf16 on a GPU that computes it natively, else fp16 (with a gradient scaler); on a CPU,
+    bf16 only when its flags name a native bf16 instruction set *and* the probe measures bf16 matmuls
+    at least :data:`BF16_MIN_SPEEDUP` x fp32, else fp32. An explicit ``bf16`` on a CPU without native
+    support runs as asked but warns with the measured slowdown; ``fp16`` needs a GPU.
+    """
+    if requested not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{requested}'")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        name = torch.cuda.get_device_name(device)
+        if requested == "auto":
+            choice = "bf16" if native else "fp16"
+            return Precision(choice, requested, f"{name} {'computes' if native else 'does not compute'} bf16 natively")
+        return Precision(requested, requested, f"asked for, on {name}")
+    if requested == "fp16":
+        raise ConfigError("precision fp16 needs a GPU (it needs a gradient scaler and is slow on CPUs): use auto or fp32")
+    flags = cpu_flags() if flags is None else flags
+    native_flags = sorted(flags & NATIVE_BF16_FLAGS)
+    capability = cpu_capability()
+    if requested == "fp32":
+        return Precision("fp32", requested, "asked for")
+    if requested == "bf16":
+        if not native_flags:
+            speedup = bf16_speedup()
+            message = (f"precision bf16 on a CPU without native bf16 (torch CPU capability {capability}, no avx512_bf16 "
+                       f"or amx_bf16 flag): the probe ran a bf16 matmul at {speedup:.2f}x the fp32 rate, so expect that "
+                       f"slowdown; precision auto (or fp32) runs fp32 here")
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return Precision("bf16", requested, f"asked for; not native here (bf16 matmul {speedup:.2f}x fp32)")
+        return Precision("bf16", requested, f"asked for; native ({', '.join(native_flags)})")
+    if not native_flags:
+        return Precision("fp32", requested, f"CPU without native bf16 (torch CPU capability {capability}, "
+                                            f"no avx512_bf16 / amx_bf16 flag)")
+    speedup = bf16_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return Precision("bf16", requested, f"native bf16 ({', '.join(native_flags)}); probe: bf16 matmul "
+                                            f"{speedup:.2f}x fp32")
+    return Precision("fp32", requested, f"the CPU lists {', '.join(native_flags)} but the probe ran a bf16 matmul at "
+                                        f"only {speedup:.2f}x fp32 (< {BF16_MIN_SPEEDUP})")
+
+
+# ---- threads ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threads:
+    """How a job's CPUs are split: torch's intra-op threads in the main process and DataLoader workers."""
+
+    cpus: int
+    torch_threads: int
+    workers: int
+
+    def apply(self) -> None:
+        """Set torch's thread count in this process (workers set their own to 1, as torch's DataLoader does)."""
+        torch.set_num_threads(self.torch_threads)
+
+
+def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool = False) -> Threads:
+    """Split ``cpus`` (default: :func:`usable_cpus`) between torch threads and DataLoader workers.
+
+    On a CPU the model and the augmentations share the cores. Augmenting is cheap next to a training
+    step (one core makes about 200 demo multi-crop views/s; two cores train about 26 images/s in fp32),
+    so one worker needs a fraction of a core and shares one with torch, while every further worker takes
+    a core from torch: torch's OpenMP threads wait for each other at every op, and one of them starved by
+    a busy core stalls the whole step. ``auto`` is one worker per 8 CPUs (at least one); measured on a
+    2-core AVX2 machine with the demo recipe in fp32: 2 threads + 1 worker 26.6 images/s, 2 + 2 24.2,
+    1 + 1 19.3, 2 + 0 19.8 (benchmarks/bench_threads.py). On a GPU the model needs little CPU: all but one
+    CPU go to workers (at most 8), and torch keeps what is left. An explicit worker count is kept.
+    """
+    cpus = usable_cpus() if cpus is None else max(1, cpus)
+    if workers == "auto":
+        count = min(8, max(1, cpus - 1)) if gpu else max(1, cpus // 8)
+    else:
+        count = int(workers)
+        if count < 0:
+            raise ConfigError(f"workers must be 'auto' or at least 0, got {workers}")
+    torch_threads = cpus - count if gpu else cpus - max(0, count - 1)
+    return Threads(cpus=cpus, torch_threads=max(1, torch_threads), workers=count)
