@@ -8,6 +8,8 @@ a rerun then sees only complete outputs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +17,33 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bonylib.errors import BonyError
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(BonyError):
+    """The output filesystem is full (or over quota): not the input's fault; free space and rerun to resume."""
+
+
+def disk_full(folder: Path, what: str) -> DiskFullError:
+    """The error for a write into ``folder`` that ran out of space."""
+    return DiskFullError(f"{folder}: the output disk is full (no space left writing {what}); free space there and "
+                         f"rerun the same command: finished work is kept and the run resumes")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoints of large models are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -42,18 +71,44 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
     The temporary name keeps ``dest``'s suffix so that writers that choose a format by suffix
     (pandas, PIL, tifffile) behave as for the final name. On error the temporary file is removed
-    and ``dest`` is untouched.
+    and ``dest`` is untouched. The file gets the permissions of an ordinary new file (0666 less the umask), not
+    ``mkstemp``'s private 0600: on a shared cluster colleagues read the manifests and checkpoints. A write
+    that runs out of space raises :class:`DiskFullError` naming the folder.
     """
     dest = Path(dest)
     ensure_writable_dir(dest.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    os.close(fd)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise disk_full(dest.parent, dest.name) from None
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise disk_full(dest.parent, dest.name) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def append_line(dest: Path, line: str) -> None:
+    """Append one line to a log (``log.jsonl``); a full disk raises :class:`DiskFullError` naming the folder.
+
+    A kill mid-write can leave a torn last line: readers of such logs skip lines that do not parse.
+    """
+    try:
+        with open(dest, "a") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise disk_full(Path(dest).parent, Path(dest).name) from None
+        raise
 
 
 def write_text_atomic(dest: Path, text: str) -> None:
@@ -72,6 +127,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     ensure_writable_dir(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700)
     try:
         yield tmp
         if dest.exists():

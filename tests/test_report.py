@@ -25,7 +25,8 @@ def book_copy(repo: Path, dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke_data: Path) -> None:
+def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke_data: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     if not (repo / "book" / "_static" / "mathjax" / "tex-chtml.js").is_file():
         pytest.skip("MathJax is not vendored (make does it before the tests)")
     book = book_copy(repo, tmp_path / "book_root")
@@ -37,6 +38,8 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
                        parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20},
                                    "04_pretraining": {"recipe": smoke, "overrides": []}})
     index = build_report(book, run, cfg)
+    progress = re.compile(r"step \d+/\d+ \(epoch \d+/\d+\): loss [\d.]+, [\d.]+ images/s, \d+m\d\ds left")
+    assert progress.search(capsys.readouterr().err), "training progress is streamed to the terminal while it runs"
 
     executed = nbformat.read(book / "book" / "executed" / "01_datasets.ipynb", as_version=4)
     assert executed.metadata.papermill.parameters["run_dir"] == str(run)
@@ -55,6 +58,9 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     assert "_static/mathjax/tex-chtml.js" in page
     assert not re.search(r"<script[^>]+src=\"https?://", page), "no script loaded from the network"
     assert (book / "_build" / "html" / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
+    pretraining = (book / "_build" / "html" / "book" / "executed" / "04_pretraining.html").read_text()
+    assert not progress.search(pretraining), "the book shows the run's results, not its progress lines"
+    assert "precision fp32" in pretraining
 
 
 def failing_notebook(path: Path) -> None:

@@ -13,7 +13,9 @@ Output folder::
     runtime.json                     the machine, the precision chosen and why, the thread split
     log.jsonl                        one JSON object per logged step
     tensorboard/                     the same values as TensorBoard scalars (with tensorboard=true)
-    checkpoint.pth                   latest full state (also checkpoint-<step>.pth, the last k kept)
+    checkpoint.pth                   latest full state (also checkpoint-<step>.pth, the last k kept), each with
+                                     a .sha256 checksum that is verified before a resume trusts it
+    config_changes.jsonl             every config change a resume accepted (run-only keys, resume.allow_changes)
     teacher_backbone.safetensors     the exported teacher backbone ...
     teacher_backbone.json            ... and what is needed to rebuild and feed it
 """
@@ -25,9 +27,9 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -42,11 +44,12 @@ from bonylib.data.labels import POLICIES
 from bonylib.data.tiling import relabel
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.knn import labelled_tiles, manifest_knn_scores
-from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
+from bonylib.files import append_line, ensure_writable_dir, write_text_atomic
 from bonylib.models.backbones import create_backbone, parameter_groups
 from bonylib.models.export import export_encoder
 from bonylib.models.head import DINOHead, MultiCrop
 from bonylib.runtime import PRECISIONS, machine_record, plan_threads, resolve_precision
+from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
 from bonylib.ssl.data import EpochSampler, SeededViews, images_from
 from bonylib.ssl.distributed import World, all_reduce_mean, init_distributed
@@ -144,6 +147,15 @@ class KnnConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """What a rerun over an existing run folder may change."""
+
+    allow_changes: list[str] = option([], "config keys a resume may change besides the run-only ones (workers, "
+                                      "logging, checkpoint cadence, max_steps, knn.*), e.g. [optim.lr]; each change "
+                                      "is recorded in config_changes.jsonl")
+
+
+@dataclass
 class PretrainConfig:
     """Options of ``bony pretrain``."""
 
@@ -159,6 +171,7 @@ class PretrainConfig:
     checkpoint_every: int = option(100, "optimisation steps between checkpoints (and one at every epoch end)")
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
     max_steps: int = option(0, "stop after this many optimisation steps (0: train all epochs); for tests and timing")
+    resume: ResumeConfig = section(ResumeConfig, "resuming a run")
 
 
 class Preempted(BonyError):
@@ -223,8 +236,6 @@ class Trainer:
         self.step = 0
         self._progress = (time.perf_counter(), 0, 0.0)  # (when this process started training, at which step, k-NN seconds since)
         self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
-        if self.world.is_main:
-            self._record_runtime()
 
     def _record_runtime(self) -> None:
         """Save the config as it runs (precision and workers resolved) and what machine ran it, and why."""
@@ -282,38 +293,61 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint-<step>.pth`` atomically, point ``checkpoint.pth`` at it, keep the last k."""
-        if not self.world.is_main:
-            return
-        numbered = self.out / f"checkpoint-{self.step:08d}.pth"
-        with atomic_path(numbered) as tmp:
-            torch.save(self.state(), tmp)
-        with atomic_path(self.out / "checkpoint.pth") as tmp:
-            shutil.copyfile(numbered, tmp)
-        for old in sorted(self.out.glob("checkpoint-*.pth"))[: -self.cfg.keep_checkpoints or None]:
-            old.unlink()
+        """Write ``checkpoint-<step>.pth`` with its checksum and make it ``checkpoint.pth`` (main process only)."""
+        if self.world.is_main:
+            checkpoints.save(self.state(), self.out, self.step, self.cfg.keep_checkpoints)
 
     def resume(self) -> bool:
-        """Load the latest readable checkpoint; an unreadable latest falls back to older ones, with a warning."""
-        candidates = [self.out / "checkpoint.pth", *sorted(self.out.glob("checkpoint-*.pth"), reverse=True)]
-        for path in (p for p in candidates if p.is_file()):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - a truncated file fails inside the unpickler
-                log.warning("%s: unreadable checkpoint (%s), trying an older one", path, exc)
-                continue
-            self._student_module.load_state_dict(state["student"])
-            self.teacher.load_state_dict(state["teacher"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.loss.center.copy_(state["center"].to(self.device))
-            torch.set_rng_state(state["rng_cpu"])
-            if torch.cuda.is_available() and state["rng_cuda"]:
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-            self.step = int(state["step"])
-            log.info("resumed from %s at step %d", path, self.step)
-            return True
-        return False
+        """Load the newest sound checkpoint (older ones when the latest is corrupt), after checking that the
+        config is the one it was trained with; False when the folder has no checkpoint."""
+        found = checkpoints.load_latest(self.out)
+        if found is None:
+            return False
+        state, path = found
+        self._accept_config(state["config"], path, int(state["step"]))
+        self._student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss.center.copy_(state["center"].to(self.device))
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _accept_config(self, saved: dict[str, Any], path: Path, step: int) -> None:
+        """Refuse a resume whose config differs from the checkpoint's in keys that change what is trained
+        (one line naming them); record the changes that are accepted in ``config_changes.jsonl``."""
+        changes = checkpoints.config_changes(saved, to_dict(self.cfg))
+        refused = checkpoints.refused_changes(changes, self.cfg.resume.allow_changes)
+        if refused:
+            listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise BonyError(f"{path}: was trained with another config ({listed}); rerun with its values "
+                            f"(see {self.out / 'config.yaml'}), use a new --out, or allow the change with "
+                            f"resume.allow_changes=[{','.join(refused)}]")
+        if changes and self.world.is_main:
+            append_line(self.out / "config_changes.jsonl",
+                        json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}))
+            log.info("resuming with changed config: %s", ", ".join(changes))
+
+    def _trim_log(self) -> None:
+        """Drop log.jsonl lines past the resumed step (logged before an interruption, to be logged again) and a
+        line cut short by a kill, so the log has each step once."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+        if len(kept) < len(lines):
+            log.warning("%s: dropping %d line(s) logged after step %d (the step training resumes from)", path,
+                        len(lines) - len(kept), self.step)
+            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -328,6 +362,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.views, batch_size=self.cfg.optim.batch_size, sampler=self.sampler,
                           num_workers=self.threads.workers, collate_fn=collate_crops, drop_last=True,
+                          worker_init_fn=_ignore_stop_signals,
                           pin_memory=self.device.type == "cuda")
 
     def _forward_backward(self, crops: list[torch.Tensor], epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,6 +398,9 @@ class Trainer:
     def train(self) -> Path:
         """Train until ``total_steps`` (resuming if a checkpoint exists); export the teacher; return the folder."""
         self.resume()
+        if self.world.is_main:  # only once the resume checks passed: a refused rerun leaves the run's record as it was
+            self._record_runtime()
+            self._trim_log()
         if self.cfg.tensorboard and self.world.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -388,7 +426,7 @@ class Trainer:
                 epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
                 started, images = time.perf_counter(), 0
                 losses, entropies = [], []
-                for batch_index, (crops, _) in enumerate(self._loader(epoch, step_in_epoch * accumulate)):
+                for batch_index, (crops, _) in enumerate(self._batches(epoch, step_in_epoch * accumulate, signals)):
                     self._set_schedules(self.step)
                     loss, teacher_out = self._forward_backward(crops, epoch, sync=(batch_index + 1) % accumulate == 0)
                     losses.append(loss)
@@ -415,11 +453,25 @@ class Trainer:
                     if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                         self.save_checkpoint()
                     if signals.received is not None:
-                        self.save_checkpoint()
-                        raise Preempted(f"signal {signal.Signals(signals.received).name} at step {self.step}: "
-                                        f"checkpoint written to {self.out}, rerun the same command to resume")
+                        self._stop(signals.received)
                     if self.step >= self.total_steps or end_of_epoch:
                         break
+
+    def _batches(self, epoch: int, start_batch: int, signals: _Signals) -> Iterator[tuple[list[torch.Tensor], Any]]:
+        """The epoch's batches from ``start_batch``. A stop signal sent to the whole process group (SLURM, ``kill``
+        of the job) may reach a DataLoader worker before it has set itself to ignore it: the worker dies, the
+        loader raises, and the run stops as for the signal itself, with a checkpoint at the last finished step."""
+        try:
+            yield from self._loader(epoch, start_batch)
+        except RuntimeError:
+            if signals.received is None:
+                raise
+            self._stop(signals.received)
+
+    def _stop(self, signum: int) -> None:
+        self.save_checkpoint()
+        raise Preempted(f"signal {signal.Signals(signum).name} at step {self.step}: checkpoint written to {self.out}, "
+                        f"rerun the same command to resume")
 
     def knn_scores(self, backbone: nn.Module | None = None) -> dict[str, float]:
         """Weighted k-NN accuracy and balanced accuracy of ``backbone`` (default: the teacher's) on the
@@ -442,8 +494,7 @@ class Trainer:
 
     def _write(self, record: dict[str, Any]) -> None:
         """Append one record to log.jsonl and, when enabled, its numbers to TensorBoard at its step."""
-        with open(self.out / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.out / "log.jsonl", json.dumps(record))
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch"):
@@ -487,6 +538,13 @@ def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
     manifest = pd.read_parquet(cfg.manifest)
     labelled = labelled_tiles(manifest.assign(label_name=relabel(manifest, cfg.label_policy)))
     return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: the main process decides when to stop, checkpoints, and ends
+    them; SLURM and ``kill`` of a job signal every process of the group, workers included."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:

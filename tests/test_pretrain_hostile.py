@@ -1,0 +1,207 @@
+"""bony pretrain against what users and clusters do to it: changed configs on resume, stop signals to the whole
+process group, kills between checkpoints, damaged checkpoints and exports, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bonylib.config import load_config
+from bonylib.errors import BonyError
+from bonylib.files import DiskFullError
+from bonylib.models.export import load_encoder
+from bonylib.ssl import checkpoints
+from bonylib.ssl.trainer import PretrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def images(smoke_data: Path) -> Path:
+    return smoke_data / "deepgleason" / "tiles"
+
+
+def config(repo: Path, images: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [f"data.images={images}", *overrides])
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def four_steps(repo: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after 4 of 6 steps, checkpoints at 2, 3 (epoch end) and 4; copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    Trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
+    return out
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    subprocess.run(["cp", "-a", str(run), str(dest)], check=True)
+    return dest
+
+
+# ---- 2. a resume with a changed config ---------------------------------------------------------
+
+
+def test_resume_refuses_a_changed_recipe_and_leaves_the_record_alone(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    record = (out / "config.yaml").read_bytes()
+    with pytest.raises(BonyError, match=r"optim\.lr: 0\.0005 -> 0\.01.*resume\.allow_changes=\[optim\.lr\]") as caught:
+        Trainer(config(repo, images, "optim.lr=0.01"), out).train()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BonyError, match=r"model\.backbone: 'vit_tiny_patch16_224' -> 'vit_small_patch16_224'"):
+        Trainer(config(repo, images, "model.backbone=vit_small_patch16_224"), out).train()
+    assert (out / "config.yaml").read_bytes() == record, "a refused resume must not rewrite the run's config"
+    assert not (out / "config_changes.jsonl").exists()
+    assert logged_steps(out) == [1, 2, 3, 4]
+
+
+def test_resume_accepts_run_only_and_allowed_changes_and_records_them(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    Trainer(config(repo, images, "optim.lr=0.01", "log_every=2", "resume.allow_changes=[optim.lr]"), out).train()
+    changes = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 4, "changes": {"log_every": [1, 2], "optim.lr": [0.0005, 0.01],
+                                               "max_steps": [4, 0], "resume.allow_changes": [[], ["optim.lr"]]}}]
+    assert "lr: 0.01" in (out / "config.yaml").read_text()
+
+
+def test_cli_refusal_is_one_line(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    done = subprocess.run([sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",
+                           str(repo / "configs/pretrain/smoke.yaml"), f"data.images={images}",
+                           "model.backbone=vit_small_patch16_224"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "model.backbone" in errors[0] and "Traceback" not in done.stderr
+
+
+# ---- 3. SIGTERM to the whole process group, DataLoader workers included ------------------------
+
+
+def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_143(repo, images, tmp_path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",
+               str(repo / "configs/pretrain/smoke.yaml"), f"data.images={images}", "optim.epochs=200",
+               "checkpoint_every=100000", "data.workers=2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not (out / "log.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)  # what SLURM and `kill -- -PGID` do: the workers get it too
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] == max(logged_steps(out)) >= 1
+
+
+# ---- 4. the log after a kill between checkpoints -----------------------------------------------
+
+
+def test_log_is_trimmed_to_the_checkpoint_on_resume(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    for step in (3, 4):  # as if killed (kill -9) after logging step 4 with only step 2's checkpoint written
+        (out / f"checkpoint-{step:08d}.pth").unlink()
+    (out / "checkpoint.pth").unlink()
+    with open(out / "log.jsonl", "a") as handle:
+        handle.write('{"step": 5, "loss": 1.')  # torn by the kill
+    Trainer(config(repo, images), out).train()
+    assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_usable_checkpoint_refuses_instead_of_restarting_silently(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    for path in out.glob("checkpoint*.pth"):
+        path.write_bytes(b"garbage")
+    before = (out / "log.jsonl").read_bytes()
+    with pytest.raises(BonyError, match=r"no usable checkpoint to resume from \(checkpoint\.pth: "):
+        Trainer(config(repo, images), out).train()
+    assert (out / "log.jsonl").read_bytes() == before
+
+
+# ---- 5. damaged checkpoints and exports ----------------------------------------------------------
+
+
+def flip_tensor_bytes(path: Path) -> None:
+    """Flip 64 bytes inside the largest tensor's data, where torch.load cannot notice."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        biggest = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        start = biggest.header_offset + 30 + len(biggest.filename.encode()) + len(biggest.extra)
+    data = bytearray(path.read_bytes())
+    middle = start + biggest.file_size // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(repo, images, four_steps, tmp_path, caplog) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    flip_tensor_bytes(out / "checkpoint.pth")
+    torch.load(out / "checkpoint.pth", weights_only=True)  # loads: torch alone would train on the damage
+    flip_tensor_bytes(out / "checkpoint-00000004.pth")
+    trainer = Trainer(config(repo, images), out)
+    assert trainer.resume() and trainer.step == 3
+    assert "do not match the checksum" in caplog.text
+
+
+def test_a_foreign_torch_file_is_skipped(repo, images, four_steps, tmp_path, caplog) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    torch.save({"model": torch.zeros(2)}, out / "checkpoint.pth")
+    (out / "checkpoint.pth.sha256").write_text(checkpoints.sha256_file(out / "checkpoint.pth"))
+    trainer = Trainer(config(repo, images), out)
+    assert trainer.resume() and trainer.step == 4
+    assert "not a bony pretrain checkpoint (no step, student" in caplog.text
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda run: (run / "teacher_backbone.json").write_text("{not json"), "not valid JSON"),
+    (lambda run: (run / "teacher_backbone.json").write_text("[1, 2]"), "unknown format 'list'"),
+    (lambda run: (run / "teacher_backbone.safetensors").write_bytes(b"\x00" * 64), "do not match the sha256"),
+])
+def test_damaged_exports_give_one_clear_line(repo, images, four_steps, tmp_path, damage, message) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    damage(out)
+    with pytest.raises(BonyError, match=message) as caught:
+        load_encoder(out)
+    assert "\n" not in str(caught.value)
+
+
+def test_garbage_weights_without_a_checksum_give_one_clear_line(repo, images, four_steps, tmp_path) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    meta = json.loads((out / "teacher_backbone.json").read_text())
+    del meta["sha256"]  # an export written before checksums
+    (out / "teacher_backbone.json").write_text(json.dumps(meta))
+    (out / "teacher_backbone.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(BonyError, match="weights do not fit vit_tiny_patch16_224"):
+        load_encoder(out)
+
+
+# ---- 8. a full disk ----------------------------------------------------------------------------
+
+
+def test_full_disk_while_checkpointing_names_the_folder_and_resumes(repo, images, four_steps, tmp_path,
+                                                                    monkeypatch) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    real_save = torch.save
+
+    def full(obj, handle, *args, **kwargs):
+        handle.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=rf"{out}: the output disk is full"):
+        Trainer(config(repo, images), out).train()
+    assert not list(out.glob(".*tmp*")), "no half-written file is left"
+    monkeypatch.setattr(torch, "save", real_save)
+    Trainer(config(repo, images), out).train()
+    assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
