@@ -10,6 +10,7 @@ level than the target resolution are resized).
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ from PIL import Image
 from bonylib.data.labels import LABEL_NAMES
 from bonylib.data.slides import Slide, open_slide
 from bonylib.errors import BonyError
+
+
+def _check_shards_inside(shards: pd.Series, root: Path) -> None:
+    """Refuse a manifest whose shard paths leave the tiling folder (``../``, absolute): a manifest is input we did
+    not write ourselves until it is checked, and reading it must not open arbitrary files."""
+    base = os.path.normpath(root)
+    for shard in shards.unique():
+        path = os.path.normpath(os.path.join(base, shard))
+        if os.path.isabs(shard) or os.path.commonpath([base, path]) != base or path == base:
+            raise BonyError(f"{root}: manifest shard path {shard!r} is outside the tiling folder; refusing to read it")
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -57,6 +68,8 @@ class TileDataset(torch.utils.data.Dataset):
             raise BonyError(f"source must be auto, shards or slides, got '{source}'")
         if source == "shards" and (not has_shards or root is None):
             raise BonyError("this manifest has no shards for every tile (tile with shards=true), or root is not given")
+        if source == "shards":
+            _check_shards_inside(self.frame["shard"], Path(root))
         self.source, self.root, self.tile_px = source, root, tile_px
         self.transform, self.classes, self.slide_mpp, self.open_slides = transform, list(classes), slide_mpp, open_slides
         lookup = {name: i for i, name in enumerate(self.classes)}

@@ -1,0 +1,130 @@
+"""Input we did not write: path-like ids, paths that leave the dataset, malformed CSV and XLSX rows, manifests
+that point outside their folder, relative paths, file permissions. Each case was a defect found by a hostile try."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bonylib.config import load_config
+from bonylib.data.datasets import TileDataset
+from bonylib.data.sources import id_problem, list_jobs
+from bonylib.data.tiling import TileConfig, tile
+from bonylib.errors import BonyError
+from bonylib.files import atomic_path, write_text_atomic
+
+
+@pytest.fixture
+def panda(smoke_data: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data" / "panda"
+    shutil.copytree(smoke_data / "panda", root)
+    return root
+
+
+@pytest.fixture
+def deepgleason(smoke_data: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data" / "deepgleason"
+    shutil.copytree(smoke_data / "deepgleason", root)
+    return root
+
+
+def append(csv: Path, *lines: str) -> None:
+    with open(csv, "a") as handle:
+        handle.write("".join(f"{line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("slide_id", ["../../x", "/tmp/abs", "a/b", "..", ".hidden", "a\\b", "tab\there", "", "x" * 201])
+def test_unsafe_ids_are_refused(slide_id: str) -> None:
+    assert id_problem(slide_id)
+
+
+@pytest.mark.parametrize("slide_id", ["d623efca3229d2ad50b4b32e3541128c", "TCGA-2A-A8VL-01Z (1)", "slide 1.v2", "Ülm_7"])
+def test_real_slide_names_are_accepted(slide_id: str) -> None:
+    assert id_problem(slide_id) == ""
+
+
+def test_path_like_ids_never_write_outside_the_output(panda: Path, deepgleason: Path, tmp_path: Path) -> None:
+    good = pd.read_csv(panda / "train.csv", dtype=str)
+    append(panda / "train.csv", "../../escaped,radboud,0,0+0", "/tmp/absolute_id,radboud,0,0+0")
+    (tmp_path / "other_run").mkdir()
+    append(deepgleason / "tiles.csv",
+           "../../other_run/manifest,DGX,train,0,0,tiles/x.jpg,masks/x.png",
+           "DG_outside,DGX,train,0,0,../../../etc/hostname,masks/x.png")
+    out = tmp_path / "runs" / "one" / "tiles"
+    out.mkdir(parents=True)
+    before = {p for p in tmp_path.rglob("*")}
+    panda_result = tile("panda", [panda], out / "panda", load_config(TileConfig, None, []))
+    dg_result = tile("deepgleason", [deepgleason], out / "deepgleason", load_config(TileConfig, None, ["tile_px=128"]))
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert all(p.is_relative_to(out) for p in written), sorted(p for p in written if not p.is_relative_to(out))
+    assert set(panda_result.failures.slide_id) == {"../../escaped", "/tmp/absolute_id"}
+    assert panda_result.failures.error.str.contains("not a safe file name").all()
+    assert set(pd.read_parquet(out / "panda" / "manifest.parquet").slide_id) == set(good.image_id)
+    errors = dict(zip(dg_result.failures.slide_id, dg_result.failures.error))
+    assert set(errors) == {"../../other_run/manifest", "DG_outside"}
+    assert "not a safe file name" in errors["../../other_run/manifest"]
+    assert "image path '../../../etc/hostname' is not inside" in errors["DG_outside"]
+
+
+def test_malformed_csv_rows_fail_alone_with_their_line(panda: Path, tmp_path: Path) -> None:
+    ids = list(pd.read_csv(panda / "train.csv", dtype=str).image_id)
+    first = (panda / "train.csv").read_text().splitlines()[1]
+    append(panda / "train.csv", "extra,radboud,0,0+0,surplus,fields", ",radboud,0,0+0", first)
+    jobs = list_jobs("panda", [panda])
+    failed = {job.slide_id: job.error for job in jobs if job.error}
+    assert failed == {"extra": f"{panda / 'train.csv'} line 4: 6 fields, the header has 4",
+                      "train.csv:5": f"{panda / 'train.csv'} line 5: empty image_id"}
+    assert [job.slide_id for job in jobs if not job.error] == ids, "the duplicated row is tiled once, not failed"
+    result = tile("panda", [panda], tmp_path / "out", load_config(TileConfig, None, []))
+    assert len(result.failures) == 2 and result.tiled == len(ids)
+
+
+def test_a_broken_partition_spreadsheet_is_one_line(smoke_data: Path, tmp_path: Path) -> None:
+    root = tmp_path / "sicapv2"
+    shutil.copytree(smoke_data / "sicapv2", root)
+    (root / "partition" / "Test" / "Train.xlsx").write_bytes(b"PK\x03\x04 not a workbook")
+    with pytest.raises(BonyError, match=r"Train\.xlsx: not a readable spreadsheet") as caught:
+        list_jobs("sicapv2", [root])
+    assert "\n" not in str(caught.value)
+    pd.DataFrame({"name": ["x"]}).to_excel(root / "partition" / "Test" / "Train.xlsx", index=False)
+    with pytest.raises(BonyError, match="no image_name column"):
+        list_jobs("sicapv2", [root])
+
+
+def test_manifest_paths_are_absolute_whatever_the_working_folder(panda: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(panda.parent)
+    result = tile("panda", [Path("panda")], Path("tiles"), load_config(TileConfig, None, []))
+    manifest = pd.read_parquet(result.manifest)
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in manifest.path.unique())
+    monkeypatch.chdir(tmp_path)  # another folder: the manifest still reads
+    dataset = TileDataset(panda.parent / "tiles" / "manifest.parquet")
+    assert dataset.read(0).size == (224, 224)
+
+
+def test_shard_paths_outside_the_tiling_folder_are_refused(panda: Path, tmp_path: Path) -> None:
+    result = tile("panda", [panda], tmp_path / "tiles", load_config(TileConfig, None, ["shards=true"]))
+    manifest = pd.read_parquet(result.manifest)
+    assert len(TileDataset(result.manifest)) == len(manifest)
+    for shard in ("../../secret.tar", "/etc/passwd"):
+        hostile = manifest.assign(shard=shard)
+        with pytest.raises(BonyError, match="outside the tiling folder"):
+            TileDataset(hostile, root=tmp_path / "tiles")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o007, 0o660), (0o077, 0o600)])
+def test_atomic_writes_respect_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "manifest.txt", "x")
+        with atomic_path(tmp_path / "checkpoint.pth") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    for name in ("manifest.txt", "checkpoint.pth"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
