@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.feature import graycomatrix, graycoprops
 
+from bonylib.data import quality
 from bonylib.data.quality import (
     GLASS_MAX_CHROMA,
     GLASS_MIN_LEVEL,
@@ -24,6 +25,7 @@ from bonylib.data.quality import (
     QualityConfig,
     TissueConfig,
     as_rgb,
+    grid_measures,
     keep_tiles,
     pen_mask,
     tile_measures,
@@ -125,6 +127,22 @@ def test_measures_reject_non_rgb_input() -> None:
         tile_measures(np.zeros((2, 224, 224, 3), np.float32))
     with pytest.raises(ValueError):
         tile_measures(np.zeros((224, 224, 3), np.uint8))
+
+
+def test_measures_in_a_block_equal_those_of_the_tiles_cut_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiler measures tiles in place in a block; an odd tile side puts every tile's subsampling
+    grid elsewhere in the block, and a small chunk size splits the tiles over several chunks."""
+    size, rows, cols = 101, np.array([1, 0, 1, 0, 1]), np.array([2, 0, 0, 1, 1])
+    block = np.concatenate([np.concatenate([he_texture((size, size), 3 * r + c) for c in range(3)], axis=1)
+                            for r in range(2)])
+    block[:size, size:2 * size] = glass((size, size))
+    cut = np.stack([block[r * size:(r + 1) * size, c * size:(c + 1) * size] for r, c in zip(rows, cols)])
+    monkeypatch.setattr(quality, "CHUNK_PIXELS", 2 * size * size)
+    got = grid_measures(block.reshape(2, size, 3, size, 3), rows, cols)
+    expected = tile_measures(cut)
+    for name in MEASURES:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert expected["background"][3] > 0.9 > expected["background"][0], "the glass tile is told from tissue"
 
 
 def test_background_is_the_glass_fraction_of_a_drawn_tile() -> None:
@@ -267,6 +285,18 @@ def test_tissue_mask_of_a_finer_image_is_computed_at_detect_mpp() -> None:
     fine = np.repeat(np.repeat(image, 4, axis=0), 4, axis=1)[:-3, :-2]  # a size that is no multiple of 4
     expected = np.repeat(np.repeat(tissue_mask(image, 8.0, TissueConfig()), 4, axis=0), 4, axis=1)[:-3, :-2]
     np.testing.assert_array_equal(tissue_mask(fine, 2.0, TissueConfig()), expected)
+
+
+@pytest.mark.parametrize("max_pixels", [0, 4, 30, 10**6])
+def test_small_enclosed_glass_is_filled_and_glass_at_the_border_is_not(max_pixels: int) -> None:
+    """Against SciPy's hole filling: holes are the glass it fills, each filled if small enough."""
+    rng = np.random.default_rng(max_pixels)
+    for _ in range(50):
+        mask = ndi.binary_opening(rng.random((40, 50)) < 0.6) | (rng.random((40, 50)) < 0.1)
+        holes, _ = ndi.label(ndi.binary_fill_holes(mask) & ~mask)
+        small = np.bincount(holes.ravel()) <= max_pixels
+        small[0] = False
+        np.testing.assert_array_equal(quality._fill_holes(mask, max_pixels), mask | small[holes])
 
 
 def test_tissue_mask_of_glass_only_is_empty() -> None:

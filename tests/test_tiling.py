@@ -338,6 +338,24 @@ def test_a_slide_without_candidate_tiles_does_not_break_the_manifest(tmp_path: P
     assert slides.loc["a_strip", "read_tiles"] == 0 and slides.loc["a_strip", "grid_tiles"] == 16
 
 
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_a_tile_never_written_reads_as_glass(tmp_path: Path, compression: str | None) -> None:
+    """Sparse TIFFs leave empty tiles unwritten (byte count 0): they read white, the others as written."""
+    from bonylib.data.slides import TiffSlide, open_slide
+
+    image = np.random.default_rng(0).integers(0, 200, (512, 768, 3), dtype=np.uint8)
+    tiles = (image[y:y + 256, x:x + 256] for y in (0, 256) for x in (0, 256, 512))
+    written = (None if k == 1 else tile for k, tile in enumerate(tiles))
+    tifffile.imwrite(tmp_path / "sparse.tiff", written, shape=image.shape, dtype=np.uint8, tile=(256, 256),
+                     photometric="rgb", compression=compression)
+    expected = np.pad(image, ((0, 100), (0, 100), (0, 0)), constant_values=255)
+    expected[:256, 256:512] = 255
+    with open_slide(tmp_path / "sparse.tiff", mpp=0.5) as slide:
+        assert isinstance(slide, TiffSlide)
+        for x, y, w, h in [(100, 50, 400, 300), (0, 0, 768, 512), (600, 400, 260, 200)]:
+            np.testing.assert_array_equal(slide.read_region((x, y), 0, (w, h)), expected[y:y + h, x:x + w])
+
+
 def test_a_worker_that_dies_fails_only_its_slide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bonylib.data.tiling as tiling
 

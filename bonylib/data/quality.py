@@ -263,11 +263,15 @@ def _remove_smaller(mask: np.ndarray, min_pixels: float) -> np.ndarray:
 
 def _fill_holes(mask: np.ndarray, max_pixels: int) -> np.ndarray:
     """Fill enclosed background regions of at most ``max_pixels``; glass at the image border is
-    never a hole (scikit-image's ``remove_small_holes`` would fill a small glass corner too)."""
-    holes = ndi.binary_fill_holes(mask) & ~mask
-    labels, _ = ndi.label(holes)
+    never a hole (scikit-image's ``remove_small_holes`` would fill a small glass corner too).
+
+    The glass is labelled once and its pieces that touch the border are the outside: the same
+    holes as ``ndi.binary_fill_holes`` (4-connected both ways), at a third of its time, which
+    propagates the outside from the border one pixel per pass."""
+    labels, _ = ndi.label(~mask)
     small = np.bincount(labels.ravel()) <= max_pixels
     small[0] = False
+    small[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
     return mask | small[labels]
 
 
@@ -292,24 +296,39 @@ def tile_measures(tiles: np.ndarray) -> dict[str, np.ndarray]:
     tiles = as_rgb(tiles)
     if tiles.ndim != 4 or tiles.shape[1] < 6 or tiles.shape[2] < 6:
         raise ValueError(f"expected (N, H, W, 3) tiles of at least 6x6 pixels, got shape {tiles.shape}")
-    out = {name: np.empty(tiles.shape[0], np.float32) for name in MEASURES}
-    step = max(1, CHUNK_PIXELS // (tiles.shape[1] * tiles.shape[2]))
-    for start in range(0, tiles.shape[0], step):
-        for name, values in _chunk_measures(tiles[start:start + step]).items():
+    n = tiles.shape[0]
+    return grid_measures(tiles[:, :, None], np.arange(n), np.zeros(n, np.intp))
+
+
+def grid_measures(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`tile_measures` of the tiles at ``(rows, cols)`` of a ``(Y, H, X, W, 3)`` uint8 RGB grid
+    (a block of a slide reshaped into tiles of ``H x W``), without cutting the tiles out.
+
+    Only the subsampled pixels that the measures use are gathered from the grid: cutting whole
+    tiles out of a block first would copy 16 times as many bytes as the colour samples and 4
+    times as many as the grey ones, and cost as much as the measures themselves.
+    """
+    tile_pixels = grid.shape[1] * grid.shape[3]
+    out = {name: np.empty(len(rows), np.float32) for name in MEASURES}
+    step = max(1, CHUNK_PIXELS // tile_pixels)
+    for start in range(0, len(rows), step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        colour = [grid[r, ::COLOUR_STEP, c, ::COLOUR_STEP, k].astype(np.int16) for k in range(3)]
+        grey = grid[r, ::2, c, ::2, 1].astype(np.int16)
+        for name, values in _sample_measures(*colour, grey).items():
             out[name][start:start + step] = values
     return out
 
 
-def _chunk_measures(tiles: np.ndarray) -> dict[str, np.ndarray]:
-    """:func:`tile_measures` of a few tiles whose temporaries fit in the CPU cache."""
-    n = tiles.shape[0]
-    r, g, b = _channels(tiles[:, ::COLOUR_STEP, ::COLOUR_STEP])
+def _sample_measures(r: np.ndarray, g: np.ndarray, b: np.ndarray, grey: np.ndarray) -> dict[str, np.ndarray]:
+    """The measures of a few tiles (whose temporaries fit in the CPU cache) from their int16 colour
+    samples ``r, g, b`` (every ``COLOUR_STEP``-th pixel) and ``grey`` samples (every 2nd)."""
+    n = grey.shape[0]
     hi = np.maximum(np.maximum(r, g), b)
     lo = np.minimum(np.minimum(r, g), b)
     glass = (lo >= GLASS_MIN_LEVEL) & (hi - lo <= GLASS_MAX_CHROMA)
     pen = _pen(r, g, b, hi, lo)
 
-    grey = np.ascontiguousarray(tiles[:, ::2, ::2, 1]).astype(np.int16)
     dx = np.abs(grey[:, :-1, 1:] - grey[:, :-1, :-1])
     dy = np.abs(grey[:, 1:, :-1] - grey[:, :-1, :-1])
     edges = dx + dy > EDGE_MIN_GRADIENT

@@ -144,7 +144,10 @@ class TiffSlide(Slide):
         ds = self.level_downsamples[level]
         x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
         w, h = size
-        out = np.full((h, w, 3), 255, np.uint8)
+        covered = x >= 0 and y >= 0 and x + w <= page.imagewidth and y + h <= page.imagelength
+        # a region inside the image is covered by its tiles: filling it with glass first would be
+        # one more write of every pixel
+        out = np.empty((h, w, 3), np.uint8) if covered and page.is_tiled else np.full((h, w, 3), 255, np.uint8)
         if not page.is_tiled:
             with self._lock:
                 full = page.asarray()
@@ -158,6 +161,7 @@ class TiffSlide(Slide):
             for tx in cols:
                 tile = self._tile(level, ty * across + tx)
                 if tile is None:  # a tile that was never written reads as glass
+                    _paste(out, np.broadcast_to(np.uint8(255), (th, tw, 3)), tx * tw, ty * th, x, y)
                     continue
                 # edge tiles are padded past the image: only the image part is pasted
                 inside = tile[: page.imagelength - ty * th, : page.imagewidth - tx * tw]
@@ -174,7 +178,9 @@ class TiffSlide(Slide):
             page = self._pages[level]
             fh = self._tif.filehandle
             fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
+            count = page.databytecounts[index]
+            # a tile never written (byte count 0) is decoded from None, as tifffile's own reader does
+            data = fh.read(count) if count else None
         decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
         tile = None
         if decoded is not None:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from bonylib.config import check_fractions, option, section, to_dict
 from bonylib.data.labels import LABEL_NAMES, POLICIES, class_fractions, tile_labels
-from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, keep_tiles, tile_measures, tissue_mask
+from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_measures, keep_tiles, tissue_mask
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
 from bonylib.errors import BonyError, ConfigError
@@ -272,21 +272,22 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
         r0, c0 = int(r.min()), int(c.min())
         bh, bw = (int(r.max()) - r0 + 1) * size, (int(c.max()) - c0 + 1) * size
         location = (int(round(c0 * size * ds)), int(round(r0 * size * ds)))
-        tiles = _cut(slide.read_region(location, level, (bw, bh)), r - r0, c - c0, size)
-        measures = tile_measures(tiles)
+        grid = _grid(slide.read_region(location, level, (bw, bh)), size)
+        measures = grid_measures(grid, r - r0, c - c0)
         keep, reason = keep_tiles(measures, cfg.quality)
         x, y = np.round(c * size * ds).astype(np.int64), np.round(r * size * ds).astype(np.int64)
         block_columns: dict[str, np.ndarray] = {"x": x, "y": y, "tissue": fraction[r, c], "keep": keep, "reason": reason,
                                                 **measures}
         if mask_slide is not None and mask_level is not None:
-            codes = _cut(mask_slide.read_region(location, mask_level, (bw, bh)), r - r0, c - c0, size)[..., 0]
+            # the codes are in the red channel: only it is cut out
+            codes = _grid(mask_slide.read_region(location, mask_level, (bw, bh))[..., 0], size)[r - r0, :, c - c0]
             try:
                 block_columns["fractions"] = class_fractions(codes, job.encoding or "")
             except ValueError as exc:
                 raise SlideError(f"{mask_slide.path}: {exc}") from None
         if shard is not None:
             offsets, lengths = np.full(len(r), -1, np.int64), np.full(len(r), -1, np.int64)
-            offsets[keep], lengths[keep] = shard.write(tiles[keep], x[keep], y[keep])
+            offsets[keep], lengths[keep] = shard.write(grid[(r - r0)[keep], :, (c - c0)[keep]], x[keep], y[keep])
             block_columns.update(shard_offset=offsets, shard_length=lengths)
         for key, value in block_columns.items():
             columns.setdefault(key, []).append(value)
@@ -311,10 +312,11 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
     return frame, ny * nx
 
 
-def _cut(image: np.ndarray, r: np.ndarray, c: np.ndarray, size: int) -> np.ndarray:
-    """Tiles at block grid positions (r, c) of ``image`` as an (N, size, size, ...) array."""
-    grid = image.reshape(image.shape[0] // size, size, image.shape[1] // size, size, *image.shape[2:])
-    return np.ascontiguousarray(grid[r, :, c])
+def _grid(image: np.ndarray, size: int) -> np.ndarray:
+    """A block ``image`` viewed as a (rows, size, cols, size, ...) grid of tiles, without copying:
+    ``grid[r, :, c]`` gathers the tiles at grid positions (r, c), and the quality measures gather
+    only the subsampled pixels they use."""
+    return image.reshape(image.shape[0] // size, size, image.shape[1] // size, size, *image.shape[2:])
 
 
 def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, Any] | None, str]:
@@ -423,9 +425,11 @@ def _remove_stale_temporaries(out: Path, jobs: list[SlideJob], whole_run: bool) 
 def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[SlideJob, dict[str, Any] | None, str]]:
     """Tile ``jobs`` in this process or over ``cfg.workers`` processes, yielding results as slides finish.
 
-    A worker that dies (a decoder crashing on a corrupt file, the kernel killing it for memory)
-    breaks the pool: the slides it left unfinished are then retried one per fresh process, so
-    the culprit is recorded as failed and the others are tiled.
+    Workers take the largest slides first, so that the last slides to finish are small ones and
+    the workers end together (in file order, two large slides left to the end keep one worker
+    busy while the other waits). A worker that dies (a decoder crashing on a corrupt file, the
+    kernel killing it for memory) breaks the pool: the slides it left unfinished are then retried
+    one per fresh process, so the culprit is recorded as failed and the others are tiled.
     """
     if cfg.workers == 1:
         for job in jobs:
@@ -433,7 +437,8 @@ def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[Sli
         return
     unfinished: list[SlideJob] = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-        futures = {pool.submit(_tile_or_fail, job, cfg, out): job for job in jobs}
+        largest_first = sorted(jobs, key=_file_bytes, reverse=True)
+        futures = {pool.submit(_tile_or_fail, job, cfg, out): job for job in largest_first}
         reported: set[Future] = set()
         try:
             for future in as_completed(futures):
@@ -454,6 +459,11 @@ def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[Sli
                 yield (job, *alone.submit(_tile_or_fail, job, cfg, out).result())
             except BrokenProcessPool:
                 yield job, None, f"{job.path}: the worker process died while tiling this slide (crash or out of memory)"
+
+
+def _file_bytes(job: SlideJob) -> int:
+    """Size of a slide's file, a proxy for its tiling time (0 for a missing file: it fails at once)."""
+    return job.path.stat().st_size if job.path.is_file() else 0
 
 
 def assemble(out: Path, slide_ids: list[str]) -> Path:
