@@ -128,3 +128,55 @@ def test_atomic_writes_respect_the_umask(tmp_path: Path, umask: int, mode: int) 
         os.umask(old)
     for name in ("manifest.txt", "checkpoint.pth"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+@pytest.mark.parametrize(("extrasamples", "premultiplied"), [("assocalpha", True), ("unassalpha", False)])
+def test_transparent_tiff_pixels_read_as_glass(tmp_path: Path, tiled: bool, extrasamples: str, premultiplied: bool) -> None:
+    import numpy as np
+    import tifffile
+
+    from bonylib.data.slides import open_slide
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:32] = (200, 100, 150, 255)  # opaque tissue
+    rgba[32:, :32] = (0, 0, 0, 0)  # transparent: outside the scanned area
+    half = (100, 50, 75, 128) if premultiplied else (200, 100, 150, 128)  # the same colour at half opacity
+    rgba[32:, 32:] = half
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=[extrasamples], tile=(16, 16) if tiled else None)
+    with open_slide(path, 0.5) as slide:
+        region = slide.read_region((0, 0), 0, (64, 64))
+    assert region.shape == (64, 64, 3)
+    assert (region[:32] == (200, 100, 150)).all()
+    assert (region[32:, :32] == 255).all(), "transparent is glass (white), as OpenSlide reads it"
+    expected = np.array([200, 100, 150]) * 128 / 255 + 127  # over white: colour x alpha + 255 x (1 - alpha)
+    np.testing.assert_allclose(region[40, 40], expected, atol=1.5)
+
+
+def test_full_output_disk_stops_tiling_and_resumes(panda: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from bonylib.data import tiling
+    from bonylib.files import DiskFullError
+
+    written = []
+    real_write = pq.write_table
+
+    def fills_up(table, where, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(where)
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(tiling.pq, "write_table", fills_up)
+    out = tmp_path / "tiles"
+    with pytest.raises(DiskFullError, match=rf"{out / 'parts'}: the output disk is full"):
+        tile("panda", [panda], out, load_config(TileConfig, None, []))
+    assert not (out / "failures.csv").exists(), "no slide is blamed for the full disk"
+    assert len(list((out / "parts").glob("*.parquet"))) == 1 and not list((out / "parts").glob(".*"))
+    monkeypatch.setattr(tiling.pq, "write_table", real_write)
+    result = tile("panda", [panda], out, load_config(TileConfig, None, []))
+    assert (result.tiled, result.skipped, len(result.failures)) == (1, 1, 0)

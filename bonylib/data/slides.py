@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import openslide
@@ -79,16 +80,28 @@ class Slide(ABC):
         self.close()
 
 
-def _over_white(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA array composited over white (OpenSlide returns premultiplied alpha).
+def _over_white(rgba: np.ndarray, premultiplied: bool = True) -> np.ndarray:
+    """RGB of an RGBA array composited over white (glass).
 
-    Inside a scanned area every pixel is opaque: then the RGB channels are returned as they are.
+    OpenSlide returns premultiplied alpha; a TIFF says which it holds in ExtraSamples (1: associated,
+    that is premultiplied; 2: unassociated). Inside a scanned area every pixel is opaque: then the
+    RGB channels are returned as they are.
     """
     alpha = rgba[..., 3]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgba[..., :3])
-    out = rgba[..., :3].astype(np.uint16) + (255 - alpha)[..., None]
+    rgb = rgba[..., :3].astype(np.uint16)
+    if not premultiplied:
+        rgb = (rgb * alpha[..., None] + 127) // 255
+    out = rgb + (255 - alpha)[..., None]
     return np.minimum(out, 255).astype(np.uint8)
+
+
+def _tiff_rgb(pixels: np.ndarray, page: Any) -> np.ndarray:
+    """The RGB of decoded TIFF pixels: alpha composited over white (transparent is glass, not black)."""
+    if pixels.ndim == 3 and pixels.shape[-1] == 4:
+        return _over_white(pixels, premultiplied=tuple(page.extrasamples or (2,))[0] == 1)
+    return pixels[..., :3] if pixels.ndim == 3 else pixels[..., None]
 
 
 class OpenSlideSlide(Slide):
@@ -151,7 +164,7 @@ class TiffSlide(Slide):
         if not page.is_tiled:
             with self._lock:
                 full = page.asarray()
-            _paste(out, full[..., :3] if full.ndim == 3 else full[..., None], 0, 0, x, y)
+            _paste(out, _tiff_rgb(full, page), 0, 0, x, y)
             return out
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
@@ -184,7 +197,7 @@ class TiffSlide(Slide):
         decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
         tile = None
         if decoded is not None:
-            tile = decoded[0][..., :3]
+            tile = _tiff_rgb(decoded[0], page)
             if tile.shape[-1] == 1:  # grey pages (label masks) are repeated into three channels
                 tile = np.repeat(tile, 3, axis=-1)
         with self._lock:

@@ -49,7 +49,7 @@ from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_mea
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
 from bonylib.errors import BonyError, ConfigError
-from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
+from bonylib.files import FULL_DISK, DiskFullError, atomic_path, disk_full, ensure_writable_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,11 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._tar.close()
+        try:
+            self._tar.close()
+        except BaseException as error:  # closing flushes: a full disk shows here; the temporary file still goes
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
         self._atomic.__exit__(*exc)
 
     def write(self, tiles: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,12 +324,21 @@ def _grid(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, Any] | None, str]:
-    """Run :func:`tile_slide` turning any error into a message, so one bad slide never stops a run."""
+    """Run :func:`tile_slide` turning any error into a message, so one bad slide never stops a run.
+
+    A full output disk is not the slide's fault and every later slide would fail the same way: it
+    stops the run (:class:`DiskFullError`, naming the output folder); the finished slides' parts are
+    kept and a rerun resumes.
+    """
     try:
         return tile_slide(job, cfg, out), ""
+    except DiskFullError:
+        raise
     except BonyError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can raise anything from a decoder
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+            raise disk_full(out, f"slide {job.slide_id}") from None
         log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
         return None, f"{job.path}: {type(exc).__name__}: {exc}"
 
