@@ -1,14 +1,16 @@
 """How to split a CPU between torch's threads and the DataLoader's workers, on the real training loop.
 
     python benchmarks/bench_threads.py [--manifest runs/demo/tiles/panda/manifest.parquet]
-        [--splits 2:0 2:1 2:2 1:1] [--steps 25] [--json benchmarks/results/threads.json]
+        [--splits 2:0 2:1 2:2 1:1] [--steps 25] [--repeats 2] [--json benchmarks/results/threads.json]
 
 Each split ``THREADS:WORKERS`` runs the demo recipe (configs/pretrain/demo.yaml: data loading, multi-crop
 augmentations, step, EMA) for ``--steps`` optimisation steps in its own process, in the precision
 ``auto`` resolves to, and reports the steady images/s (the first logged interval, with the workers'
 start-up, is left out). ``auto`` is timed too: the split :func:`bonylib.runtime.plan_threads` picks for
-this machine, which should be the best row. Without ``--manifest`` the images are 224 px JPEGs of
-noise (decoding and augmenting them costs about what tissue tiles do).
+this machine, which should be the best row. The splits run in ``--repeats`` alternating rounds and each
+reports its median, since two runs of one split on a 2-core machine differ by up to 10 %. Without
+``--manifest`` the images are 224 px JPEGs of noise (decoding and augmenting them costs about what
+tissue tiles do).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, help="a tile manifest (default: JPEGs of noise)")
     parser.add_argument("--splits", nargs="+", default=["2:0", "2:1", "2:2", "1:1"], help="THREADS:WORKERS")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds over the splits (medians)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/threads.json"))
     parser.add_argument("--split", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -74,22 +77,28 @@ def main() -> None:
     print(f"demo recipe, {args.steps} steps per split, on {describe_machine(machine)}")
     print(f"auto plans {plan.torch_threads} torch threads + {plan.workers} workers", flush=True)
     images = [] if args.manifest else ["--images", str(_noise_images())]
-    results = {}
-    for split in [*args.splits, "auto:auto"]:
-        command = [sys.executable, __file__, *sys.argv[1:], *images, "--split", split]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"split {split} failed:\n{done.stderr}")
-        results[split] = json.loads(done.stdout.strip().splitlines()[-1])
-        r = results[split]
-        print(f"  {split:<10} {r['torch_threads']} threads + {r['workers']} workers ({r['precision']}): "
-              f"{r['images_per_s']:6.1f} images/s", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(args.repeats):
+        for split in [*args.splits, "auto:auto"]:
+            command = [sys.executable, __file__, *sys.argv[1:], *images, "--split", split]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"split {split} failed:\n{done.stderr}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.setdefault(split, []).append(r)
+            print(f"  round {round_ + 1}: {split:<10} {r['torch_threads']} threads + {r['workers']} workers "
+                  f"({r['precision']}): {r['images_per_s']:6.1f} images/s", flush=True)
+    results = {split: rs[0] | {"images_per_s": float(np.median([r["images_per_s"] for r in rs])),
+                               "rounds": [r["images_per_s"] for r in rs]} for split, rs in runs.items()}
+    for split, r in results.items():
+        print(f"{split:<10} median {r['images_per_s']:6.1f} images/s over {args.repeats} rounds")
     best = max(args.splits, key=lambda s: results[s]["images_per_s"])
     auto = results["auto:auto"]["images_per_s"]
     print(f"best fixed split {best}: {results[best]['images_per_s']:.1f} images/s; auto {auto:.1f} "
           f"({auto / results[best]['images_per_s']:.2f} of the best)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine, "steps": args.steps, "manifest": str(args.manifest or ""),
+    args.json.write_text(json.dumps({"machine": machine, "steps": args.steps, "repeats": args.repeats,
+                                     "manifest": str(args.manifest or ""),
                                      "splits": results, "best": best}, indent=2) + "\n")
     print(f"saved {args.json}")
 

@@ -171,25 +171,31 @@ class Precision:
 
 @functools.lru_cache(maxsize=None)
 def matmul_rate(precision: str, device_type: str = "cpu", n: int = 256, min_s: float = 0.05, max_s: float = 0.5) -> float:
-    """Measured FLOP/s of an ``n`` x ``n`` matmul in ``precision`` (cached per process).
+    """Measured FLOP/s of an ``n`` x ``n`` product as a model computes it in ``precision`` (cached per process).
 
-    Short on purpose (well under a second even where bf16 is emulated at 0.3 GFLOP/s): it repeats the
-    matmul until ``min_s`` has passed, and stops after ``max_s`` whatever the count.
+    fp32 operands under the precision's autocast, as in training, and the faster of the two forms a
+    model's layers take, a plain matmul and a linear layer: they dispatch to different kernels (on an
+    AVX2 CPU in bf16, 1.3 GFLOP/s for ``a @ b`` against 13 for ``F.linear``), and a limit below what a
+    step achieves would print an MFU above 100 %. Short on purpose: each form repeats until ``min_s``
+    has passed, and stops after ``max_s`` whatever the count.
     """
     device = torch.device(device_type)
-    dtype = DTYPES[precision]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # first call: kernel selection, packing buffers
-    _sync(device)
-    count, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_s or elapsed >= max_s:
-            return 2 * n**3 * count / elapsed
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    rates = []
+    with Precision(precision, precision, "probe").autocast(device):
+        for product in (torch.matmul, torch.nn.functional.linear):
+            product(a, b)  # first call: kernel selection, packing buffers
+            _sync(device)
+            count, start = 0, time.perf_counter()
+            while True:
+                product(a, b)
+                count += 1
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_s or elapsed >= max_s:
+                    break
+            rates.append(2 * n**3 * count / elapsed)
+    return max(rates)
 
 
 def _sync(device: torch.device) -> None:
@@ -266,13 +272,15 @@ def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool
     """Split ``cpus`` (default: :func:`usable_cpus`) between torch threads and DataLoader workers.
 
     On a CPU the model and the augmentations share the cores. Augmenting is cheap next to a training
-    step (one core makes about 200 demo multi-crop views/s; two cores train about 26 images/s in fp32),
+    step (one core makes about 200 demo multi-crop views/s; two cores train about 23 images/s in fp32),
     so one worker needs a fraction of a core and shares one with torch, while every further worker takes
-    a core from torch: torch's OpenMP threads wait for each other at every op, and one of them starved by
-    a busy core stalls the whole step. ``auto`` is one worker per 8 CPUs (at least one); measured on a
-    2-core AVX2 machine with the demo recipe in fp32: 2 threads + 1 worker 26.6 images/s, 2 + 2 24.2,
-    1 + 1 19.3, 2 + 0 19.8 (benchmarks/bench_threads.py). On a GPU the model needs little CPU: all but one
-    CPU go to workers (at most 8), and torch keeps what is left. An explicit worker count is kept.
+    a core from torch: torch's OpenMP threads wait for each other at every op, so a thread short of a
+    core stalls the whole step. ``auto`` is one worker per 8 CPUs (at least one, which overlaps reading
+    tiles from slides with the step). Measured on a 2-core AVX2 EPYC, demo recipe in fp32, median of 2
+    rounds (benchmarks/bench_threads.py): 2 threads + 0 workers 24.0 images/s, 2 + 1 23.5, 2 + 2 22.1,
+    1 + 1 18.1: every split with both cores for torch is within the 10 % noise, and one thread costs a
+    quarter. On a GPU the model needs little CPU: all but one CPU go to workers (at most 8), and torch
+    keeps what is left. An explicit worker count is kept.
     """
     cpus = usable_cpus() if cpus is None else max(1, cpus)
     if workers == "auto":
