@@ -74,6 +74,20 @@ def test_resume_accepts_run_only_and_allowed_changes_and_records_them(repo, imag
     assert "lr: 0.01" in (out / "config.yaml").read_text()
 
 
+def test_resuming_with_the_saved_config_yaml_or_auto_is_the_same_run(repo, images, four_steps, tmp_path,
+                                                                    monkeypatch) -> None:
+    from bonylib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))  # auto means fp32, as on the machine it ran on
+    out = copy_run(four_steps, tmp_path / "run")
+    saved = out / "config.yaml"
+    assert "precision: fp32" in saved.read_text()
+    Trainer(load_config(PretrainConfig, saved, ["max_steps=5"]), out).train()  # the record as a config
+    Trainer(config(repo, images, "optim.precision=auto", "data.workers=auto"), out).train()
+    assert not (out / "config_changes.jsonl").read_text().count("precision")
+    assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
 def test_cli_refusal_is_one_line(repo, images, four_steps, tmp_path) -> None:
     out = copy_run(four_steps, tmp_path / "run")
     done = subprocess.run([sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",

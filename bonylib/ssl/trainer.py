@@ -237,12 +237,20 @@ class Trainer:
         self._progress = (time.perf_counter(), 0, 0.0)  # (when this process started training, at which step, k-NN seconds since)
         self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
 
-    def _record_runtime(self) -> None:
-        """Save the config as it runs (precision and workers resolved) and what machine ran it, and why."""
+    @property
+    def resolved_config(self) -> PretrainConfig:
+        """The config as it runs: ``auto`` precision and workers replaced by what this machine resolved.
+
+        This is what ``config.yaml`` and the checkpoints hold and what a resume is compared with, so
+        rerunning with the saved ``config.yaml`` resumes, and a resume on a machine where ``auto`` means
+        another precision is refused (the numerics would change mid-run) unless allowed."""
         cfg = self.cfg
-        resolved = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, precision=self.precision.name),
-                                       data=dataclasses.replace(cfg.data, workers=self.threads.workers))
-        save_config(resolved, self.out / "config.yaml")
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, precision=self.precision.name),
+                                   data=dataclasses.replace(cfg.data, workers=self.threads.workers))
+
+    def _record_runtime(self) -> None:
+        """Save the config as it runs and what machine ran it, and why."""
+        save_config(self.resolved_config, self.out / "config.yaml")
         record = {"machine": machine_record(), "precision": self.precision.record(),
                   "threads": dataclasses.asdict(self.threads), "world_size": self.world.size}
         write_text_atomic(self.out / "runtime.json", json.dumps(record, indent=2) + "\n")
@@ -289,7 +297,7 @@ class Trainer:
             "center": self.loss.center.detach().cpu(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "config": to_dict(self.cfg),
+            "config": to_dict(self.resolved_config),
         }
 
     def save_checkpoint(self) -> None:
@@ -320,7 +328,7 @@ class Trainer:
     def _accept_config(self, saved: dict[str, Any], path: Path, step: int) -> None:
         """Refuse a resume whose config differs from the checkpoint's in keys that change what is trained
         (one line naming them); record the changes that are accepted in ``config_changes.jsonl``."""
-        changes = checkpoints.config_changes(saved, to_dict(self.cfg))
+        changes = checkpoints.config_changes(saved, to_dict(self.resolved_config))
         refused = checkpoints.refused_changes(changes, self.cfg.resume.allow_changes)
         if refused:
             listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
