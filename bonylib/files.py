@@ -32,9 +32,28 @@ def disk_full(folder: Path, what: str) -> DiskFullError:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux shows it (``os.umask`` alone must set it to
+    read it, and another thread could create a file in that moment)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a full disk or quota. Writers that wrap the
+    OSError (torch.save's "unexpected pos" RuntimeError) keep it as ``__cause__`` or ``__context__``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in FULL_DISK:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -59,6 +78,8 @@ def ensure_writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise disk_full(path, "a new folder") from None
         raise BonyError(f"{path}: cannot create output folder ({exc.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise BonyError(f"{path}: output folder is not writable")
@@ -79,18 +100,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     ensure_writable_dir(dest.parent)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
-        os.close(fd)
     except OSError as exc:
         if exc.errno in FULL_DISK:
             raise disk_full(dest.parent, dest.name) from None
         raise
+    try:
+        with contextlib.suppress(OSError):  # some network and FUSE filesystems refuse chmod: keep their default
+            os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, dest)
-    except OSError as exc:
-        if exc.errno in FULL_DISK:
+    except (OSError, RuntimeError) as exc:
+        if is_full_disk(exc):
             raise disk_full(dest.parent, dest.name) from None
         raise
     finally:

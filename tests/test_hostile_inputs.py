@@ -71,6 +71,16 @@ def test_path_like_ids_never_write_outside_the_output(panda: Path, deepgleason: 
     assert "image path '../../../etc/hostname' is not inside" in errors["DG_outside"]
 
 
+def test_a_rejected_id_never_names_a_file_to_delete_or_read(panda: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiles"
+    victim = tmp_path / "victim.abcdefgh.tmp.parquet"  # what `parts/../../victim.????????.tmp.parquet` matches
+    victim.write_text("someone else's file")
+    append(panda / "train.csv", "../../victim,radboud,0,0+0")
+    result = tile("panda", [panda], out, load_config(TileConfig, None, []))
+    assert victim.read_text() == "someone else's file"
+    assert list(result.failures.slide_id) == ["../../victim"]
+
+
 def test_malformed_csv_rows_fail_alone_with_their_line(panda: Path, tmp_path: Path) -> None:
     ids = list(pd.read_csv(panda / "train.csv", dtype=str).image_id)
     first = (panda / "train.csv").read_text().splitlines()[1]
@@ -111,6 +121,11 @@ def test_shard_paths_outside_the_tiling_folder_are_refused(panda: Path, tmp_path
     result = tile("panda", [panda], tmp_path / "tiles", load_config(TileConfig, None, ["shards=true"]))
     manifest = pd.read_parquet(result.manifest)
     assert len(TileDataset(result.manifest)) == len(manifest)
+    os.chdir(tmp_path / "tiles")  # a relative tiling folder is its own root, not "outside" it
+    try:
+        assert TileDataset(Path("manifest.parquet")).read(0).size == (224, 224)
+    finally:
+        os.chdir(tmp_path)
     for shard in ("../../secret.tar", "/etc/passwd"):
         hostile = manifest.assign(shard=shard)
         with pytest.raises(BonyError, match="outside the tiling folder"):

@@ -79,6 +79,7 @@ def test_resuming_with_the_saved_config_yaml_or_auto_is_the_same_run(repo, image
     from bonylib import runtime
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))  # auto means fp32, as on the machine it ran on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = copy_run(four_steps, tmp_path / "run")
     saved = out / "config.yaml"
     assert "precision: fp32" in saved.read_text()
@@ -137,7 +138,7 @@ def test_no_usable_checkpoint_refuses_instead_of_restarting_silently(repo, image
     for path in out.glob("checkpoint*.pth"):
         path.write_bytes(b"garbage")
     before = (out / "log.jsonl").read_bytes()
-    with pytest.raises(BonyError, match=r"no usable checkpoint to resume from \(checkpoint\.pth: "):
+    with pytest.raises(BonyError, match=r"no usable checkpoint to resume from \(checkpoint-00000004\.pth: .*checkpoint\.pth: "):
         Trainer(config(repo, images), out).train()
     assert (out / "log.jsonl").read_bytes() == before
 
@@ -168,12 +169,21 @@ def test_flipped_bytes_are_caught_by_the_checksum(repo, images, four_steps, tmp_
     assert "do not match the checksum" in caplog.text
 
 
-def test_a_foreign_torch_file_is_skipped(repo, images, four_steps, tmp_path, caplog) -> None:
+def test_the_newest_sound_checkpoint_wins(repo, images, four_steps, tmp_path) -> None:
     out = copy_run(four_steps, tmp_path / "run")
-    torch.save({"model": torch.zeros(2)}, out / "checkpoint.pth")
-    (out / "checkpoint.pth.sha256").write_text(checkpoints.sha256_file(out / "checkpoint.pth"))
+    for suffix in ("", ".sha256"):  # killed after writing checkpoint-4 but before copying it to checkpoint.pth
+        (out / f"checkpoint.pth{suffix}").write_bytes((out / f"checkpoint-00000003.pth{suffix}").read_bytes())
     trainer = Trainer(config(repo, images), out)
     assert trainer.resume() and trainer.step == 4
+
+
+def test_a_foreign_torch_file_is_skipped(repo, images, four_steps, tmp_path, caplog) -> None:
+    out = copy_run(four_steps, tmp_path / "run")
+    for path in (out / "checkpoint.pth", out / "checkpoint-00000004.pth"):
+        torch.save({"model": torch.zeros(2)}, path)
+        (out / f"{path.name}.sha256").write_text(checkpoints.sha256_file(path))
+    trainer = Trainer(config(repo, images), out)
+    assert trainer.resume() and trainer.step == 3
     assert "not a bony pretrain checkpoint (no step, student" in caplog.text
 
 
@@ -206,16 +216,37 @@ def test_garbage_weights_without_a_checksum_give_one_clear_line(repo, images, fo
 def test_full_disk_while_checkpointing_names_the_folder_and_resumes(repo, images, four_steps, tmp_path,
                                                                     monkeypatch) -> None:
     out = copy_run(four_steps, tmp_path / "run")
-    real_save = torch.save
+    real_open = open
 
-    def full(obj, handle, *args, **kwargs):
-        handle.write(b"x" * 10)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullFile:
+        """A file on a disk that fills up after the first kilobytes, as torch.save's writer meets it."""
 
-    monkeypatch.setattr(torch, "save", full)
+        def __init__(self, handle) -> None:
+            self.handle, self.written = handle, 0
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+    def full_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return FullFile(handle) if "w" in mode and str(path).endswith(".pth") else handle
+
+    monkeypatch.setattr(checkpoints, "open", full_open, raising=False)
     with pytest.raises(DiskFullError, match=rf"{out}: the output disk is full"):
         Trainer(config(repo, images), out).train()
     assert not list(out.glob(".*tmp*")), "no half-written file is left"
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     Trainer(config(repo, images), out).train()
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]

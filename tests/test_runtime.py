@@ -174,6 +174,7 @@ def test_trainer_runs_and_records_the_resolved_precision(flags, expected, repo: 
                                                         probe, monkeypatch: pytest.MonkeyPatch) -> None:
     probe(3.0 if expected == "bf16" else None)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's decision, also on a GPU machine
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml",
                       [f"data.images={smoke_data / 'deepgleason' / 'tiles'}", "optim.precision=auto", "max_steps=1",
                        "data.workers=auto"])

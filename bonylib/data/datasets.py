@@ -28,7 +28,7 @@ from bonylib.errors import BonyError
 def _check_shards_inside(shards: pd.Series, root: Path) -> None:
     """Refuse a manifest whose shard paths leave the tiling folder (``../``, absolute): a manifest is input we did
     not write ourselves until it is checked, and reading it must not open arbitrary files."""
-    base = os.path.normpath(root)
+    base = os.path.abspath(root)
     for shard in shards.unique():
         path = os.path.normpath(os.path.join(base, shard))
         if os.path.isabs(shard) or os.path.commonpath([base, path]) != base or path == base:

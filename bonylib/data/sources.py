@@ -67,9 +67,9 @@ def id_problem(slide_id: str) -> str:
     """
     if not slide_id.strip():
         return "empty slide id"
-    if _UNSAFE_ID.search(slide_id) or slide_id.startswith(".") or len(slide_id) > MAX_ID_LENGTH:
+    if _UNSAFE_ID.search(slide_id) or slide_id.startswith(".") or len(slide_id.encode()) > MAX_ID_LENGTH:
         return (f"slide id {slide_id!r} is not a safe file name (no '/', '\\', control characters or leading '.', "
-                f"at most {MAX_ID_LENGTH} characters)")
+                f"at most {MAX_ID_LENGTH} bytes: file names take 255, and temporary names add to the id)")
     return ""
 
 

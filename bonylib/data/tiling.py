@@ -49,7 +49,7 @@ from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_mea
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
 from bonylib.errors import BonyError, ConfigError
-from bonylib.files import FULL_DISK, DiskFullError, atomic_path, disk_full, ensure_writable_dir, write_text_atomic
+from bonylib.files import DiskFullError, atomic_path, disk_full, ensure_writable_dir, is_full_disk, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, 
     except BonyError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can raise anything from a decoder
-        if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+        if is_full_disk(exc):
             raise disk_full(out, f"slide {job.slide_id}") from None
         log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
         return None, f"{job.path}: {type(exc).__name__}: {exc}"
@@ -394,7 +394,7 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     _check_config(out, record, overwrite, sharded=count > 1)
     done = {p.stem for p in (out / "parts").glob("*.parquet")}
     pending = [j for j in jobs if j.slide_id not in done or j.error]
-    _remove_stale_temporaries(out, pending, whole_run=count == 1)
+    _remove_stale_temporaries(out, [j for j in pending if not j.error], whole_run=count == 1)
     log.info("%d slides: %d already tiled, %d to do, %d workers", len(jobs), len(jobs) - len(pending), len(pending), cfg.workers)
     failures: list[dict[str, str]] = []
     with tqdm(total=len(pending), desc="tiling", unit="slide") as progress:
@@ -412,7 +412,7 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
             failed.to_csv(tmp, index=False)
         for task_failures in out.glob("failures-*-of-*.csv"):  # superseded: their slides were retried here
             task_failures.unlink()
-        manifest = assemble(out, [j.slide_id for j in jobs])
+        manifest = assemble(out, [j.slide_id for j in jobs if not j.error])  # a rejected id never names a file
     else:
         with atomic_path(out / f"failures-{index}-of-{count}.csv") as tmp:
             failed.to_csv(tmp, index=False)
@@ -455,9 +455,12 @@ def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[Sli
         reported: set[Future] = set()
         try:
             for future in as_completed(futures):
-                result = future.result()  # raises if the pool broke
+                result = future.result()  # raises if the pool broke, or the disk is full
                 reported.add(future)
                 yield (futures[future], *result)
+        except DiskFullError:
+            pool.shutdown(wait=True, cancel_futures=True)  # every queued slide would fail the same way
+            raise
         except BrokenProcessPool:
             for future, job in futures.items():
                 if future in reported:

@@ -48,8 +48,11 @@ def save(state: Mapping[str, Any], out: Path, step: int, keep: int) -> Path:
     """
     numbered = out / f"checkpoint-{step:08d}.pth"
     with atomic_path(numbered) as tmp:
-        with open(tmp, "wb") as handle:  # through a Python file, a full disk is an OSError (ENOSPC), not torch's
-            torch.save(dict(state), handle)  # opaque "unexpected pos" RuntimeError
+        # through a Python file the full disk's OSError reaches us (raised, or as the context of torch's
+        # "unexpected pos" RuntimeError), and atomic_path turns it into DiskFullError; written by path,
+        # torch's C++ writer reports only "unexpected pos"
+        with open(tmp, "wb") as handle:
+            torch.save(dict(state), handle)
         checksum = sha256_file(tmp)
         write_text_atomic(_sidecar(numbered), checksum + "\n")
     write_text_atomic(_sidecar(out / LATEST), checksum + "\n")
@@ -58,6 +61,9 @@ def save(state: Mapping[str, Any], out: Path, step: int, keep: int) -> Path:
     for old in sorted(out.glob("checkpoint-*.pth"))[: -keep or None]:
         old.unlink()
         _sidecar(old).unlink(missing_ok=True)
+    for orphan in out.glob(f"checkpoint*.pth{CHECKSUM_SUFFIX}"):  # left by a save that died before its rename
+        if not orphan.with_suffix("").is_file():
+            orphan.unlink()
     return numbered
 
 
@@ -85,10 +91,13 @@ def _problem(path: Path, required: Iterable[str]) -> tuple[dict[str, Any] | None
 def load_latest(out: Path, required: Iterable[str] = STATE_KEYS) -> tuple[dict[str, Any], Path] | None:
     """The newest sound checkpoint in ``out`` and its path; None when there is none at all.
 
-    Unsound ones are skipped with a warning. When checkpoints exist but none is sound, training must not
-    silently start again from step 0 over a run's folder: that raises, naming each file and its fault.
+    The numbered checkpoints come first, newest first (a kill between writing one and copying it to
+    ``checkpoint.pth`` leaves the copy a step behind), then ``checkpoint.pth`` (the only one when
+    ``keep_checkpoints`` is 0). Unsound ones are skipped with a warning. When checkpoints exist but none
+    is sound, training must not silently start again from step 0 over a run's folder: that raises,
+    naming each file and its fault.
     """
-    candidates = [out / LATEST, *sorted(out.glob("checkpoint-*.pth"), reverse=True)]
+    candidates = [*sorted(out.glob("checkpoint-*.pth"), reverse=True), out / LATEST]
     faults = []
     for path in (p for p in candidates if p.is_file()):
         state, why = _problem(path, list(required))

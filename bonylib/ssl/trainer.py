@@ -29,7 +29,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -235,6 +234,7 @@ class Trainer:
         self.total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.step = 0
         self._progress = (time.perf_counter(), 0, 0.0)  # (when this process started training, at which step, k-NN seconds since)
+        self._step_start: tuple[torch.Tensor, torch.Tensor] | None = None  # center and RNG before the current step
         self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
 
     @property
@@ -427,56 +427,67 @@ class Trainer:
 
     def _train_steps(self) -> None:
         """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
-        accumulate = self.cfg.optim.accumulate
         self._progress = (time.perf_counter(), self.step, 0.0)
         with _Signals() as signals:
-            while self.step < self.total_steps:
-                epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-                started, images = time.perf_counter(), 0
-                losses, entropies = [], []
-                for batch_index, (crops, _) in enumerate(self._batches(epoch, step_in_epoch * accumulate, signals)):
-                    self._set_schedules(self.step)
-                    loss, teacher_out = self._forward_backward(crops, epoch, sync=(batch_index + 1) % accumulate == 0)
-                    losses.append(loss)
-                    if self._logs(self.step + 1):  # the entropy costs a softmax over K: only for logged steps
-                        entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
-                    images += crops[0].shape[0] * self.world.size
-                    if (batch_index + 1) % accumulate:
-                        continue
-                    mean_loss = all_reduce_mean(torch.stack(losses).mean()).item()
-                    if not math.isfinite(mean_loss):
-                        raise BonyError(f"loss is {mean_loss} at step {self.step}: training stopped; the last good "
-                                        f"checkpoint is {self.out / 'checkpoint.pth'} (lower optim.lr or use fp32)")
-                    self._optimizer_step(epoch)
-                    self.step += 1
-                    if self._logs(self.step):
-                        self._log(epoch, mean_loss, torch.stack(entropies).mean().item(), images, started, teacher_out)
-                    losses, entropies = [], []
-                    started, images = time.perf_counter(), 0
-                    end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if end_of_epoch and (epoch + 1) % self.cfg.knn.every_epochs == 0 or self.step == self.total_steps:
-                        knn_started = time.perf_counter()
-                        self._log_knn(epoch)
-                        self._progress = (*self._progress[:2], self._progress[2] + time.perf_counter() - knn_started)
-                    if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
-                        self.save_checkpoint()
-                    if signals.received is not None:
-                        self._stop(signals.received)
-                    if self.step >= self.total_steps or end_of_epoch:
-                        break
+            try:
+                self._run_steps(signals)
+            except RuntimeError:
+                # a stop signal sent to the whole process group (SLURM, `kill` of the job) can reach a DataLoader
+                # worker before it has set itself to ignore it: the worker dies and torch raises in this process,
+                # wherever it is; the run then stops as for the signal itself
+                if signals.received is None:
+                    raise
+                self._stop(signals.received)
 
-    def _batches(self, epoch: int, start_batch: int, signals: _Signals) -> Iterator[tuple[list[torch.Tensor], Any]]:
-        """The epoch's batches from ``start_batch``. A stop signal sent to the whole process group (SLURM, ``kill``
-        of the job) may reach a DataLoader worker before it has set itself to ignore it: the worker dies, the
-        loader raises, and the run stops as for the signal itself, with a checkpoint at the last finished step."""
-        try:
-            yield from self._loader(epoch, start_batch)
-        except RuntimeError:
-            if signals.received is None:
-                raise
-            self._stop(signals.received)
+    def _run_steps(self, signals: _Signals) -> None:
+        """Optimisation steps until ``total_steps``, with logs, k-NN, checkpoints, and a stop at a received signal."""
+        accumulate = self.cfg.optim.accumulate
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            started, images = time.perf_counter(), 0
+            losses, entropies = [], []
+            for batch_index, (crops, _) in enumerate(self._loader(epoch, step_in_epoch * accumulate)):
+                if batch_index % accumulate == 0:  # what a stop in the middle of this step must restore
+                    self._step_start = (self.loss.center.detach().clone(), torch.get_rng_state())
+                self._set_schedules(self.step)
+                loss, teacher_out = self._forward_backward(crops, epoch, sync=(batch_index + 1) % accumulate == 0)
+                losses.append(loss)
+                if self._logs(self.step + 1):  # the entropy costs a softmax over K: only for logged steps
+                    entropies.append(_entropy(teacher_out, self.loss.center, self.loss.teacher_temperature(epoch)))
+                images += crops[0].shape[0] * self.world.size
+                if (batch_index + 1) % accumulate:
+                    continue
+                mean_loss = all_reduce_mean(torch.stack(losses).mean()).item()
+                if not math.isfinite(mean_loss):
+                    raise BonyError(f"loss is {mean_loss} at step {self.step}: training stopped; the last good "
+                                    f"checkpoint is {self.out / 'checkpoint.pth'} (lower optim.lr or use fp32)")
+                self._optimizer_step(epoch)
+                self.step += 1
+                self._step_start = None
+                if self._logs(self.step):
+                    self._log(epoch, mean_loss, torch.stack(entropies).mean().item(), images, started, teacher_out)
+                losses, entropies = [], []
+                started, images = time.perf_counter(), 0
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                if end_of_epoch and (epoch + 1) % self.cfg.knn.every_epochs == 0 or self.step == self.total_steps:
+                    knn_started = time.perf_counter()
+                    self._log_knn(epoch)
+                    self._progress = (*self._progress[:2], self._progress[2] + time.perf_counter() - knn_started)
+                if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if signals.received is not None:
+                    self._stop(signals.received)
+                if self.step >= self.total_steps or end_of_epoch:
+                    break
 
     def _stop(self, signum: int) -> None:
+        """Checkpoint the last finished step and raise :class:`Preempted`. Stopped inside a step, the center and
+        the RNG that its forward passes moved are first put back, so the resumed run repeats the step exactly
+        (the weights and the optimizer change only at the step's end)."""
+        if self._step_start is not None:
+            center, rng = self._step_start
+            self.loss.center.copy_(center)
+            torch.set_rng_state(rng)
         self.save_checkpoint()
         raise Preempted(f"signal {signal.Signals(signum).name} at step {self.step}: checkpoint written to {self.out}, "
                         f"rerun the same command to resume")
