@@ -39,9 +39,10 @@ $(VENV)/.ready:
 	find "$(BONY_CACHE)" -mindepth 1 -maxdepth 1 -type d -name 'venv-*' ! -name 'venv-$(LOCK_HASH)' -exec rm -rf {} +
 
 # The package is installed editable on every call: the cached environment is shared between
-# clones, and this points it at the clone that runs.
+# clones, and this points it at the clone that runs. Under a lock: two clones running make at
+# once (CI and a developer) raced here, one removing the `bony` script while the other installed it.
 env: $(VENV)/.ready
-	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	flock $(VENV)/.install.lock $(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 
 # MathJax 3 from the npm registry, copied into the book's static files: the report works offline.
 $(MATHJAX)/es5/tex-chtml.js:
