@@ -170,3 +170,30 @@ def test_centering_and_sharpening_each_prevent_one_collapse() -> None:
     assert no_centering.mean_entropy < 0.1, "one prototype for every image"
     no_sharpening = toy_dino(centering=True, sharpening=False).tail(20).mean()
     assert no_sharpening.entropy > 0.95 * log_k, "uniform targets"
+
+
+@pytest.mark.parametrize(("nodelist", "host"), [
+    ("node01", "node01"),
+    ("node01,node02", "node01"),
+    ("node[01-04]", "node01"),
+    ("node[07,09-10],gpu[1-2]", "node07"),
+    ("rack1-node[3-4]", "rack1-node3"),
+    ("n[001-004]-ib", "n001-ib"),
+])
+def test_first_host_of_a_slurm_node_list(nodelist: str, host: str) -> None:
+    from bonylib.ssl.distributed import first_host
+
+    assert first_host(nodelist) == host
+
+
+def test_slurm_rendezvous_without_scontrol_uses_the_first_real_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from bonylib.ssl import distributed
+
+    def no_scontrol(*args, **kwargs):
+        raise FileNotFoundError("scontrol")
+
+    monkeypatch.setattr(subprocess, "run", no_scontrol)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[012-015]")
+    assert distributed._slurm_master() == "gpu012"

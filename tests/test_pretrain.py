@@ -155,3 +155,25 @@ def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, image
         for name, value in single[part].items():
             torch.testing.assert_close(ddp[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
+
+
+def test_knn_monitoring_leaves_the_training_trajectory_unchanged(repo: Path, images: Path, smoke_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """k-NN runs the teacher on other tiles between steps: it must not move the RNG, the center, any weight or any
+    BatchNorm statistic (XCiT has BatchNorm: features taken in train mode would update the teacher's)."""
+    from bonylib.config import load_config as load
+    from bonylib.data.tiling import TileConfig, tile
+
+    labelled = tile("deepgleason", [smoke_data / "deepgleason"], tmp_path / "tiles", load(TileConfig, None, ["tile_px=128"]))
+    xcit = ("model.backbone=xcit_nano_12_p16_224",)
+    monitored = Trainer(config(repo, images, *xcit, f"knn.manifest={labelled.manifest}", "knn.folds=2"),
+                        tmp_path / "knn").train()
+    plain = Trainer(config(repo, images, *xcit), tmp_path / "plain").train()
+    records = [json.loads(line) for line in (monitored / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_accuracy" in r] == [3, 6], "k-NN ran at each epoch end"
+    assert {r["step"]: r["loss"] for r in records if "loss" in r} == losses(plain)
+    a, b = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (monitored, plain))
+    torch.testing.assert_close(a["center"], b["center"], rtol=0, atol=0)
+    for part in ("student", "teacher"):
+        for name, value in a[part].items():
+            torch.testing.assert_close(value, b[part][name], rtol=0, atol=0, msg=f"{part}.{name}")

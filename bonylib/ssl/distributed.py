@@ -8,6 +8,7 @@ rendezvous. Without either, training runs as a single process (world size 1).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -36,7 +37,23 @@ def _slurm_master() -> str:
         return subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
                               check=True).stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodes.split(",")[0].split("[")[0]
+        return first_host(nodes)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, without ``scontrol`` (not on every compute image).
+
+    ``node[01-04,07],gpu[1-2]`` -> ``node01``; ``n[001-004]-ib`` -> ``n001-ib``. Commas inside brackets
+    separate ranges, not hosts; each bracket group contributes its first value, zero padding kept.
+    (Cutting at the first '[' gave ``node``, a host that does not exist, and the rendezvous hung.)
+    """
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
 
 
 def init_distributed(backend: str | None = None) -> World:
