@@ -108,6 +108,41 @@ def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int, override
     torch.distributed.destroy_process_group()
 
 
+def _ddp_signal_worker(rank: int, repo: str, images: str, out: str, port: int) -> None:
+    """Rank 1 alone receives SIGUSR1 during step 2 (as when SLURM signals one task first)."""
+    from bonylib.ssl.trainer import Preempted
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(config(Path(repo), Path(images), "optim.batch_size=2", "checkpoint_every=100"), Path(out))
+    if rank == 1:
+        step = trainer._optimizer_step
+
+        def signalled_step(epoch: int) -> None:
+            if trainer.step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            step(epoch)
+
+        trainer._optimizer_step = signalled_step
+    try:
+        trainer.train()
+    except Preempted:
+        (Path(out) / f"stopped-{rank}").write_text(str(trainer.step))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(repo: Path, images: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    torch.multiprocessing.spawn(_ddp_signal_worker, args=(str(repo), str(images), str(out), port), nprocs=2)
+    assert [(out / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["2", "2"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+
+
 def test_tensorboard_mirrors_log_jsonl_and_drops_events_past_the_resumed_checkpoint(repo: Path, images: Path,
                                                                                      tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

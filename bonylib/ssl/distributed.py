@@ -75,6 +75,15 @@ def init_distributed(backend: str | None = None) -> World:
     return world
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of an integer over all processes (itself when alone): how ranks agree on a decision."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], device=device)  # NCCL reduces only tensors on the GPU
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of ``value`` over all processes (itself when alone)."""
     if dist.is_available() and dist.is_initialized():

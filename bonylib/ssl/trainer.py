@@ -51,7 +51,7 @@ from bonylib.runtime import PRECISIONS, machine_record, plan_threads, resolve_pr
 from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
 from bonylib.ssl.data import EpochSampler, SeededViews, images_from
-from bonylib.ssl.distributed import World, all_reduce_mean, init_distributed
+from bonylib.ssl.distributed import World, all_reduce_max, all_reduce_mean, init_distributed
 from bonylib.ssl.ema import update_teacher
 from bonylib.ssl.loss import DINOLoss
 from bonylib.ssl.schedules import cosine_schedule
@@ -475,8 +475,11 @@ class Trainer:
                     self._progress = (*self._progress[:2], self._progress[2] + time.perf_counter() - knn_started)
                 if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                     self.save_checkpoint()
-                if signals.received is not None:
-                    self._stop(signals.received)
+                # SLURM signals one rank, or each at its own moment: all stop after the same step, or the others
+                # would wait forever in the next step's all-reduce
+                stop = all_reduce_max(signals.received or 0, self.device)
+                if stop:
+                    self._stop(stop)
                 if self.step >= self.total_steps or end_of_epoch:
                     break
 
