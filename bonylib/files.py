@@ -25,10 +25,17 @@ class DiskFullError(BonyError):
     """The output filesystem is full (or over quota): not the input's fault; free space and rerun to resume."""
 
 
-def disk_full(folder: Path, what: str) -> DiskFullError:
-    """The error for a write into ``folder`` that ran out of space."""
-    return DiskFullError(f"{folder}: the output disk is full (no space left writing {what}); free space there and "
-                         f"rerun the same command: finished work is kept and the run resumes")
+@contextlib.contextmanager
+def reporting_full_disk(folder: Path, what: str) -> Iterator[None]:
+    """Turn a full disk or quota met inside the block into :class:`DiskFullError` naming ``folder``: one place
+    for every writer, whatever wraps the OSError (torch.save raises "unexpected pos" with it as context)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if _is_full_disk(exc):
+            raise DiskFullError(f"{folder}: the output disk is full (no space left writing {what}); free space there "
+                                f"and rerun the same command: finished work is kept and the run resumes") from None
+        raise
 
 
 def _umask() -> int:
@@ -43,7 +50,7 @@ def _umask() -> int:
     return mask
 
 
-def is_full_disk(exc: BaseException) -> bool:
+def _is_full_disk(exc: BaseException) -> bool:
     """Whether ``exc``, or an error it was raised from, is a full disk or quota. Writers that wrap the
     OSError (torch.save's "unexpected pos" RuntimeError) keep it as ``__cause__`` or ``__context__``."""
     seen: set[int] = set()
@@ -65,6 +72,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def path_inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` when it names something below ``root``, else None ('..' out of it, an absolute path).
+
+    Paths read from a CSV or a manifest are input: this is checked before they are opened. It is checked on
+    the names, not on resolved links, so a dataset whose image folder links to another disk stays usable.
+    """
+    base = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(base, relative))
+    if not relative or os.path.isabs(relative) or path == base or os.path.commonpath([base, path]) != base:
+        return None
+    return Path(path)
+
+
 def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and check that files can be created in it.
 
@@ -76,10 +96,9 @@ def ensure_writable_dir(path: Path) -> Path:
     if blocker is not None and not blocker.is_dir():
         raise BonyError(f"{path}: cannot create output folder ({blocker} is a file, not a folder)")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        with reporting_full_disk(path, "a new folder"):
+            path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if exc.errno in FULL_DISK:
-            raise disk_full(path, "a new folder") from None
         raise BonyError(f"{path}: cannot create output folder ({exc.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise BonyError(f"{path}: output folder is not writable")
@@ -98,12 +117,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     ensure_writable_dir(dest.parent)
-    try:
+    with reporting_full_disk(dest.parent, dest.name):
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    except OSError as exc:
-        if exc.errno in FULL_DISK:
-            raise disk_full(dest.parent, dest.name) from None
-        raise
     try:
         with contextlib.suppress(OSError):  # some network and FUSE filesystems refuse chmod: keep their default
             os.fchmod(fd, 0o666 & ~_umask())
@@ -111,12 +126,9 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, dest)
-    except (OSError, RuntimeError) as exc:
-        if is_full_disk(exc):
-            raise disk_full(dest.parent, dest.name) from None
-        raise
+        with reporting_full_disk(dest.parent, dest.name):
+            yield tmp
+            os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -126,13 +138,8 @@ def append_line(dest: Path, line: str) -> None:
 
     A kill mid-write can leave a torn last line: readers of such logs skip lines that do not parse.
     """
-    try:
-        with open(dest, "a") as handle:
-            handle.write(line.rstrip("\n") + "\n")
-    except OSError as exc:
-        if exc.errno in FULL_DISK:
-            raise disk_full(Path(dest).parent, Path(dest).name) from None
-        raise
+    with reporting_full_disk(Path(dest).parent, Path(dest).name), open(dest, "a") as handle:
+        handle.write(line.rstrip("\n") + "\n")
 
 
 def write_text_atomic(dest: Path, text: str) -> None:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import os
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bonylib.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -164,9 +161,6 @@ class Precision:
         if self.name == "fp32":
             return torch.autocast(device.type, enabled=False)
         return torch.autocast(device.type, dtype=self.dtype)
-
-    def record(self) -> dict[str, str]:
-        return asdict(self)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,6 @@ level than the target resolution are resized).
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,14 @@ from PIL import Image
 from bonylib.data.labels import LABEL_NAMES
 from bonylib.data.slides import Slide, open_slide
 from bonylib.errors import BonyError
+from bonylib.files import path_inside
 
 
 def _check_shards_inside(shards: pd.Series, root: Path) -> None:
     """Refuse a manifest whose shard paths leave the tiling folder (``../``, absolute): a manifest is input we did
     not write ourselves until it is checked, and reading it must not open arbitrary files."""
-    base = os.path.abspath(root)
     for shard in shards.unique():
-        path = os.path.normpath(os.path.join(base, shard))
-        if os.path.isabs(shard) or os.path.commonpath([base, path]) != base or path == base:
+        if path_inside(root, shard) is None:
             raise BonyError(f"{root}: manifest shard path {shard!r} is outside the tiling folder; refusing to read it")
 
 

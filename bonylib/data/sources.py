@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ import pandas as pd
 
 from bonylib.data.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from bonylib.errors import BonyError
+from bonylib.files import path_inside
 
 FORMATS: tuple[str, ...] = ("panda", "sicapv2", "deepgleason", "slides")
 SLIDE_SUFFIXES = frozenset(TIFF_SUFFIXES | IMAGE_SUFFIXES | {".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"})
@@ -118,13 +118,10 @@ def csv_rows(path: Path, required: set[str]) -> Iterator[tuple[int, dict[str, st
 
 
 def _inside(root: Path, relative: str, what: str) -> tuple[Path, str]:
-    """``root / relative`` and "" if it stays inside ``root``, else a path to report and the error.
-
-    Checked on the names ('..', an absolute path), not on resolved links: a dataset whose image folder
-    is a symbolic link to another disk is common on clusters and stays usable.
-    """
-    path = Path(os.path.normpath(root / relative))
-    if not relative or not path.is_relative_to(os.path.normpath(root)) or path == Path(os.path.normpath(root)):
+    """``root / relative`` and "" if it stays inside ``root`` (:func:`bonylib.files.path_inside`), else a path to
+    report and the error."""
+    path = path_inside(root, relative)
+    if path is None:
         return root / "<outside>", f"{what} path {relative!r} is not inside {root}"
     return path, ""
 

@@ -49,7 +49,7 @@ from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_mea
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
 from bonylib.errors import BonyError, ConfigError
-from bonylib.files import DiskFullError, atomic_path, disk_full, ensure_writable_dir, is_full_disk, write_text_atomic
+from bonylib.files import DiskFullError, atomic_path, ensure_writable_dir, reporting_full_disk, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -331,14 +331,13 @@ def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, 
     kept and a rerun resumes.
     """
     try:
-        return tile_slide(job, cfg, out), ""
+        with reporting_full_disk(out, f"slide {job.slide_id}"):
+            return tile_slide(job, cfg, out), ""
     except DiskFullError:
         raise
     except BonyError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can raise anything from a decoder
-        if is_full_disk(exc):
-            raise disk_full(out, f"slide {job.slide_id}") from None
         log.debug("slide %s failed:\n%s", job.slide_id, traceback.format_exc())
         return None, f"{job.path}: {type(exc).__name__}: {exc}"
 

@@ -14,11 +14,12 @@ differ from those the checkpoint was trained with, and the trainer refuses all b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -40,6 +41,21 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
+class _HashingWriter:
+    """A file as torch.save writes it (sequentially), hashing the bytes on their way: a checkpoint of
+    gigabytes is not read back to compute its checksum."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save(state: Mapping[str, Any], out: Path, step: int, keep: int) -> Path:
     """Write ``checkpoint-<step>.pth`` and its checksum, make ``checkpoint.pth`` a copy, keep the last ``keep``.
 
@@ -52,8 +68,9 @@ def save(state: Mapping[str, Any], out: Path, step: int, keep: int) -> Path:
         # "unexpected pos" RuntimeError), and atomic_path turns it into DiskFullError; written by path,
         # torch's C++ writer reports only "unexpected pos"
         with open(tmp, "wb") as handle:
-            torch.save(dict(state), handle)
-        checksum = sha256_file(tmp)
+            hashing = _HashingWriter(handle)
+            torch.save(dict(state), hashing)
+        checksum = hashing.digest.hexdigest()
         write_text_atomic(_sidecar(numbered), checksum + "\n")
     write_text_atomic(_sidecar(out / LATEST), checksum + "\n")
     with atomic_path(out / LATEST) as tmp:

@@ -233,7 +233,6 @@ class Trainer:
         self.momentum = cosine_schedule(cfg.optim.momentum_teacher, 1.0, cfg.optim.epochs, self.steps_per_epoch)
         self.total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.step = 0
-        self._progress = (time.perf_counter(), 0, 0.0)  # (when this process started training, at which step, k-NN seconds since)
         self._step_start: tuple[torch.Tensor, torch.Tensor] | None = None  # center and RNG before the current step
         self._tensorboard: Any = None  # a SummaryWriter while train() runs with cfg.tensorboard
 
@@ -251,7 +250,7 @@ class Trainer:
     def _record_runtime(self) -> None:
         """Save the config as it runs and what machine ran it, and why."""
         save_config(self.resolved_config, self.out / "config.yaml")
-        record = {"machine": machine_record(), "precision": self.precision.record(),
+        record = {"machine": machine_record(), "precision": dataclasses.asdict(self.precision),
                   "threads": dataclasses.asdict(self.threads), "world_size": self.world.size}
         write_text_atomic(self.out / "runtime.json", json.dumps(record, indent=2) + "\n")
 
@@ -427,7 +426,7 @@ class Trainer:
 
     def _train_steps(self) -> None:
         """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
-        self._progress = (time.perf_counter(), self.step, 0.0)
+        self._progress = _Progress(time.perf_counter(), self.step)
         with _Signals() as signals:
             try:
                 self._run_steps(signals)
@@ -472,7 +471,7 @@ class Trainer:
                 if end_of_epoch and (epoch + 1) % self.cfg.knn.every_epochs == 0 or self.step == self.total_steps:
                     knn_started = time.perf_counter()
                     self._log_knn(epoch)
-                    self._progress = (*self._progress[:2], self._progress[2] + time.perf_counter() - knn_started)
+                    self._progress.paused_s += time.perf_counter() - knn_started
                 if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                     self.save_checkpoint()
                 # SLURM signals one rank, or each at its own moment: all stop after the same step, or the others
@@ -541,18 +540,22 @@ class Trainer:
         }
         self._write(record)
         log.info("step %d/%d (epoch %d/%d): loss %.3f, %.1f images/s, %s left", self.step, self.total_steps, epoch + 1,
-                 self.cfg.optim.epochs, loss, record["images_per_s"], _duration(self._seconds_left()))
-
-    def _seconds_left(self) -> float:
-        """Time to the last step at this process's mean pace so far (k-NN evaluations excluded)."""
-        started, first_step, knn_seconds = self._progress
-        done = self.step - first_step
-        return (time.perf_counter() - started - knn_seconds) / max(done, 1) * (self.total_steps - self.step)
+                 self.cfg.optim.epochs, loss, record["images_per_s"], self._progress.left(self.step, self.total_steps))
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s"
+@dataclass
+class _Progress:
+    """This process's pace: when it started training, from which step, and the seconds k-NN took since."""
+
+    started: float
+    first_step: int
+    paused_s: float = 0.0
+
+    def left(self, step: int, total_steps: int) -> str:
+        """Time to ``total_steps`` at the mean pace so far, as ``4m07s``."""
+        pace = (time.perf_counter() - self.started - self.paused_s) / max(step - self.first_step, 1)
+        minutes, seconds = divmod(int(pace * (total_steps - step)), 60)
+        return f"{minutes}m{seconds:02d}s"
 
 
 def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
