@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.models.backbones import create_backbone
-from bonylib.ssl.trainer import PretrainConfig, Trainer
+from bonylib.ssl.trainer import STOPPED, PretrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,10 @@ def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp
     assert "SIGTERM" in stderr and "resume" in stderr
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["step"] == max(losses(out)), "the checkpoint is at the last finished step"
+    stopped = json.loads((out / STOPPED).read_text())
+    assert (stopped["step"], stopped["signal"]) == (state["step"], "SIGTERM"), "the batch script's sign to requeue"
+    Trainer(config(repo, images, "optim.epochs=50", "max_steps=" + str(state["step"] + 1)), out).train()
+    assert not (out / STOPPED).exists(), "a resumed run is no longer a stopped one"
 
 
 def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int, overrides: tuple[str, ...]) -> None:
@@ -140,6 +144,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(repo: Path, i
     out = tmp_path / "ddp"
     torch.multiprocessing.spawn(_ddp_signal_worker, args=(str(repo), str(images), str(out), port), nprocs=2)
     assert [(out / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["2", "2"]
+    assert json.loads((out / STOPPED).read_text())["step"] == 2, "rank 0 records the stop though rank 1 was signalled"
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
 
 

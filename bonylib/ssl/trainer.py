@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -171,6 +172,12 @@ class PretrainConfig:
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
     max_steps: int = option(0, "stop after this many optimisation steps (0: train all epochs); for tests and timing")
     resume: ResumeConfig = section(ResumeConfig, "resuming a run")
+
+
+STOPPED = "preempted.json"
+"""Written into the run folder, after the checkpoint, when a signal stopped training, and removed when the
+run starts again: how a batch script tells a stop to resume (requeue) from a crash (fail), whatever exit
+status its launcher reports (torchrun turns the workers' 143 into 1)."""
 
 
 class Preempted(BonyError):
@@ -406,6 +413,7 @@ class Trainer:
         """Train until ``total_steps`` (resuming if a checkpoint exists); export the teacher; return the folder."""
         self.resume()
         if self.world.is_main:  # only once the resume checks passed: a refused rerun leaves the run's record as it was
+            (self.out / STOPPED).unlink(missing_ok=True)
             self._record_runtime()
             self._trim_log()
         if self.cfg.tensorboard and self.world.is_main:
@@ -491,6 +499,10 @@ class Trainer:
             self.loss.center.copy_(center)
             torch.set_rng_state(rng)
         self.save_checkpoint()
+        if self.world.is_main:
+            record = {"step": self.step, "signal": signal.Signals(signum).name, "time": time.time(),
+                      "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
+            write_text_atomic(self.out / STOPPED, json.dumps(record) + "\n")
         raise Preempted(f"signal {signal.Signals(signum).name} at step {self.step}: checkpoint written to {self.out}, "
                         f"rerun the same command to resume")
 
