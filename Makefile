@@ -13,11 +13,12 @@ RUN ?= runs/demo
 export PATH := $(VENV)/bin:$(PATH)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: env report test clean help venv-path
+.PHONY: env report test slurm-check clean help venv-path
 
 help:
 	@echo "make report  - environment, demo data, the numbered notebooks (papermill), HTML book in _build/html"
 	@echo "make test    - environment and the test suite"
+	@echo "make slurm-check - the sbatch scripts on a one-node SLURM started here (root, ~10 min; not in make test)"
 	@echo "make clean   - remove the run folder and the book build (the cached environment stays)"
 	@echo "make venv-path - print the cached environment's folder (source it: \$$(make -s venv-path)/bin/activate)"
 
@@ -61,6 +62,10 @@ report: env book/_static/mathjax/tex-chtml.js
 
 test: env book/_static/mathjax/tex-chtml.js
 	python -m pytest $(PYTEST_ARGS)
+
+# Installs and starts a one-node SLURM on this machine and runs the cluster path through it: slurm/check.sh.
+slurm-check: env book/_static/mathjax/tex-chtml.js
+	bash slurm/check.sh
 
 clean:
 	rm -rf $(RUN) _build book/executed book/_static/mathjax

@@ -116,11 +116,18 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
+    parser.add_argument("--parameters", type=Path, metavar="FILE",
+                        help="YAML mapping of papermill parameters for every notebook this call runs (over the config's)")
 
 
 def _report_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.report import build_report
+    from bonylib.config import read_mapping
+    from bonylib.report import build_report, notebook_paths
 
+    if args.parameters:
+        extra = read_mapping(args.parameters)
+        for source in notebook_paths(args.book.resolve(), list(cfg.notebooks)):
+            cfg.parameters[source.stem] = {**cfg.parameters.get(source.stem, {}), **extra}
     index = build_report(args.book, args.run, cfg)
     print(index)
     return 0

@@ -48,6 +48,21 @@ def _first_line(exc: OmegaConfBaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def read_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (empty file: empty mapping); a :class:`ConfigError` naming the file otherwise."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is not None and not (isinstance(loaded, dict) and all(isinstance(k, str) for k in loaded)):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    return loaded or {}
+
+
 def load_config(schema: type[T], path: Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Resolve a config: ``schema`` defaults, then the YAML at ``path``, then ``overrides``.
 
@@ -56,18 +71,7 @@ def load_config(schema: type[T], path: Path | None = None, overrides: Sequence[s
     base = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config file ({exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-        layers.append((str(path), OmegaConf.create(loaded or {})))
+        layers.append((str(path), OmegaConf.create(read_mapping(Path(path)))))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

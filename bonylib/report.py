@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ class ReportConfig:
     )
     cell_timeout_s: int = option(3600, "longest a notebook cell may run")
     build: bool = option(True, "build the HTML book after running the notebooks")
+    execute: bool = option(True, "run the notebooks; false: only build the book from the executed copies already in "
+                                 "book/executed (those a SLURM notebook array wrote, slurm/notebook.sbatch)")
 
 
 def notebook_paths(book: Path, stems: list[str]) -> list[Path]:
@@ -48,6 +51,9 @@ def notebook_paths(book: Path, stems: list[str]) -> list[Path]:
         if not found:
             raise BonyError(f"{folder}: no numbered notebooks (NN_name.ipynb) to run")
         return found
+    bad = [stem for stem in stems if not re.fullmatch(r"\d\d_[A-Za-z0-9_-]+", stem)]
+    if bad:
+        raise BonyError(f"notebook {bad[0]!r} is not a numbered notebook stem (NN_name, as in {folder})")
     paths = [folder / f"{stem}.ipynb" for stem in stems]
     for path in paths:
         if not path.is_file():
@@ -119,14 +125,21 @@ def build_report(book: Path, run: Path, cfg: ReportConfig) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         if not (book / name).is_file():
             raise BonyError(f"{book}: not a book root ({name} missing)")
-    ensure_writable_dir(run)
-    save_config(cfg, run / "report.yaml")
+    sources = notebook_paths(book, list(cfg.notebooks))
     failed = []
-    for source in notebook_paths(book, list(cfg.notebooks)):
-        parameters = {"run_dir": str(run), **cfg.parameters.get(source.stem, {})}
-        log.info("running %s", source.name)
-        if not run_notebook(source, book / EXECUTED / source.name, parameters, cfg.cell_timeout_s):
-            failed.append(source.stem)
+    if cfg.execute:
+        ensure_writable_dir(run)
+        save_config(cfg, run / "report.yaml")
+        for source in sources:
+            parameters = {"run_dir": str(run), **cfg.parameters.get(source.stem, {})}
+            log.info("running %s", source.name)
+            if not run_notebook(source, book / EXECUTED / source.name, parameters, cfg.cell_timeout_s):
+                failed.append(source.stem)
+    else:
+        missing = [source.stem for source in sources if not (book / EXECUTED / source.name).is_file()]
+        if missing:
+            raise BonyError(f"{book / EXECUTED}: no executed copy of {', '.join(missing)} (run them first, "
+                            f"e.g. with slurm/notebook.sbatch)")
     stale = [p.stem for p in sorted((book / EXECUTED).glob("*.ipynb")) if papermill_failed(p)]
     failed += [s for s in stale if s not in failed]
     if failed:

@@ -84,6 +84,26 @@ def test_non_finite_loss_stops_with_a_clear_error(repo: Path, images: Path, tmp_
     assert (out / "checkpoint.pth").read_bytes() == before, "the last good checkpoint is kept"
 
 
+def test_a_warning_during_start_up_stops_before_the_first_step_and_resumes_exactly(repo: Path, images: Path,
+                                                                                   tmp_path: Path) -> None:
+    """SLURM may send its warning in a job's first seconds, while Python still imports torch, whose default
+    for SIGUSR1 is to die: the run must instead stop cleanly, and the rerun train as if nothing happened."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",
+               str(repo / "configs/pretrain/smoke.yaml"), f"data.images={images}", "max_steps=4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past the interpreter's start, inside the imports and the set-up
+    os.kill(process.pid, signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    stopped = json.loads((out / STOPPED).read_text())
+    assert (stopped["signal"], stopped["step"]) == ("SIGUSR1", 0), "stopped before any step"
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 0
+    Trainer(config(repo, images, "max_steps=4"), out).train()
+    Trainer(config(repo, images, "max_steps=4"), tmp_path / "straight").train()
+    assert losses(out) == losses(tmp_path / "straight")
+
+
 def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     command = [sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",

@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.report import ReportConfig, build_report
 
@@ -21,6 +22,7 @@ def book_copy(repo: Path, dest: Path) -> Path:
         shutil.copy(repo / name, dest / name)
     shutil.copytree(repo / "book", dest / "book", ignore=shutil.ignore_patterns("executed"))
     shutil.copytree(repo / "notebooks", dest / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(repo / "configs", dest / "configs")
     return dest
 
 
@@ -33,10 +35,8 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(smoke_data)
-    smoke = str(repo / "configs" / "pretrain" / "smoke.yaml")
-    cfg = ReportConfig(notebooks=["01_datasets", "02_dino_theory", "04_pretraining"],
-                       parameters={"01_datasets": {"max_slides": 2}, "02_dino_theory": {"steps": 20},
-                                   "04_pretraining": {"recipe": smoke, "overrides": []}})
+    cfg = load_config(ReportConfig, repo / "configs" / "report" / "smoke.yaml")
+    assert cfg.notebooks == [p.stem for p in sorted((repo / "notebooks").glob("[0-9][0-9]_*.ipynb"))], "every chapter"
     index = build_report(book, run, cfg)
     progress = re.compile(r"step \d+/\d+ \(epoch \d+/\d+\): loss [\d.]+, [\d.]+ images/s, \d+m\d\ds left")
     assert progress.search(capsys.readouterr().err), "training progress is streamed to the terminal while it runs"
@@ -88,3 +88,51 @@ def test_failed_notebook_fails_the_report(tmp_path: Path) -> None:
 def test_not_a_book_root(tmp_path: Path) -> None:
     with pytest.raises(BonyError, match="_config.yml missing"):
         build_report(tmp_path, tmp_path / "run", ReportConfig())
+
+
+def test_a_notebook_stem_never_names_a_path(tmp_path: Path) -> None:
+    book = tmp_path / "book_root"
+    (book / "notebooks").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        (book / name).write_text("title: t\n")
+    for stem in ("../01_x", "01_x/../../y", "datasets"):
+        with pytest.raises(BonyError, match="not a numbered notebook stem"):
+            build_report(book, tmp_path / "run", ReportConfig(notebooks=[stem]))
+
+
+def test_build_only_names_the_chapters_that_were_not_run(tmp_path: Path) -> None:
+    book = tmp_path / "book_root"
+    (book / "notebooks").mkdir(parents=True)
+    (book / "book" / "executed").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        (book / name).write_text("title: t\n")
+    for stem in ("01_a", "02_b", "03_c"):
+        failing_notebook(book / "notebooks" / f"{stem}.ipynb")
+    failing_notebook(book / "book" / "executed" / "02_b.ipynb")
+    with pytest.raises(BonyError, match=r"no executed copy of 01_a, 03_c \(run them first"):
+        build_report(book, tmp_path / "run", ReportConfig(execute=False))
+    assert not (tmp_path / "run").exists(), "building only writes nothing into the run"
+
+
+def test_a_parameters_file_reaches_the_notebook(tmp_path: Path) -> None:
+    """What a notebook array task does: one notebook, its papermill parameters from a YAML file."""
+    from bonylib.cli import main
+
+    book = tmp_path / "book_root"
+    (book / "notebooks").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        (book / name).write_text("title: t\n")
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("run_dir = ''\nwho = 'default'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("open(run_dir + '/who.txt', 'w').write(who)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, book / "notebooks" / "01_who.ipynb")
+    (tmp_path / "params.yaml").write_text("who: array task 3\n")
+    run = tmp_path / "run"
+    assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(tmp_path / "params.yaml"),
+                 "notebooks=[01_who]", "build=false"]) == 0
+    assert (run / "who.txt").read_text() == "array task 3"
+    (tmp_path / "params.yaml").write_text("- not a mapping\n")
+    assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(tmp_path / "params.yaml"),
+                 "notebooks=[01_who]", "build=false"]) == 2

@@ -91,3 +91,9 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

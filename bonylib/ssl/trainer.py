@@ -49,10 +49,11 @@ from bonylib.models.backbones import create_backbone, parameter_groups
 from bonylib.models.export import export_encoder
 from bonylib.models.head import DINOHead, MultiCrop
 from bonylib.runtime import PRECISIONS, machine_record, plan_threads, resolve_precision
+from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import CropConfig, MultiCrop as MultiCropTransform, collate_crops
 from bonylib.ssl.data import EpochSampler, SeededViews, images_from
-from bonylib.ssl.distributed import World, all_reduce_max, all_reduce_mean, init_distributed
+from bonylib.ssl.distributed import World, all_reduce_max, all_reduce_mean, barrier, init_distributed
 from bonylib.ssl.ema import update_teacher
 from bonylib.ssl.loss import DINOLoss
 from bonylib.ssl.schedules import cosine_schedule
@@ -182,26 +183,6 @@ status its launcher reports (torchrun turns the workers' 143 into 1)."""
 
 class Preempted(BonyError):
     """SIGTERM or SIGUSR1 arrived: a checkpoint was written and training stopped, to be resumed."""
-
-
-class _Signals:
-    """Turn SIGTERM / SIGUSR1 (SLURM's pre-emption warning) into a flag checked between steps."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -376,7 +357,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.views, batch_size=self.cfg.optim.batch_size, sampler=self.sampler,
                           num_workers=self.threads.workers, collate_fn=collate_crops, drop_last=True,
-                          worker_init_fn=_ignore_stop_signals,
+                          worker_init_fn=ignore_stop_signals,
                           pin_memory=self.device.type == "cuda")
 
     def _forward_backward(self, crops: list[torch.Tensor], epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,18 +416,24 @@ class Trainer:
     def _train_steps(self) -> None:
         """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
         self._progress = _Progress(time.perf_counter(), self.step)
-        with _Signals() as signals:
-            try:
-                self._run_steps(signals)
-            except RuntimeError:
-                # a stop signal sent to the whole process group (SLURM, `kill` of the job) can reach a DataLoader
-                # worker before it has set itself to ignore it: the worker dies and torch raises in this process,
-                # wherever it is; the run then stops as for the signal itself
-                if signals.received is None:
-                    raise
-                self._stop(signals.received)
+        catch_stop_signals()  # already done at process start by `python -m bonylib pretrain`
+        try:
+            # a signal caught while the run was being set up (imports, data, resume) stops it before its first step
+            early = all_reduce_max(stop_received() or 0, self.device)
+            if early:
+                self._stop(early)
+            self._run_steps()
+        except RuntimeError:
+            # a stop signal sent to the whole process group (SLURM, `kill` of the job) can reach a DataLoader
+            # worker before it has set itself to ignore it: the worker dies and torch raises in this process,
+            # wherever it is; the run then stops as for the signal itself
+            if stop_received() is None:
+                raise
+            self._stop(stop_received())
+        finally:
+            release_stop_signals()
 
-    def _run_steps(self, signals: _Signals) -> None:
+    def _run_steps(self) -> None:
         """Optimisation steps until ``total_steps``, with logs, k-NN, checkpoints, and a stop at a received signal."""
         accumulate = self.cfg.optim.accumulate
         while self.step < self.total_steps:
@@ -484,7 +471,7 @@ class Trainer:
                     self.save_checkpoint()
                 # SLURM signals one rank, or each at its own moment: all stop after the same step, or the others
                 # would wait forever in the next step's all-reduce
-                stop = all_reduce_max(signals.received or 0, self.device)
+                stop = all_reduce_max(stop_received() or 0, self.device)
                 if stop:
                     self._stop(stop)
                 if self.step >= self.total_steps or end_of_epoch:
@@ -503,6 +490,9 @@ class Trainer:
             record = {"step": self.step, "signal": signal.Signals(signum).name, "time": time.time(),
                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
             write_text_atomic(self.out / STOPPED, json.dumps(record) + "\n")
+        # no rank exits before the checkpoint is on disk: `srun --kill-on-bad-exit` ends the whole step as soon
+        # as one task exits non-zero, which would kill the main process in the middle of writing it
+        barrier()
         raise Preempted(f"signal {signal.Signals(signum).name} at step {self.step}: checkpoint written to {self.out}, "
                         f"rerun the same command to resume")
 
@@ -575,13 +565,6 @@ def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
     manifest = pd.read_parquet(cfg.manifest)
     labelled = labelled_tiles(manifest.assign(label_name=relabel(manifest, cfg.label_policy)))
     return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1: the main process decides when to stop, checkpoints, and ends
-    them; SLURM and ``kill`` of a job signal every process of the group, workers included."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
