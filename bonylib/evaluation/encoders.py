@@ -5,6 +5,9 @@ transform (input size, mean, std), the output width, the patch size and the prec
 features are computed in, and an ``identity`` that names exactly which weights these are. The
 embedding store keys its cache on :meth:`Encoder.fingerprint`, so embeddings computed by another
 encoder (other weights, another output, another input size) are never mixed with these.
+
+The builders (Bony exports, random init, timm files, Hibou, HistoEncoder, the handcrafted baseline)
+are in :mod:`bonylib.evaluation.loaders`.
 """
 
 from __future__ import annotations

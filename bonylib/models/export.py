@@ -1,7 +1,12 @@
-"""The exported encoder: teacher backbone weights (safetensors) and the JSON that says how to use them.
+"""The exported encoder: teacher backbone and DINO head weights (safetensors) and the JSON that says how to use them.
 
-The JSON carries the SHA-256 of the weights file: an export is verified before it is used, so a
-damaged copy fails with a line naming it instead of giving wrong features.
+The JSON carries the SHA-256 of each weights file: an export is verified before it is used, so a
+damaged copy fails with a line naming it instead of giving wrong features. The head is exported
+beside the backbone because the seed's decoders read the head's output (``out_dim`` prototypes),
+not the backbone's pooled feature; exports written before heads were exported have no ``head``
+entry and still load for their backbone.
+
+The backbone file is a plain timm state dict, so timm alone loads it (see the README).
 """
 
 from __future__ import annotations
@@ -15,32 +20,54 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bonylib.errors import BonyError
-from bonylib.files import atomic_path, sha256_file
+from bonylib.files import atomic_path, sha256_file, write_text_atomic
 from bonylib.models.backbones import create_backbone
+from bonylib.models.head import DINOHead
 
 FORMAT = "bony-dino-teacher-1"
+BACKBONE_FILE = "teacher_backbone.safetensors"
+HEAD_FILE = "teacher_head.safetensors"
+META_FILE = "teacher_backbone.json"
 
 
-def export_encoder(backbone: nn.Module, name: str, input_size: int, mean: list[float], std: list[float],
-                   out: Path, step: int) -> Path:
-    """Write ``teacher_backbone.safetensors`` and ``teacher_backbone.json`` into ``out``."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(out / "teacher_backbone.safetensors") as tmp:
+def _save_weights(module: nn.Module, dest: Path) -> str:
+    """Write ``module``'s state dict to ``dest`` atomically; return the file's SHA-256."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(dest) as tmp:
         save_file(weights, str(tmp))
-        checksum = sha256_file(tmp)
+        return sha256_file(tmp)
+
+
+def head_dims(head: DINOHead) -> dict[str, int]:
+    """The constructor arguments that rebuild ``head`` (read off its layers, so they cannot disagree with it)."""
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    return {"in_dim": linears[0].in_features, "out_dim": head.last_layer.out_features,
+            "hidden_dim": linears[0].out_features if len(linears) > 1 else linears[-1].out_features,
+            "bottleneck_dim": linears[-1].out_features, "layers": len(linears)}
+
+
+def export_encoder(backbone: nn.Module, head: DINOHead, name: str, input_size: int, mean: list[float],
+                   std: list[float], out: Path, step: int) -> Path:
+    """Write the teacher's backbone and head weights and ``teacher_backbone.json`` into ``out``.
+
+    The JSON is written last: a run killed mid-export leaves the previous export's JSON, whose
+    checksums then refuse the half-replaced weights instead of silently mixing two steps.
+    """
+    backbone_sha = _save_weights(backbone, out / BACKBONE_FILE)
+    head_sha = _save_weights(head, out / HEAD_FILE)
     meta = {"backbone": name, "embed_dim": int(backbone.num_features), "input_size": input_size,
-            "mean": list(mean), "std": list(std), "step": step, "format": FORMAT, "sha256": checksum}
-    with atomic_path(out / "teacher_backbone.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    return out / "teacher_backbone.safetensors"
+            "mean": list(mean), "std": list(std), "step": step, "format": FORMAT, "sha256": backbone_sha,
+            "head": {**head_dims(head), "sha256": head_sha}}
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return out / BACKBONE_FILE
 
 
-def load_encoder(run: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The exported backbone of a pretraining run folder (eval mode) and its metadata."""
+def read_export_meta(run: Path) -> dict[str, Any]:
+    """The checked metadata of the export in ``run`` (format, required keys), without loading weights."""
     run = Path(run)
-    meta_path, weights_path = run / "teacher_backbone.json", run / "teacher_backbone.safetensors"
+    meta_path, weights_path = run / META_FILE, run / BACKBONE_FILE
     if not meta_path.is_file() or not weights_path.is_file():
-        raise BonyError(f"{run}: no exported encoder (teacher_backbone.json/.safetensors); run bony pretrain first")
+        raise BonyError(f"{run}: no exported encoder ({META_FILE} and {BACKBONE_FILE}); run bony pretrain first")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -51,12 +78,47 @@ def load_encoder(run: Path) -> tuple[nn.Module, dict[str, Any]]:
     missing = [key for key in ("backbone", "input_size", "mean", "std") if key not in meta]
     if missing:
         raise BonyError(f"{meta_path}: incomplete export metadata (no {', '.join(missing)})")
-    if "sha256" in meta and sha256_file(weights_path) != meta["sha256"]:
-        raise BonyError(f"{weights_path}: its bytes do not match the sha256 in {meta_path.name} (damaged or replaced "
+    return meta
+
+
+def _load_verified(module: nn.Module, path: Path, expected_sha: str | None, what: str) -> str:
+    """Load ``path`` into ``module`` after checking its bytes against ``expected_sha``; return the file's SHA-256.
+
+    The hash is returned even when the metadata has none (exports written before checksums), because
+    the embedding store keys features on it.
+    """
+    checksum = sha256_file(path)
+    if expected_sha is not None and checksum != expected_sha:
+        raise BonyError(f"{path}: its bytes do not match the sha256 in {META_FILE} (damaged or replaced "
                         f"after export); export again or restore the file")
-    backbone = create_backbone(meta["backbone"])
     try:
-        backbone.load_state_dict(load_file(str(weights_path)))
+        module.load_state_dict(load_file(str(path)))
     except (RuntimeError, OSError, SafetensorError) as exc:
-        raise BonyError(f"{weights_path}: weights do not fit {meta['backbone']} ({str(exc).splitlines()[0]})") from None
+        raise BonyError(f"{path}: weights do not fit {what} ({str(exc).splitlines()[0]})") from None
+    return checksum
+
+
+def load_encoder(run: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The exported backbone of a pretraining run folder (eval mode) and its metadata, whose ``sha256``
+    is the weights file's (computed when an old export did not record it)."""
+    meta = read_export_meta(run)
+    backbone = create_backbone(meta["backbone"])
+    meta["sha256"] = _load_verified(backbone, Path(run) / BACKBONE_FILE, meta.get("sha256"), meta["backbone"])
     return backbone.eval(), meta
+
+
+def load_head(run: Path) -> tuple[DINOHead, str]:
+    """The exported DINO head of ``run`` (eval mode) and its weights' SHA-256."""
+    head_meta, head_path = read_export_meta(run).get("head"), Path(run) / HEAD_FILE
+    if not isinstance(head_meta, dict):
+        raise BonyError(f"{Path(run) / META_FILE}: this export has no DINO head (written before heads were exported); "
+                        f"use the backbone output, or export again from the run's checkpoint with a current bony")
+    if not head_path.is_file():
+        raise BonyError(f"{head_path}: missing (the export's JSON lists a DINO head); restore the file or export again")
+    try:
+        head = DINOHead(head_meta["in_dim"], head_meta["out_dim"], head_meta["hidden_dim"], head_meta["bottleneck_dim"],
+                        layers=head_meta["layers"])
+    except (KeyError, TypeError) as exc:
+        raise BonyError(f"{Path(run) / META_FILE}: incomplete head metadata ({exc!r})") from None
+    checksum = _load_verified(head, head_path, head_meta.get("sha256"), f"a DINO head {head_meta}")
+    return head.eval(), checksum

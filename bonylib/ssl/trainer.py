@@ -17,7 +17,8 @@ Output folder::
                                      a .sha256 checksum that is verified before a resume trusts it
     config_changes.jsonl             every config change a resume accepted (run-only keys, resume.allow_changes)
     teacher_backbone.safetensors     the exported teacher backbone ...
-    teacher_backbone.json            ... and what is needed to rebuild and feed it
+    teacher_head.safetensors         ... its DINO head (the seed's decoders read the head's output) ...
+    teacher_backbone.json            ... and what is needed to rebuild and feed them, with both files' SHA-256
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ class Trainer:
                 self._tensorboard.close()
                 self._tensorboard = None
         if self.world.is_main:
-            export_encoder(self.teacher.backbone, self.cfg.model.backbone, self.cfg.crops.global_size,
+            export_encoder(self.teacher.backbone, self.teacher.head, self.cfg.model.backbone, self.cfg.crops.global_size,
                            self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
         return self.out
 
