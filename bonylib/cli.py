@@ -113,6 +113,48 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    from bonylib.evaluation.embeddings import ENCODER_SPECS
+    from bonylib.evaluation.encoders import OUTPUTS
+
+    forms = ", ".join(form for _, form, _ in ENCODER_SPECS.values())
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="tile manifest.parquet written by bony tile")
+    parser.add_argument("--encoder", required=True, metavar="SPEC", help=f"the frozen encoder: {forms}")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder of stores: the embeddings go to OUT/<encoder fingerprint[:16]>/ (printed); "
+                        "rerun to resume")
+    parser.add_argument("--output", default="cls", choices=OUTPUTS,
+                        help="cls (pooled feature, default), cls+mean (with the mean patch token) or patch "
+                        "(patch tokens for the decoders, stored as float16)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="compute only every N-th chunk starting at I (SLURM array task I of N); "
+                        "a final run without --shard computes what is left and checks the store")
+
+
+def _embed_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.evaluation.embeddings import embed, encoder_from_spec
+
+    result = embed(args.manifest, encoder_from_spec(args.encoder), args.out, args.output, cfg, shard=args.shard)
+    print(f"{result.store}: {result.computed} chunks computed, {result.skipped} already done, "
+          f"{result.missing} left to other shards")
+    return 0
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="evaluation folder: embeddings/, runs/ (metrics JSON and predictions per benchmark, head, "
+                        "encoder and run), results.csv and results.md; rerun to resume")
+
+
+def _evaluate_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.evaluation.evaluate import evaluate
+
+    _, markdown = evaluate(cfg, args.out)
+    print(markdown.read_text())
+    print(markdown)
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
@@ -136,6 +178,8 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
 def _commands() -> list[Command]:
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
+    from bonylib.evaluation.embeddings import EmbedConfig
+    from bonylib.evaluation.evaluate import EvaluateConfig
     from bonylib.report import ReportConfig
     from bonylib.ssl.trainer import PretrainConfig
 
@@ -146,6 +190,10 @@ def _commands() -> list[Command]:
                 TileConfig, _tile_arguments, _tile_run),
         Command("pretrain", "DINO self-distillation of an XCiT/ViT on tiles (one CPU, or many GPUs with torchrun/srun)",
                 PretrainConfig, _pretrain_arguments, _pretrain_run),
+        Command("embed", "embeddings of a tile manifest by a frozen encoder, written once to a resumable store",
+                EmbedConfig, _embed_arguments, _embed_run),
+        Command("evaluate", "frozen-encoder benchmarks (PANDA, DeepGleason, SICAPv2, ISUP) and the results table",
+                EvaluateConfig, _evaluate_arguments, _evaluate_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]

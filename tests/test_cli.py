@@ -11,6 +11,7 @@ import pytest
 from bonylib.cli import build_parser
 from bonylib.config import describe
 from bonylib.data.synthetic import SynthConfig
+from bonylib.evaluation.embeddings import EmbedConfig
 from bonylib.report import ReportConfig
 
 
@@ -25,7 +26,8 @@ def test_top_level_help_lists_subcommands() -> None:
         assert name in result.stdout
 
 
-@pytest.mark.parametrize(("command", "schema"), [("synth", SynthConfig), ("report", ReportConfig)])
+@pytest.mark.parametrize(("command", "schema"), [("synth", SynthConfig), ("report", ReportConfig),
+                                               ("embed", EmbedConfig)])
 def test_subcommand_help_explains_every_option(command: str, schema: type) -> None:
     result = bony(command, "--help")
     assert result.returncode == 0

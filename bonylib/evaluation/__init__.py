@@ -1,1 +1,1 @@
-"""Evaluation of frozen encoders: features, k-NN and (later) probes and benchmarks."""
+"""Evaluation of frozen encoders: the encoder contract, cached embeddings, k-NN and (later) probes and benchmarks."""

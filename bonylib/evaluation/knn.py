@@ -3,19 +3,54 @@
 Each test feature votes with its ``k`` most cosine-similar training features, each vote weighted
 by ``exp(similarity / T)`` (Wu et al., 2018; k = 20, T = 0.07 in DINO). Features are
 L2-normalised first, so similarity is the dot product.
+
+The trainer's monitor (:class:`KnnConfig`, :func:`monitor_scores`) lives here, not in the trainer: it is an
+evaluation of an encoder, computed by the same code as ``bony embed`` (:func:`embed_tiles`), only kept in
+memory because the weights change every epoch.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from bonylib.config import option
+from bonylib.data.labels import POLICIES
+from bonylib.data.tiling import relabel
+from bonylib.errors import ConfigError
+from bonylib.evaluation import metrics
+from bonylib.evaluation.embeddings import embed_tiles
+from bonylib.evaluation.encoders import Encoder, from_backbone
 from bonylib.runtime import Precision
+
+
+@dataclass
+class KnnConfig:
+    """Periodic weighted k-NN accuracy of the teacher's features on labelled tiles (monitoring only)."""
+
+    manifest: str = option("", "labelled tile manifest.parquet (empty: no k-NN monitoring)")
+    label_policy: str = option("min_fraction", "tile labels for k-NN, recomputed from the manifest's class fractions "
+                               "(max labels a stroma tile with a speck of cancer as cancer)")
+    every_epochs: int = option(1, "epochs between k-NN evaluations (and one at the end)")
+    max_tiles: int = option(2000, "labelled tiles drawn from the manifest (seeded)")
+    folds: int = option(5, "slides (manifest group) are split into this many folds; each fold's tiles are "
+                        "classified by the other folds' tiles, so every slide is tested once")
+    k: int = option(20, "neighbours")
+    temperature: float = option(0.07, "vote temperature")
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"knn.folds must be at least 2, got {self.folds}")
+        if self.label_policy not in POLICIES:
+            raise ConfigError(f"knn.label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
 
 
 @torch.no_grad()
@@ -74,20 +109,17 @@ def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, groups: pd
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of the predicted tiles (``predicted >= 0``) that are right; NaN when none is predicted."""
-    counted = predicted >= 0
-    return float((predicted[counted] == labels[counted]).float().mean()) if counted.any() else float("nan")
+    """Share of the predicted tiles (``predicted >= 0``) that are right; NaN when none is predicted.
+
+    :func:`bonylib.evaluation.metrics.accuracy` with this module's (predicted, labels) argument order.
+    """
+    return metrics.accuracy(labels, predicted)
 
 
 def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over classes of the share of each class's predicted tiles that are right (macro recall).
-
-    With 70 % benign tiles a model that answers "benign" to everything scores 0.7 accuracy but 1 /
-    (number of classes) balanced accuracy; kaiko eva reports this for its patch benchmarks too.
-    """
-    counted = predicted >= 0
-    recalls = [float((predicted[counted & (labels == c)] == c).float().mean()) for c in labels[counted].unique()]
-    return float(np.mean(recalls)) if recalls else float("nan")
+    """Mean recall over the classes of the predicted tiles: :func:`bonylib.evaluation.metrics.balanced_accuracy`
+    with this module's (predicted, labels) argument order."""
+    return metrics.balanced_accuracy(labels, predicted)
 
 
 def labelled_tiles(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -103,26 +135,21 @@ LABEL_TASKS: dict[str, dict[str, str]] = {
 cancer vs benign (grades merged, the distinction Karolinska's masks make)."""
 
 
-def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input_size: int, mean: list[float],
-                       std: list[float], folds: int = 5, k: int = 20, temperature: float = 0.07,
-                       batch_size: int = 64, tasks: Sequence[str] = tuple(LABEL_TASKS),
-                       precision: Precision | None = None) -> dict[str, dict[str, float]]:
-    """Cross-validated weighted k-NN accuracy and balanced accuracy of ``backbone``'s features on the
+def manifest_knn_scores(encoder: Encoder, manifest: pd.DataFrame, root: Path | None = None, folds: int = 5,
+                        k: int = 20, temperature: float = 0.07, batch_size: int = 64,
+                        tasks: Sequence[str] = tuple(LABEL_TASKS)) -> dict[str, dict[str, float]]:
+    """Cross-validated weighted k-NN accuracy and balanced accuracy of ``encoder``'s CLS features on the
     labelled tiles of a manifest, per task: ``{task: {"accuracy": ..., "balanced_accuracy": ...}}``.
 
     Tiles without a label and glass are left out; folds keep each ``group`` whole, so the score
-    measures what transfers to unseen slides, not memory of a slide's stain. Features are
-    extracted once (in ``precision``, default fp32) and scored for each of ``tasks`` (keys of :data:`LABEL_TASKS`).
+    measures what transfers to unseen slides, not memory of a slide's stain. Features are computed
+    once (:func:`embed_tiles`, in the encoder's precision) and scored for each of ``tasks`` (keys of
+    :data:`LABEL_TASKS`). ``root`` is the folder the manifest's shard paths are relative to.
     """
-    from bonylib.data.datasets import TileDataset
-    from bonylib.evaluation.features import EvalTransform, extract_features
-
     labelled = labelled_tiles(manifest).reset_index(drop=True)
     if labelled.empty:
         return {task: {"accuracy": float("nan"), "balanced_accuracy": float("nan")} for task in tasks}
-    data = TileDataset(labelled, tile_px=input_size, transform=EvalTransform(input_size, mean, std),
-                       classes=sorted(set(labelled.label_name)), source="slides")
-    features, _ = extract_features(backbone, data, batch_size=batch_size, precision=precision)
+    features = embed_tiles(encoder, labelled, root, "cls", batch_size)
     scores = {}
     for task in tasks:
         names = labelled.label_name.replace(LABEL_TASKS[task])
@@ -131,3 +158,33 @@ def manifest_knn_scores(backbone: torch.nn.Module, manifest: pd.DataFrame, input
         predicted = cross_validated_knn(features, targets, labelled["group"], folds, k, temperature)
         scores[task] = {"accuracy": accuracy(predicted, targets), "balanced_accuracy": balanced_accuracy(predicted, targets)}
     return scores
+
+
+def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
+    """The labelled tiles k-NN monitoring uses: relabelled by ``cfg.label_policy``, glass left out, a seeded sample."""
+    manifest = pd.read_parquet(cfg.manifest)
+    labelled = labelled_tiles(manifest.assign(label_name=relabel(manifest, cfg.label_policy)))
+    return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
+
+
+def monitor_scores(backbone: nn.Module, cfg: KnnConfig, seed: int, input_size: int, mean: Sequence[float],
+                   std: Sequence[float], precision: Precision) -> dict[str, float]:
+    """The trainer's k-NN monitor: weighted k-NN accuracy and balanced accuracy of ``backbone``'s features
+    on the monitoring tiles, slides held out, as flat log keys (``knn_*`` on the tiles' labels,
+    ``knn_*_cancer`` on cancer vs benign).
+
+    It runs between training steps, so it must leave training as it was: torch's RNG is forked and the
+    backbone's train/eval mode restored (features taken in train mode would also move BatchNorm statistics).
+    """
+    was_training = backbone.training
+    encoder = from_backbone(backbone, "k-NN monitor", input_size, tuple(mean), tuple(std),
+                            identity={"kind": "training", "note": "weights change every epoch; never stored"},
+                            precision=precision)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            scores = manifest_knn_scores(encoder, knn_tiles(cfg, seed), Path(cfg.manifest).parent, cfg.folds, cfg.k,
+                                         cfg.temperature)
+    finally:
+        backbone.train(was_training)
+    return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
+            for task, task_scores in scores.items() for metric, value in task_scores.items()}

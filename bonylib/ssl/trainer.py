@@ -35,16 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bonylib.config import option, save_config, section, to_dict
-from bonylib.data.labels import POLICIES
-from bonylib.data.tiling import relabel
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.knn import labelled_tiles, manifest_knn_scores
+from bonylib.evaluation.knn import KnnConfig, monitor_scores
 from bonylib.files import append_line, ensure_writable_dir, write_text_atomic
 from bonylib.models.backbones import create_backbone, parameter_groups
 from bonylib.models.export import export_encoder
@@ -125,27 +122,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"data.workers must be auto or a number >= 0, got '{self.workers}'")
-
-
-@dataclass
-class KnnConfig:
-    """Periodic weighted k-NN accuracy of the teacher's features on labelled tiles (monitoring only)."""
-
-    manifest: str = option("", "labelled tile manifest.parquet (empty: no k-NN monitoring)")
-    label_policy: str = option("min_fraction", "tile labels for k-NN, recomputed from the manifest's class fractions "
-                               "(max labels a stroma tile with a speck of cancer as cancer)")
-    every_epochs: int = option(1, "epochs between k-NN evaluations (and one at the end)")
-    max_tiles: int = option(2000, "labelled tiles drawn from the manifest (seeded)")
-    folds: int = option(5, "slides (manifest group) are split into this many folds; each fold's tiles are "
-                        "classified by the other folds' tiles, so every slide is tested once")
-    k: int = option(20, "neighbours")
-    temperature: float = option(0.07, "vote temperature")
-
-    def __post_init__(self) -> None:
-        if self.folds < 2:
-            raise ConfigError(f"knn.folds must be at least 2, got {self.folds}")
-        if self.label_policy not in POLICIES:
-            raise ConfigError(f"knn.label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
 
 
 @dataclass
@@ -500,13 +476,8 @@ class Trainer:
     def knn_scores(self, backbone: nn.Module | None = None) -> dict[str, float]:
         """Weighted k-NN accuracy and balanced accuracy of ``backbone`` (default: the teacher's) on the
         monitoring tiles, slides held out: ``knn_*`` on the tiles' labels, ``knn_*_cancer`` on cancer vs benign."""
-        cfg = self.cfg.knn
-        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            scores = manifest_knn_scores(backbone or self.teacher.backbone, knn_tiles(cfg, self.cfg.seed),
-                                         self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std,
-                                         cfg.folds, cfg.k, cfg.temperature, precision=self.precision)
-        return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
-                for task, metrics in scores.items() for metric, value in metrics.items()}
+        return monitor_scores(backbone or self.teacher.backbone, self.cfg.knn, self.cfg.seed, self.cfg.crops.global_size,
+                              self.cfg.crops.mean, self.cfg.crops.std, self.precision)
 
     def _log_knn(self, epoch: int) -> None:
         if not (self.world.is_main and self.cfg.knn.manifest):
@@ -559,13 +530,6 @@ class _Progress:
         pace = (time.perf_counter() - self.started - self.paused_s) / max(step - self.first_step, 1)
         minutes, seconds = divmod(int(pace * (total_steps - step)), 60)
         return f"{minutes}m{seconds:02d}s"
-
-
-def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
-    """The labelled tiles k-NN monitoring uses: relabelled by ``cfg.label_policy``, glass left out, a seeded sample."""
-    manifest = pd.read_parquet(cfg.manifest)
-    labelled = labelled_tiles(manifest.assign(label_name=relabel(manifest, cfg.label_policy)))
-    return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
 
 
 def _entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:

@@ -1,0 +1,456 @@
+"""``bony embed``: frozen-encoder embeddings of a tile manifest, computed once and kept on disk.
+
+Every benchmark head, probe and plot reads embeddings instead of running the encoder again (kaiko eva's
+"embed once, fit many heads"), so a new head costs no second pass over the slides. One pass of an
+encoder over a manifest is written to a *store*, a folder named by the encoder's fingerprint::
+
+    <out>/<fingerprint[:16]>/
+        meta.json            encoder name, identity and fingerprint, output, row shape and dtype, manifest path and
+                             SHA-256, row count, rows per chunk, the precision the rows were computed in
+        chunks/000012.ids.npy  row ids of chunk 12 (manifest rows 12 * chunk_rows ... 13 * chunk_rows - 1)
+        chunks/000012.npy      their embeddings: (rows, D) float32, or (rows, N, D) float16 patch tokens
+
+A chunk is written atomically, ids first and embeddings last, so a chunk is complete exactly when its
+``.npy`` exists: a kill loses at most the chunk in progress, and a rerun computes only missing chunks.
+Patch tokens are stored as float16 to bound the size (PANDA's 2.85 M tiles x 196 tokens x 768 is 860 GB
+even so); a token outside float16's range is refused rather than stored as infinity.
+
+A store holds one encoder (fingerprint: weights, output, input size, normalisation) over one manifest
+(its SHA-256): a run that finds other meta in the folder stops with an error naming both, so embeddings
+of two encoders or two versions of a manifest are never mixed. ``--shard i/n`` computes chunks
+i, i+n, ... (a SLURM array task each); the unsharded run computes what is left and checks that every
+chunk is there and fits, and :func:`load_embeddings` reads the store back in manifest order.
+
+Row ids are ``<slide_id>:<level>:<x>:<y>``: the manifest contract has no id column, and these four
+values name a tile uniquely (a slide is tiled on one grid at one level). A manifest is input: a slide id
+that is not a plain name (:func:`bonylib.data.sources.id_problem`), a coordinate that is not an integer
+and a repeated id are refused before anything is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bonylib import __version__
+from bonylib.config import option
+from bonylib.data.datasets import TileDataset
+from bonylib.data.sources import id_problem
+from bonylib.errors import BonyError, ConfigError
+from bonylib.evaluation.encoders import Encoder
+from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
+from bonylib.runtime import PRECISIONS, plan_threads, resolve_precision
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bony-embeddings-1"
+ID_COLUMNS = ("slide_id", "level", "x", "y")
+STORED_DTYPES = {"cls": "float32", "cls+mean": "float32", "patch": "float16"}
+"""dtype of each output on disk: pooled features stay float32 (small); patch tokens are N times larger."""
+META_KEYS = ("encoder", "fingerprint", "output", "row_shape", "dtype", "rows", "chunk_rows", "manifest", "precision",
+             "precision_reason")
+"""What the code reads from a store's meta.json (besides its format)."""
+
+
+@dataclass
+class EmbedConfig:
+    """How ``bony embed`` runs (what it computes is set by MANIFEST, --encoder and --output)."""
+
+    batch_size: int = option(64, "tiles per forward pass")
+    device: str = option("auto", "auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    precision: str = option("auto", "autocast precision: auto (bf16 where the GPU or CPU computes it natively and, "
+                            "on a CPU, measures faster), bf16, fp16 (GPU only) or fp32; a store keeps one precision")
+    workers: Union[int, str] = option("auto", "DataLoader worker processes reading tiles: auto (from the CPUs this "
+                                      "process may use) or a number (0: read in the main process)")
+    chunk_rows: int = option(1024, "rows per chunk file: what a kill can lose; fixed when the store is created")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_rows < 1:
+            raise ConfigError("batch_size and chunk_rows must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ConfigError(f"workers must be auto or a number >= 0, got '{self.workers}'")
+
+
+# ---- encoders by name ------------------------------------------------------------------------
+
+
+def _arch_and_seed(rest: str) -> tuple[Any, ...]:
+    arch, _, seed = rest.rpartition(":")
+    if not arch or not seed.lstrip("-").isdigit():
+        raise ValueError("expected <timm architecture>:<integer seed>")
+    return arch, int(seed)
+
+
+def _run_folder(rest: str) -> tuple[Any, ...]:
+    if not rest:
+        raise ValueError("expected a pretraining run folder")
+    return (Path(rest),)
+
+
+ENCODER_SPECS: dict[str, tuple[str, str, Callable[[str], tuple[Any, ...]]]] = {
+    "random": ("random_init", "random:<arch>:<seed>", _arch_and_seed),
+    "bony": ("from_export", "bony:<run folder>", _run_folder),
+}
+"""``--encoder`` kinds: the builder in :mod:`bonylib.evaluation.loaders` each one calls (a loader added there
+needs one line here), the form users write, and how the text after ``kind:`` becomes the builder's arguments."""
+
+
+def encoder_from_spec(spec: str) -> Encoder:
+    """The :class:`Encoder` a ``--encoder`` text names, e.g. ``random:xcit_nano_12_p16_224:0`` or ``bony:runs/demo``."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ENCODER_SPECS:
+        forms = ", ".join(form for _, form, _ in ENCODER_SPECS.values())
+        raise ConfigError(f"--encoder '{spec}': unknown kind '{kind}' (expected one of: {forms})")
+    builder_name, form, parse = ENCODER_SPECS[kind]
+    try:
+        arguments = parse(rest)
+    except ValueError as exc:
+        raise ConfigError(f"--encoder '{spec}': {exc} ({form})") from None
+    from bonylib.evaluation import loaders  # weight readers and scikit-image: only when an encoder is named
+
+    return getattr(loaders, builder_name)(*arguments)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first GPU if torch sees one, else the CPU; an explicit device must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a torch device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device '{name}': torch sees {torch.cuda.device_count()} GPUs here")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{name}': only cpu and cuda are supported")
+    return device
+
+
+# ---- manifests -------------------------------------------------------------------------------
+
+
+def row_ids(manifest: pd.DataFrame, where: Path) -> np.ndarray:
+    """The id of every manifest row, ``<slide_id>:<level>:<x>:<y>``, checked: raises :class:`BonyError` naming
+    ``where`` and the first bad row for a missing column, an unsafe slide id, a non-integer coordinate or a repeat."""
+    missing = [c for c in ID_COLUMNS if c not in manifest]
+    if missing:
+        raise BonyError(f"{where}: not a tile manifest (no column {', '.join(missing)})")
+    slides = manifest["slide_id"].to_numpy()
+    for slide_id in pd.unique(slides):  # one check per slide, not per tile (PANDA: 2.85 M rows)
+        problem = "slide id is not text" if not isinstance(slide_id, str) else id_problem(slide_id)
+        if problem:
+            raise BonyError(f"{where}: row {int(np.argmax(slides == slide_id))}: {problem}")
+    text = pd.Series(slides, dtype=object).astype(str)
+    for column in ID_COLUMNS[1:]:
+        values = pd.to_numeric(manifest[column], errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        if len(bad):
+            raise BonyError(f"{where}: row {bad[0]}: {column} {manifest[column].tolist()[bad[0]]!r} is not an integer")
+        text = text + ":" + pd.Series(values.astype(np.int64)).astype(str)
+    repeated = np.flatnonzero(text.duplicated().to_numpy())
+    if len(repeated):
+        raise BonyError(f"{where}: row {repeated[0]}: row id {text.iloc[repeated[0]]!r} (slide_id:level:x:y) repeats an "
+                        f"earlier row; {len(repeated)} rows repeat earlier tiles")
+    return text.to_numpy(dtype=str)
+
+
+def read_manifest(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """A tile manifest (parquet) and its checked row ids; a file that is not one raises :class:`BonyError` naming it."""
+    path = Path(path)
+    try:
+        frame = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise BonyError(f"{path}: manifest not found") from None
+    except (OSError, ValueError) as exc:
+        raise BonyError(f"{path}: not a readable parquet manifest ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    return frame.reset_index(drop=True), row_ids(frame, path)
+
+
+# ---- batched inference (the one code path of the store and the k-NN monitor) -----------------
+
+
+def _device_of(encoder: Encoder) -> torch.device:
+    parameter = next(encoder.module.parameters(), None) if encoder.module is not None else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _batches(encoder: Encoder, tiles: pd.DataFrame, root: Path | None, batches: Sequence[list[int]], output: str,
+             workers: int, progress: tqdm | None = None) -> Iterator[torch.Tensor]:
+    """Embeddings (float32, on the CPU) of each batch of row positions of ``tiles``, in order.
+
+    Tiles are read at the encoder's input size (shards when the manifest has them, else the slides) and
+    normalised by its own transform; ``encoder.embed`` runs under ``inference_mode`` in the encoder's
+    precision on the device its weights are on.
+    """
+    if not batches:
+        return  # starting worker processes for nothing costs seconds
+    device = _device_of(encoder)
+    dataset = TileDataset(tiles, root=root, tile_px=encoder.input_size, transform=encoder.transform)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
+    for images, _ in loader:
+        yield encoder.embed(images.to(device, non_blocking=True), output).cpu()
+        if progress is not None:
+            progress.update(len(images))
+
+
+def embed_tiles(encoder: Encoder, tiles: pd.DataFrame, root: Path | None = None, output: str = "cls",
+                batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+    """Embeddings of ``tiles`` (manifest rows) in order, in memory: (rows, D), or (rows, N, D) for ``patch``.
+
+    For features that are used once, such as the trainer's k-NN monitor, whose weights change every
+    epoch: the same reading, batching and precision as the store, nothing written. ``root`` is the folder
+    the manifest's shard paths are relative to. ``workers`` defaults to 0 because in the trainer worker
+    processes would receive SLURM's SIGTERM and die mid-evaluation, which its stop handling cannot catch.
+    """
+    if tiles.empty:
+        raise BonyError("no tiles to embed")
+    rows = len(tiles)
+    batches = [list(range(start, min(start + batch_size, rows))) for start in range(0, rows, batch_size)]
+    return torch.cat(list(_batches(encoder, tiles.reset_index(drop=True), root, batches, output, workers)))
+
+
+# ---- the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What one ``bony embed`` call did: chunks it computed, chunks it found complete, and chunks of other
+    shards still missing (0 after an unsharded call, which computes them)."""
+
+    store: Path
+    computed: int
+    skipped: int
+    missing: int
+
+
+def store_path(out: Path, encoder: Encoder, output: str = "cls") -> Path:
+    """The store folder of ``encoder``'s ``output`` under ``out``."""
+    return Path(out) / encoder.fingerprint(output)[:16]
+
+
+def _chunk_paths(store: Path, chunk: int) -> tuple[Path, Path]:
+    """(ids, embeddings) files of chunk ``chunk``."""
+    return store / "chunks" / f"{chunk:06d}.ids.npy", store / "chunks" / f"{chunk:06d}.npy"
+
+
+def _chunk_rows(meta: dict[str, Any], chunk: int) -> range:
+    start = chunk * meta["chunk_rows"]
+    return range(start, min(start + meta["chunk_rows"], meta["rows"]))
+
+
+def _chunk_count(meta: dict[str, Any]) -> int:
+    return math.ceil(meta["rows"] / meta["chunk_rows"])
+
+
+def _read_meta(store: Path) -> dict[str, Any]:
+    path = store / "meta.json"
+    if not path.is_file():
+        raise BonyError(f"{store}: not an embedding store (no meta.json); run bony embed first")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BonyError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BonyError(f"{path}: not a {FORMAT} store")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing or not isinstance(meta["manifest"], dict) or "sha256" not in meta["manifest"]:
+        raise BonyError(f"{path}: incomplete store metadata (no {', '.join(missing) or 'manifest.sha256'}); delete the folder "
+                        f"to recompute")
+    return meta
+
+
+def _check_meta(store: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to add to a store of another encoder, another manifest or another chunk size."""
+    if found["fingerprint"] != wanted["fingerprint"]:
+        raise BonyError(f"{store}: holds embeddings of encoder {found['encoder']!r} (output {found['output']}, fingerprint "
+                        f"{found['fingerprint'][:16]}), not of {wanted['encoder']!r} (output {wanted['output']}, fingerprint "
+                        f"{wanted['fingerprint'][:16]}); embeddings of two encoders are never mixed: use another --out, "
+                        f"or delete the folder to recompute")
+    if found["manifest"]["sha256"] != wanted["manifest"]["sha256"]:
+        raise BonyError(f"{store}: was computed from manifest {found['manifest']['path']} (sha256 "
+                        f"{found['manifest']['sha256'][:12]}, {found['rows']} rows), but {wanted['manifest']['path']} "
+                        f"has sha256 {wanted['manifest']['sha256'][:12]} ({wanted['rows']} rows): the manifest changed; "
+                        f"use another --out, or delete the folder to recompute")
+    if found["chunk_rows"] != wanted["chunk_rows"]:
+        raise BonyError(f"{store}: was written in chunks of {found['chunk_rows']} rows, not {wanted['chunk_rows']}; "
+                        f"rerun with chunk_rows={found['chunk_rows']}")
+
+
+def _open_store(store: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The store's meta, created from ``wanted`` if the folder is new, else checked against it.
+
+    Array tasks may start together: each reads the meta back after writing it, so a task whose meta
+    lost the race is checked against the winner's like any later run.
+    """
+    ensure_writable_dir(store / "chunks")
+    if not (store / "meta.json").is_file():
+        write_text_atomic(store / "meta.json", json.dumps(wanted, indent=2) + "\n")
+    found = _read_meta(store)
+    _check_meta(store, found, wanted)
+    return found
+
+
+def _remove_stale_temporaries(store: Path, chunks: Sequence[int]) -> None:
+    """Delete half-written chunk files of ``chunks`` left by a killed run (only this task's chunks: other
+    array tasks may be writing theirs)."""
+    for chunk in chunks:
+        # temporary names are ".<stem>.<8 random characters>.tmp<suffix>" (files.atomic_path)
+        for stem in (f"{chunk:06d}", f"{chunk:06d}.ids"):
+            for path in (store / "chunks").glob(f".{glob.escape(stem)}.{'?' * 8}.tmp.npy"):
+                log.info("removing %s, left by an interrupted run", path)
+                path.unlink(missing_ok=True)
+
+
+def _write_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray, embeddings: torch.Tensor) -> None:
+    """Write one chunk: its ids, then its embeddings in the store's dtype (the file that marks it complete)."""
+    rows = _chunk_rows(meta, chunk)
+    with np.errstate(over="ignore"):  # an overflow is reported below, with the rows
+        values = embeddings.numpy().astype(meta["dtype"])
+    if not np.isfinite(values).all():
+        raise BonyError(f"{store}: rows {rows.start}-{rows.stop - 1} embed to values that are not finite in "
+                        f"{meta['dtype']} (NaN weights, or patch tokens beyond float16's 65504); nothing written for them")
+    ids_path, values_path = _chunk_paths(store, chunk)
+    for path, array in ((ids_path, ids[rows.start : rows.stop]), (values_path, values)):
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+
+def _read_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) -> np.ndarray:
+    """Chunk ``chunk``'s embeddings (memory-mapped), after checking its ids against the manifest's and its
+    shape and dtype against the meta; a damaged or foreign chunk raises :class:`BonyError` naming the file."""
+    rows = _chunk_rows(meta, chunk)
+    ids_path, values_path = _chunk_paths(store, chunk)
+    try:
+        stored_ids = np.load(ids_path, allow_pickle=False)
+        values = np.load(values_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BonyError(f"{values_path}: unreadable chunk ({str(exc).splitlines()[0]}); delete it and rerun bony embed "
+                        f"to recompute it") from None
+    expected_shape = (len(rows), *meta["row_shape"])
+    if values.shape != expected_shape or values.dtype != np.dtype(meta["dtype"]):
+        raise BonyError(f"{values_path}: shape {values.shape} {values.dtype}, expected {expected_shape} {meta['dtype']}; "
+                        f"delete it and rerun bony embed to recompute it")
+    if stored_ids.shape != (len(rows),) or not np.array_equal(stored_ids, ids[rows.start : rows.stop]):
+        raise BonyError(f"{ids_path}: row ids differ from manifest rows {rows.start}-{rows.stop - 1}; delete the chunk "
+                        f"and rerun bony embed to recompute it")
+    return values
+
+
+def _missing_chunks(store: Path, meta: dict[str, Any]) -> list[int]:
+    return [c for c in range(_chunk_count(meta)) if not _chunk_paths(store, c)[1].is_file()]
+
+
+def _chunk_batches(meta: dict[str, Any], chunks: Sequence[int], batch_size: int) -> tuple[list[list[int]], list[int | None]]:
+    """Batches of manifest rows covering ``chunks``, none straddling two chunks (so a chunk's rows are computed in
+    the same batches whether or not a run was interrupted), and for each batch the chunk it completes, if any."""
+    batches: list[list[int]] = []
+    ends: list[int | None] = []
+    for chunk in chunks:
+        rows = _chunk_rows(meta, chunk)
+        for start in range(rows.start, rows.stop, batch_size):
+            batches.append(list(range(start, min(start + batch_size, rows.stop))))
+            ends.append(chunk if start + batch_size >= rows.stop else None)
+    return batches, ends
+
+
+def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg: EmbedConfig | None = None,
+          shard: tuple[int, int] = (0, 1)) -> EmbedResult:
+    """Embed every tile of ``manifest`` (this shard's chunks) into ``store_path(out, encoder, output)``.
+
+    Resumes: chunks already on disk are kept. With ``shard=(i, n)``, n > 1, only chunks i, i+n, ... are
+    computed; a run without shard computes whatever is left and checks every chunk (ids, shape, dtype),
+    which is the assembling step after an array job. The encoder's network is moved to ``cfg.device``; the
+    precision is resolved for that device (``cfg.precision``) and recorded in the meta, and a run that would add
+    rows in another precision stops.
+    """
+    cfg = cfg or EmbedConfig()
+    index, count = shard
+    if not 0 <= index < count:
+        raise BonyError(f"--shard {index}/{count}: need 0 <= i < n")
+    manifest = Path(manifest).resolve()
+    frame, ids = read_manifest(manifest)
+    if frame.empty:
+        raise BonyError(f"{manifest}: the manifest has no tiles")
+    device = resolve_device(cfg.device)
+    encoder = dataclasses.replace(encoder, precision=resolve_precision(cfg.precision, device)).to(device)
+    threads = plan_threads(cfg.workers, gpu=device.type == "cuda")
+    threads.apply()
+    store = store_path(out, encoder, output)
+    probe = encoder.embed(torch.zeros(1, 3, encoder.input_size, encoder.input_size, device=device), output)
+    wanted = {
+        "format": FORMAT, "encoder": encoder.name, "fingerprint": encoder.fingerprint(output),
+        "identity": encoder.identity, "output": output, "row_shape": list(probe.shape[1:]),
+        "dtype": STORED_DTYPES[output], "rows": len(ids), "chunk_rows": cfg.chunk_rows,
+        "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
+        "precision": encoder.precision.name, "precision_reason": encoder.precision.reason, "bony": __version__,
+    }
+    meta = _open_store(store, wanted)
+    mine = range(index, _chunk_count(meta), count)
+    pending = [c for c in mine if not _chunk_paths(store, c)[1].is_file()]
+    if pending and meta["precision"] != encoder.precision.name:
+        raise BonyError(f"{store}: its rows were computed in {meta['precision']} ({meta['precision_reason']}); this run "
+                        f"resolves {encoder.precision.name} ({encoder.precision.reason}): run it on the same kind of "
+                        f"device or with precision={meta['precision']}")
+    log.info("%s: %d chunks of %d rows for shard %d/%d, %d already done, %d to compute on %s in %s with %d workers",
+             store, len(mine), meta["chunk_rows"], index, count, len(mine) - len(pending), len(pending), device,
+             encoder.precision.name, threads.workers)
+    _remove_stale_temporaries(store, pending)
+    batches, ends = _chunk_batches(meta, pending, cfg.batch_size)
+    parts: list[torch.Tensor] = []
+    with tqdm(total=sum(len(b) for b in batches), desc="embedding", unit="tile") as progress:
+        batched = _batches(encoder, frame, manifest.parent, batches, output, threads.workers, progress)
+        for values, chunk in zip(batched, ends):
+            parts.append(values)
+            if chunk is not None:
+                _write_chunk(store, meta, chunk, ids, torch.cat(parts))
+                parts = []
+    if count == 1:
+        for chunk in range(_chunk_count(meta)):
+            _read_chunk(store, meta, chunk, ids)
+    missing = len(_missing_chunks(store, meta))
+    log.info("%s: %d chunks computed, %d kept, %d of other shards missing", store, len(pending),
+             len(mine) - len(pending), missing)
+    return EmbedResult(store, len(pending), len(mine) - len(pending), missing)
+
+
+def load_embeddings(store: Path, manifest: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, embeddings)`` of a complete store, in manifest order: (rows,) ids and (rows, D) float32 or
+    (rows, N, D) float16 patch tokens.
+
+    Checks before it returns: the manifest (the one the store names, or ``manifest`` when it was moved)
+    still has the SHA-256 the store was computed from, every chunk is there, and each chunk's ids, shape
+    and dtype fit. Any difference raises :class:`BonyError` naming the store or file.
+    """
+    store = Path(store)
+    meta = _read_meta(store)
+    manifest = Path(manifest or meta["manifest"]["path"])
+    if not manifest.is_file():
+        raise BonyError(f"{store}: its manifest {manifest} is not there; pass the manifest's new path")
+    if sha256_file(manifest) != meta["manifest"]["sha256"]:
+        raise BonyError(f"{store}: {manifest} changed since these embeddings were computed (sha256 differs); "
+                        f"rerun bony embed into another --out")
+    _, ids = read_manifest(manifest)
+    missing = _missing_chunks(store, meta)
+    if missing:
+        raise BonyError(f"{store}: {len(missing)} of {_chunk_count(meta)} chunks missing (first: {missing[0]}); "
+                        f"run bony embed without --shard to compute them")
+    values = np.empty((meta["rows"], *meta["row_shape"]), dtype=meta["dtype"])
+    for chunk in range(_chunk_count(meta)):
+        rows = _chunk_rows(meta, chunk)
+        values[rows.start : rows.stop] = _read_chunk(store, meta, chunk, ids)
+    return ids, values
