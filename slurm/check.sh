@@ -114,15 +114,28 @@ assemble=$(submit --dependency=afterany:"$tile_array" --cpus-per-task=1 --mem=2G
   --wrap "python -m bonylib tile $work/data/panda --format panda --out $work/tiles-slurm")
 
 # --- 2. pre-empted pretraining under both launchers ----------------------------------------------------
-# --time=3 with the warning 60 s before it: SLURM signals 60-90 s into each attempt (it may warn up to
-# 60 s early, and looks every 30 s), before the run's ~2 minutes of steps are done, so each job is
-# stopped, requeued and resumed at least once.
+# --time=3 with the warning 60 s before it: SLURM warns in the last 60-120 s of each attempt (up to a
+# minute early, looking every 30 s), before the run's 2-3 minutes of steps are done, so each job is
+# stopped, requeued and resumed at least once. A third job crashes (its manifest does not exist): it
+# must fail, not requeue.
 say "2. pretraining: 2 processes, time limit 3 min, USR1 60 s before it; torchrun and srun launchers"
 common=(--nodes=1 --gpus-per-node=0 --mem=6G --time=3 --signal=B:USR1@60)
 pretrain_torchrun=$(BONY_LAUNCHER=torchrun BONY_PROCS_PER_NODE=2 submit "${common[@]}" --ntasks-per-node=1 --cpus-per-task=2 \
   --output="$work/logs/pretrain-torchrun-%j.out" slurm/pretrain.sbatch "${recipe[0]}" "$work/pretrain-torchrun" "${recipe[@]:1}")
 pretrain_srun=$(BONY_LAUNCHER=srun submit "${common[@]}" --ntasks-per-node=2 --cpus-per-task=1 \
   --output="$work/logs/pretrain-srun-%j.out" slurm/pretrain.sbatch "${recipe[0]}" "$work/pretrain-srun" "${recipe[@]:1}")
+pretrain_crash=$(BONY_LAUNCHER=srun submit --nodes=1 --ntasks=1 --gpus-per-node=0 --cpus-per-task=1 --mem=2G --time=3 \
+  --output="$work/logs/pretrain-crash-%j.out" slurm/pretrain.sbatch configs/pretrain/smoke.yaml "$work/pretrain-crash" \
+  "data.manifest=$work/no-such-manifest.parquet")
+
+# --- 4. embedding array and its assembling job --------------------------------------------------------
+say "4. embeddings: 2-task array (no GPU here: --gres=none), then the assembling run"
+embed=("$work/tiles-local/manifest.parquet" --encoder random:xcit_nano_12_p16_224:0 device=cpu precision=fp32 chunk_rows=16)
+python -m bonylib embed "${embed[@]}" --out "$work/embed-local" >"$work/logs/embed-local.log" 2>&1
+embed_array=$(submit --array=0-1 --gres=none --cpus-per-task=1 --mem=3G --output="$work/logs/embed-%A_%a.out" \
+  slurm/embed_array.sbatch "${embed[0]}" "$work/embed-slurm" "${embed[2]}" "${embed[@]:3}")
+embed_assemble=$(submit --dependency=afterany:"$embed_array" --cpus-per-task=1 --mem=3G --output="$work/logs/embed-assemble-%j.out" \
+  --wrap "python -m bonylib embed ${embed[*]} --out $work/embed-slurm")
 
 # --- 3. notebook array and the chained report job ------------------------------------------------------
 # in a copy of the book's files, so that the check leaves this checkout's executed notebooks and book alone
@@ -152,9 +165,11 @@ notebook_array=$(submit --chdir="$book" --array=0-$((notebooks - 1))%1 --cpus-pe
   slurm/notebook.sbatch "$run" "$work/notebooks.txt")
 report=$(submit --chdir="$book" --dependency=afterok:"$notebook_array" --output="$work/logs/report-%j.out" slurm/report.sbatch "$run")
 
-wait_for "$tile_array" "$assemble" "$pretrain_torchrun" "$pretrain_srun" "$notebook_array" "$report"
+jobs=("$tile_array" "$assemble" "$pretrain_torchrun" "$pretrain_srun" "$pretrain_crash" "$embed_array" "$embed_assemble"
+      "$notebook_array" "$report")
+wait_for "${jobs[@]}"
 say "jobs:"
-for job in "$tile_array" "$assemble" "$pretrain_torchrun" "$pretrain_srun" "$notebook_array" "$report"; do
+for job in "${jobs[@]}"; do
   printf '   %-8s %-24s %s\n' "$job" "$(scontrol show job "$job" | grep -o 'JobName=[^ ]*' | head -1 | cut -d= -f2)" "$(state "$job")"
 done
 
@@ -194,6 +209,26 @@ print(f"   pretraining ({sys.argv[3]}): {len(numbers)} steps, each once, requeue
       f"losses equal the uninterrupted run's (largest difference {worst:.1e})")
 EOF
 done
+
+[ "$(state "$pretrain_crash")" = FAILED ] || fail "the crashing pretraining ended $(state "$pretrain_crash"), not FAILED"
+[ "$(scontrol show job "$pretrain_crash" | grep -o 'Restarts=[0-9]*')" = Restarts=0 ] || fail "the crashing pretraining was requeued"
+echo "   pretraining (crash): FAILED, not requeued: $(grep -m1 'error' "$work/logs/pretrain-crash-$pretrain_crash.out")"
+
+[ "$(state "$embed_array")" = COMPLETED ] && [ "$(state "$embed_assemble")" = COMPLETED ] || fail "embedding jobs (see $work/logs/embed-*)"
+python - "$work/embed-local" "$work/embed-slurm" "${embed[0]}" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bonylib.evaluation.embeddings import load_embeddings
+
+(local,), (slurm,) = (list(Path(folder).iterdir()) for folder in sys.argv[1:3])
+assert local.name == slurm.name, "the same encoder fingerprint"
+(ids_local, local_rows), (ids_slurm, slurm_rows) = (load_embeddings(store, Path(sys.argv[3])) for store in (local, slurm))
+assert (ids_local == ids_slurm).all() and np.array_equal(local_rows, slurm_rows)
+print(f"   embeddings: the array's store equals the local one ({local_rows.shape[0]} tiles x {local_rows.shape[1]})")
+EOF
 
 [ "$(state "$notebook_array")" = COMPLETED ] && [ "$(state "$report")" = COMPLETED ] || fail "notebook or report job (see $work/logs/notebook-* and report-*)"
 python - "$work/notebooks.txt" "$book" <<'EOF'
