@@ -155,6 +155,31 @@ def _evaluate_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _attention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("encoder", metavar="EXPORT",
+                        help="a bony pretrain run folder, or an encoder spec as bony embed takes (random:<arch>:<seed>)")
+    parser.add_argument("source", type=Path, metavar="IMAGE_OR_SLIDE",
+                        help="an image (JPEG, PNG, plain TIFF: one tile, resized to the encoder's input) or a slide "
+                        "(tiled into OUT/tiles, or read at the tiles of --manifest)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: PNGs, the raw maps as .npy, a JSON")
+    parser.add_argument("--block", type=int, default=-1,
+                        help="whose CLS attention to draw: a ViT block, or an XCiT class-attention block "
+                        "(default -1: the last; the .npy of an image holds every block)")
+    parser.add_argument("--threshold", type=float, metavar="FRACTION",
+                        help="keep only the top FRACTION of each map's attention mass, in (0, 1], as DINO's figures (e.g. 0.6)")
+    parser.add_argument("--manifest", type=Path, help="tile manifest whose rows with this file's path are the tiles "
+                        "to map (treats IMAGE_OR_SLIDE as a slide)")
+
+
+def _attention_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.attention.command import attention
+
+    for path in attention(args.encoder, args.source, args.out, cfg, block=args.block, threshold=args.threshold,
+                          manifest=args.manifest):
+        print(path)
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
@@ -176,6 +201,7 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _commands() -> list[Command]:
+    from bonylib.attention.command import AttentionConfig
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
@@ -194,6 +220,8 @@ def _commands() -> list[Command]:
                 EmbedConfig, _embed_arguments, _embed_run),
         Command("evaluate", "frozen-encoder benchmarks (PANDA, DeepGleason, SICAPv2, ISUP) and the results table",
                 EvaluateConfig, _evaluate_arguments, _evaluate_run),
+        Command("attention", "attention maps of an encoder (ViT, XCiT) over an image, or heatmaps over a slide",
+                AttentionConfig, _attention_arguments, _attention_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]

@@ -18,6 +18,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from bonylib.data.labels import snap_codes
+from bonylib.files import atomic_path
 
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "background": (255, 255, 255),
@@ -189,3 +190,63 @@ def class_grid(manifest: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Fig
     chosen = pd.concat(picks).reset_index(drop=True) if picks else manifest.head(0)
     images = _read_tiles(chosen)
     return image_grid(images, [f"{row.label_name} ({row.provider})" for row in chosen.itertuples()], ncols=per_class, size=1.9)
+
+
+def save_figure(fig: Figure, dest: Path, dpi: int = 150) -> Path:
+    """Write ``fig`` as an image atomically (a killed run leaves no half-written PNG) and close it."""
+    with atomic_path(Path(dest)) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return Path(dest)
+
+
+def heat_colours(values: np.ndarray, cmap: str = "inferno", vmin: float | None = None,
+                 vmax: float | None = None) -> np.ndarray:
+    """RGBA floats (..., 4) of a 2-D map through ``cmap``, scaled to [vmin, vmax] (default: the map's own range);
+    NaN (no tile there) is fully transparent."""
+    low = float(np.nanmin(values)) if vmin is None else vmin
+    high = float(np.nanmax(values)) if vmax is None else vmax
+    scaled = (np.asarray(values, np.float64) - low) / (high - low if high > low else 1.0)
+    return plt.colormaps[cmap](np.clip(scaled, 0.0, 1.0))
+
+
+def attention_overlay(rgb: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.6,
+                      cmap: str = "inferno") -> np.ndarray:
+    """``heat`` (h, w, the size of ``rgb``) coloured over ``rgb`` (uint8); pixels outside ``mask`` (DINO's top
+    attention mass) are shown darkened and uncoloured, so the kept regions stand out as in DINO's figures."""
+    colours = heat_colours(heat, cmap)
+    weight = alpha * colours[..., 3:]
+    out = (1 - weight) * rgb.astype(np.float64) + weight * 255 * colours[..., :3]
+    if mask is not None:
+        out = np.where(mask[..., None], out, 0.35 * rgb)
+    return out.round().astype(np.uint8)
+
+
+def class_colours(fractions: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Colours in [0, 1] (h, w, 3) of per-pixel class fractions (h, w, classes) in the report's class colours,
+    mixed where tiles of several classes overlap; NaN where there is no tile."""
+    table = np.array([CLASS_COLOURS[name] for name in names], np.float64) / 255
+    return fractions @ table
+
+
+def slide_heatmap(thumbnail: np.ndarray, heat: np.ndarray, title: str, cmap: str = "inferno", alpha: float = 0.7,
+                  label: str = "", names: Sequence[str] = ()) -> Figure:
+    """A slide thumbnail with a stitched heatmap over it (NaN where no tile, so the slide shows through).
+
+    ``heat`` is (h, w, 1), drawn through ``cmap`` with a colour bar named ``label``, or (h, w, 3) colours in
+    [0, 1] (PCA components, :func:`class_colours`), with a legend of the classes ``names`` when given.
+    """
+    fig, ax = plt.subplots(figsize=(10, 10 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
+    ax.imshow(thumbnail)
+    if heat.shape[-1] == 1:
+        shown = ax.imshow(np.ma.masked_invalid(heat[..., 0]), cmap=cmap, alpha=alpha, interpolation="nearest")
+        fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label=label)
+    else:
+        rgba = np.concatenate([np.nan_to_num(heat), alpha * ~np.isnan(heat[..., :1])], axis=-1)
+        ax.imshow(np.clip(rgba, 0.0, 1.0), interpolation="nearest")
+    if names:
+        legend(ax, names)
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+    fig.tight_layout()
+    return fig
