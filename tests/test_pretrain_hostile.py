@@ -250,3 +250,14 @@ def test_full_disk_while_checkpointing_names_the_folder_and_resumes(repo, images
     monkeypatch.undo()
     Trainer(config(repo, images), out).train()
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_option_added_after_a_checkpoint_counts_at_its_default() -> None:
+    """A run trained before model.stem existed resumes with the default stem, and only with it."""
+    from bonylib.ssl.checkpoints import config_changes
+
+    saved = {"model": {"backbone": "xcit_nano_12_p16_224"}}
+    defaults = {"model": {"backbone": "vit_small_patch16_224", "stem": "none"}}
+    assert config_changes(saved, {"model": {"backbone": "xcit_nano_12_p16_224", "stem": "none"}}, defaults) == {}
+    assert config_changes(saved, {"model": {"backbone": "xcit_nano_12_p16_224", "stem": "haar_bands"}}, defaults) == {
+        "model.stem": ("none", "haar_bands")}

@@ -5,7 +5,8 @@
 - :func:`from_timm`: any timm model with weights from a local file;
 - :func:`hibou`: Hibou-B (HistAI's DINOv2 ViT-B/14 with 4 registers) from its Hugging Face folder;
 - :func:`histoencoder`: HistoEncoder's DINO-trained XCiT (prostate_small / prostate_medium) state dicts;
-- :func:`handcrafted`: colour statistics and texture, no network: the floor a learned encoder must clear.
+- :func:`handcrafted`: colour statistics and texture, no network: the floor a learned encoder must clear;
+- :func:`scattering`: wavelet scattering coefficients (kymatio), the fixed multiscale-texture floor.
 
 Nothing is downloaded: weights come from files the user has. A missing or unusable file raises one
 :class:`~bonylib.errors.BonyError` line naming the file, what was expected and where the weights are
@@ -110,6 +111,8 @@ def from_export(run_or_dir: Path, output: str = "backbone") -> Encoder:
     backbone, meta = load_encoder(run)
     identity = {"kind": "bony-export", "backbone": meta["backbone"], "sha256": meta["sha256"], "step": meta.get("step"),
                 "output": output}
+    if meta["stem"] != "none":  # only then, so exports without a stem keep the fingerprints of their stored embeddings
+        identity["stem"] = meta["stem"]
     name = f"bony:{run.name}" + (":head" if output == "head" else "")
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     if output == "backbone":
@@ -354,3 +357,57 @@ def handcrafted(input_size: int = 224, mean: Triple = IMAGENET_MEAN, std: Triple
     return Encoder(name="handcrafted", tokens=tokens, input_size=input_size, mean=tuple(mean), std=tuple(std),
                    embed_dim=handcrafted_dim(), patch_size=None,
                    identity={"kind": "handcrafted", "features": json.loads(json.dumps(HANDCRAFTED))})
+
+
+# ---- wavelet scattering baseline ---------------------------------------------------------------
+
+SCATTERING_CHANNELS: tuple[str, ...] = ("rgb", "grey")
+"""What is scattered: each RGB channel (colour kept, 3x the width and time) or scikit-image's grey level."""
+
+
+def scattering_dim(J: int, L: int, channels: str = "rgb") -> int:
+    """Width of the scattering feature: per channel 1 low-pass + ``J*L`` first-order + ``L^2 J(J-1)/2``
+    second-order coefficients (kymatio's order 2, with only the paths j1 < j2 that carry energy)."""
+    per_channel = 1 + J * L + L * L * J * (J - 1) // 2
+    return per_channel * (3 if channels == "rgb" else 1)
+
+
+def scattering(input_size: int = 224, J: int = 3, L: int = 8, channels: str = "rgb", mean: Triple = IMAGENET_MEAN,
+               std: Triple = IMAGENET_STD) -> Encoder:
+    """Spatially averaged 2-D wavelet scattering coefficients (Bruna & Mallat) of each tile, up to order 2, from
+    kymatio's ``Scattering2D`` (Morlet wavelets at ``J`` scales and ``L`` orientations): fixed, translation-stable
+    multiscale texture with no learning, the baseline a wavelet stem should beat. ``mean``/``std`` only undo the
+    normalisation of the batch; the scattering sees pixels in [0, 1].
+
+    The feature is the mean over positions of each coefficient map (the scattering already averages over
+    ``2^J`` pixels; the mean extends that invariance to the whole tile, as the tile label has no position).
+    It runs in float32 outside autocast (FFTs in bf16 are not supported) and cost about 0.2 s a 224-px
+    RGB tile on one shared AMD EPYC core, J=2 and J=3 alike (the full-resolution first layer dominates).
+
+    kymatio is imported from its 2-D torch frontend module, not ``kymatio.torch``: the latter also imports the
+    3-D frontend, which needs ``scipy.special.sph_harm``, removed in scipy 1.17 (kymatio issue #1068, open).
+    It is imported here rather than with the module so that the other encoders load without kymatio.
+    """
+    from kymatio import __version__ as kymatio_version
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    if channels not in SCATTERING_CHANNELS:
+        raise ConfigError(f"scattering channels '{channels}' is not one of {', '.join(SCATTERING_CHANNELS)}")
+    if input_size % 2**J:
+        raise ConfigError(f"scattering input_size {input_size} is not a multiple of 2^J = {2**J}")
+    module = ScatteringTorch2D(J=J, shape=(input_size, input_size), L=L, max_order=2).eval()
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def tokens(batch: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with torch.autocast(batch.device.type, enabled=False):
+            rgb = (batch.float() * std_t.to(batch.device) + mean_t.to(batch.device)).clamp(0, 1)
+            grey = torch.tensor(GRAY, device=batch.device)
+            images = rgb if channels == "rgb" else torch.einsum("bchw,c->bhw", rgb, grey)
+            coefficients = module(images.contiguous())  # (B, [3,] K, S / 2^J, S / 2^J)
+            return coefficients.mean(dim=(-2, -1)).flatten(1), None
+
+    return Encoder(name=f"scattering:J{J}L{L}:{channels}", tokens=tokens, input_size=input_size, mean=tuple(mean),
+                   std=tuple(std), embed_dim=scattering_dim(J, L, channels), patch_size=None,
+                   identity={"kind": "scattering", "library": f"kymatio {kymatio_version}", "J": J, "L": L,
+                             "max_order": 2, "channels": channels, "pooling": "spatial mean"},
+                   module=module)

@@ -6,7 +6,10 @@ beside the backbone because the seed's decoders read the head's output (``out_di
 not the backbone's pooled feature; exports written before heads were exported have no ``head``
 entry and still load for their backbone.
 
-The backbone file is a plain timm state dict, so timm alone loads it (see the README).
+The backbone file is a plain timm state dict, so timm alone loads it (see the README). A backbone
+trained behind a wavelet stem (``model.stem``) is recorded with its ``stem``: its file is the timm
+model built for the stem's output (:func:`bonylib.models.backbones.create_backbone` with that stem), and
+the stem runs before it; exports without a ``stem`` entry have none.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 from bonylib.errors import BonyError
 from bonylib.files import atomic_path, sha256_file, write_text_atomic
-from bonylib.models.backbones import create_backbone
+from bonylib.models.backbones import backbone_stem, create_backbone, timm_model
 from bonylib.models.head import DINOHead
 
 FORMAT = "bony-dino-teacher-1"
@@ -53,10 +56,11 @@ def export_encoder(backbone: nn.Module, head: DINOHead, name: str, input_size: i
     The JSON is written last: a run killed mid-export leaves the previous export's JSON, whose
     checksums then refuse the half-replaced weights instead of silently mixing two steps.
     """
-    backbone_sha = _save_weights(backbone, out / BACKBONE_FILE)
+    backbone_sha = _save_weights(timm_model(backbone), out / BACKBONE_FILE)
     head_sha = _save_weights(head, out / HEAD_FILE)
-    meta = {"backbone": name, "embed_dim": int(backbone.num_features), "input_size": input_size,
-            "mean": list(mean), "std": list(std), "step": step, "format": FORMAT, "sha256": backbone_sha,
+    meta = {"backbone": name, "stem": backbone_stem(backbone), "embed_dim": int(backbone.num_features),
+            "input_size": input_size, "mean": list(mean), "std": list(std), "step": step, "format": FORMAT,
+            "sha256": backbone_sha,
             "head": {**head_dims(head), "sha256": head_sha}}
     write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out / BACKBONE_FILE
@@ -99,11 +103,14 @@ def _load_verified(module: nn.Module, path: Path, expected_sha: str | None, what
 
 
 def load_encoder(run: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The exported backbone of a pretraining run folder (eval mode) and its metadata, whose ``sha256``
-    is the weights file's (computed when an old export did not record it)."""
+    """The exported backbone of a pretraining run folder (eval mode, behind its stem if it was trained with
+    one) and its metadata, whose ``sha256`` is the weights file's (computed when an old export did not record
+    it) and whose ``stem`` is ``none`` for exports written before stems were recorded."""
     meta = read_export_meta(run)
-    backbone = create_backbone(meta["backbone"])
-    meta["sha256"] = _load_verified(backbone, Path(run) / BACKBONE_FILE, meta.get("sha256"), meta["backbone"])
+    meta.setdefault("stem", "none")
+    backbone = create_backbone(meta["backbone"], stem=meta["stem"])
+    meta["sha256"] = _load_verified(timm_model(backbone), Path(run) / BACKBONE_FILE, meta.get("sha256"),
+                                    meta["backbone"])
     return backbone.eval(), meta
 
 

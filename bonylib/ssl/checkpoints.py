@@ -138,9 +138,15 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (value in saved, value in current)}`` for every key whose value differs."""
-    old, new = _flatten(saved), _flatten(current)
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (value in saved, value in current)}`` for every key whose value differs.
+
+    A key that ``saved`` lacks takes its value from ``defaults``: an option added to the schema after the
+    checkpoint was written (``model.stem``) has its default in a run that predates it, so resuming such a run
+    with the default is no change.
+    """
+    old, new = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
     missing = object()
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key, missing) != new.get(key, missing)}

@@ -71,6 +71,9 @@ class ModelConfig:
     drop_path: float = option(0.1, "stochastic depth of the student backbone")
     channels_last: bool = option(True, "convolutions (XCiT's stem and LPI) in channels-last memory format: about 1.07x "
                                  "the step on CPU in bf16 (benchmarks/bench_train_step.py --trials contiguous)")
+    stem: str = option("none", "input stem before the backbone: none, haar_approx (the one-level Haar approximation "
+                       "band, 3 channels at half resolution) or haar_bands (all four Haar bands, 12 channels); the "
+                       "patch size is halved with it, so a crop gives the same tokens as without the stem")
 
 
 @dataclass
@@ -221,10 +224,10 @@ class Trainer:
 
     def _models(self) -> tuple[nn.Module, nn.Module]:
         cfg = self.cfg.model
-        backbone = create_backbone(cfg.backbone, drop_path_rate=cfg.drop_path)
+        backbone = create_backbone(cfg.backbone, drop_path_rate=cfg.drop_path, stem=cfg.stem)
         student = MultiCrop(backbone, DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                                                norm_last_layer=cfg.norm_last_layer))
-        teacher_backbone = create_backbone(cfg.backbone)
+        teacher_backbone = create_backbone(cfg.backbone, stem=cfg.stem)
         teacher = MultiCrop(teacher_backbone, DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim,
                                                        cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer))
         teacher.load_state_dict(student.state_dict())
@@ -292,7 +295,7 @@ class Trainer:
     def _accept_config(self, saved: dict[str, Any], path: Path, step: int) -> None:
         """Refuse a resume whose config differs from the checkpoint's in keys that change what is trained
         (one line naming them); record the changes that are accepted in ``config_changes.jsonl``."""
-        changes = checkpoints.config_changes(saved, to_dict(self.resolved_config))
+        changes = checkpoints.config_changes(saved, to_dict(self.resolved_config), to_dict(PretrainConfig()))
         refused = checkpoints.refused_changes(changes, self.cfg.resume.allow_changes)
         if refused:
             listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
