@@ -424,3 +424,15 @@ def test_cli_on_a_real_scan_stitches_tiles_at_their_coordinates(tmp_path: Path, 
                  "--manifest", str(out / "tiles" / "manifest.parquet")]) == 0
     np.testing.assert_array_equal(np.load(again / f"{name}.attention.npy"), attention)
     assert not (again / "tiles").exists()
+
+
+def test_a_backbone_behind_the_wavelet_stem_has_the_plain_models_grid() -> None:
+    from bonylib.models.backbones import create_backbone
+
+    for name in ("xcit_nano_12_p16_224", "vit_tiny_patch16_224"):
+        model = create_backbone(name, seed=0, stem="haar_bands").eval()
+        with capture_attention(model) as capture, torch.inference_mode():
+            model(torch.randn(1, 3, 64, 64))
+        maps = capture.maps()
+        assert maps.cls.shape[-2:] == (4, 4), name
+        np.testing.assert_allclose(maps.cls.sum(axis=(-2, -1)), 1.0, rtol=1e-4)

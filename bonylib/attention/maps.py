@@ -40,6 +40,7 @@ from torch import nn
 
 from bonylib.errors import ConfigError
 from bonylib.evaluation.encoders import Encoder
+from bonylib.models.backbones import timm_model
 
 
 @contextlib.contextmanager
@@ -79,7 +80,9 @@ BLOCK_NAMES = {"vit": "ViT blocks", "xcit": "class-attention blocks"}
 
 def cls_attention_modules(module: nn.Module) -> tuple[str, list[nn.Module]]:
     """The architecture (``vit`` or ``xcit``) and the attention modules whose CLS row is the map, one per block;
-    a :class:`ConfigError` for a model whose attention is not timm's own (its forward is what the hooks rely on)."""
+    a :class:`ConfigError` for a model whose attention is not timm's own (its forward is what the hooks rely on).
+    A backbone behind a wavelet stem is read through its timm model: its patch grid is the plain model's."""
+    module = timm_model(module)
     if isinstance(module, VisionTransformer) and module.cls_token is not None:
         architecture, attentions, kinds = "vit", [block.attn for block in module.blocks], (Attention,)
     elif isinstance(module, Xcit) and module.cls_attn_blocks is not None:
@@ -100,6 +103,7 @@ class AttentionCapture:
     """Forward hooks on a timm ViT or XCiT keeping the maps of the last forward pass (see :func:`capture_attention`)."""
 
     def __init__(self, module: nn.Module) -> None:
+        module = timm_model(module)
         self.architecture, attentions = cls_attention_modules(module)
         self.prefix = int(module.num_prefix_tokens)
         self._grid: tuple[int, int] | None = None
