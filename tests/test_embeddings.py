@@ -22,7 +22,7 @@ from bonylib.data.datasets import TileDataset
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.embeddings import (EmbedConfig, embed, encoder_from_spec, load_embeddings, read_manifest,
-                                           row_ids, store_path)
+                                           rooted_spec, row_ids, store_path)
 from bonylib.evaluation.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
 from bonylib.models.backbones import create_backbone
 
@@ -185,9 +185,19 @@ def test_patch_tokens_beyond_float16_are_refused(manifest: Path, tmp_path: Path)
 
 
 def test_encoder_specs() -> None:
-    for spec, problem in {"hibou:x": "unknown kind 'hibou'", "random:" + ARCH: "integer seed", "bony:": "run folder"}.items():
+    problems = {"hubou:x": "unknown kind 'hubou'", "random:" + ARCH: "integer seed", "bony:": "run folder",
+                "handcrafted:x": "takes nothing", "histoencoder:w.pth": "<name>:<local weights file>"}
+    for spec, problem in problems.items():
         with pytest.raises(ConfigError, match=problem):
             encoder_from_spec(spec)
+    assert encoder_from_spec("handcrafted").identity["kind"] == "handcrafted"
+    with pytest.raises(BonyError, match="w.pth: no such file"):  # understood; its file is missing: the row's note
+        encoder_from_spec("histoencoder:prostate_medium:w.pth")
+    root = Path("/data/run")
+    assert rooted_spec("histoencoder:prostate_small:w/p.pth", root) == "histoencoder:prostate_small:/data/run/w/p.pth"
+    assert rooted_spec("bony-head:pretrain", root) == "bony-head:/data/run/pretrain"
+    assert rooted_spec("bony:/abs/run", root) == "bony:/abs/run"
+    assert rooted_spec(f"random:{ARCH}:0", root) == f"random:{ARCH}:0"
 
 
 def test_cli_end_to_end(manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

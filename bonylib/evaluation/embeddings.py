@@ -102,12 +102,58 @@ def _run_folder(rest: str) -> tuple[Any, ...]:
     return (Path(rest),)
 
 
+def _head_of_run(rest: str) -> tuple[Any, ...]:
+    return (*_run_folder(rest), "head")
+
+
+def _nothing(rest: str) -> tuple[Any, ...]:
+    if rest:
+        raise ValueError("takes nothing after the kind")
+    return ()
+
+
+def _path(rest: str) -> tuple[Any, ...]:
+    if not rest:
+        raise ValueError("expected a local path")
+    return (Path(rest),)
+
+
+def _name_and_path(rest: str) -> tuple[Any, ...]:
+    name, _, path = rest.partition(":")
+    if not name or not path:
+        raise ValueError("expected <name>:<local weights file>")
+    return name, Path(path)
+
+
+def _histoencoder(rest: str) -> tuple[Any, ...]:
+    model, path = _name_and_path(rest)
+    return path, model
+
+
 ENCODER_SPECS: dict[str, tuple[str, str, Callable[[str], tuple[Any, ...]]]] = {
     "random": ("random_init", "random:<arch>:<seed>", _arch_and_seed),
     "bony": ("from_export", "bony:<run folder>", _run_folder),
+    "bony-head": ("from_export", "bony-head:<run folder> (the DINO head's output)", _head_of_run),
+    "timm": ("from_timm", "timm:<timm model name>:<weights file>", _name_and_path),
+    "hibou": ("hibou", "hibou:<Hugging Face folder of Hibou-B>", _path),
+    "histoencoder": ("histoencoder", "histoencoder:<prostate_small|prostate_medium>:<.pth file>", _histoencoder),
+    "handcrafted": ("handcrafted", "handcrafted", _nothing),
+    "scattering": ("scattering", "scattering", _nothing),
 }
 """``--encoder`` kinds: the builder in :mod:`bonylib.evaluation.loaders` each one calls (a loader added there
 needs one line here), the form users write, and how the text after ``kind:`` becomes the builder's arguments."""
+
+PATH_KINDS = ("bony", "bony-head", "timm", "hibou", "histoencoder")
+"""Kinds whose spec ends in a local path (after its last ``:``): :func:`rooted_spec` resolves it."""
+
+
+def rooted_spec(spec: str, root: Path) -> str:
+    """``spec`` with its path, if it names one, taken relative to ``root`` (absolute paths stay as they are)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in PATH_KINDS or not rest:
+        return spec
+    head, sep, path = rest.rpartition(":")
+    return f"{kind}:{head}{sep}{Path(root) / path}"
 
 
 def encoder_from_spec(spec: str) -> Encoder:

@@ -1,0 +1,124 @@
+"""The heads the benchmarks share, with their settings: tile/patch classifiers (the seed's MLP, eva's linear
+probe, weighted k-NN) and the seed's decoders, each fitted on train, early-stopped on val, scored on test.
+
+PANDA tiles and SICAPv2 patches fit the same classifiers; DeepGleason masks and SICAPv2 reconstructions
+the same decoders. Their settings are config sections of each benchmark, so a benchmark's protocol is
+read in one place of its YAML.
+
+Trained heads read embeddings z-scored per channel with the training rows' statistics (:func:`standardize`);
+k-NN reads them as they are (DINO's protocol: cosine similarity of the raw features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bonylib.config import option
+from bonylib.errors import ConfigError
+from bonylib.evaluation.benchmarks.common import curve_of
+from bonylib.evaluation.decoders import Decoder, decode, fit_decoder
+from bonylib.evaluation.knn import weighted_knn
+from bonylib.evaluation.probes import SEED_MLP_HIDDEN, fit_classifier, predict_logits, seed_mlp
+
+CLASSIFIERS = ("mlp", "linear", "knn")
+_TRAINING = ("lr", "batch_size", "max_steps", "eval_every", "patience")
+UNUSED_PROBE_KEYS = {"mlp": ("knn_k", "knn_temperature"), "linear": ("mlp_hidden", "knn_k", "knn_temperature"),
+                     "knn": (*_TRAINING, "mlp_hidden")}
+"""The :class:`ProbeConfig` keys each classifier does not read: changing them keeps its finished runs."""
+
+
+@dataclass
+class ProbeConfig:
+    """How classification heads are fitted (defaults: kaiko eva's linear-probe protocol, DINO's k-NN)."""
+
+    lr: float = option(3e-4, "AdamW learning rate (eva: 3e-4)")
+    batch_size: int = option(256, "embeddings per step (eva: 256)")
+    max_steps: int = option(12_500, "most steps, cosine decay to zero over them (eva: 12,500)")
+    eval_every: int = option(250, "steps between validations (balanced accuracy on val)")
+    patience: int = option(10, "validations without a better score before stopping; the best checkpoint is kept")
+    mlp_hidden: list[int] = option(list(SEED_MLP_HIDDEN), "hidden widths of the seed's MLP (input -> 8192 -> 2048 -> "
+                                   "512 -> 128 -> classes); narrower only for CPU demos")
+    knn_k: int = option(20, "weighted k-NN neighbours (DINO: 20)")
+    knn_temperature: float = option(0.07, "weighted k-NN vote temperature (DINO: 0.07)")
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.max_steps, self.eval_every, self.patience, self.knn_k) < 1 or self.lr <= 0:
+            raise ConfigError("probe lr, batch_size, max_steps, eval_every, patience and knn_k must be positive")
+
+
+@dataclass
+class DecoderConfig:
+    """How the seed's decoders are fitted (the seed records only the architecture: the schedule is ours)."""
+
+    out_size: int = option(224, "side of the decoded image: 7 px doubled (56, 112, 224: the seed's); the patch-token "
+                           "decoder ends at the token grid doubled to the nearest side")
+    width: int = option(256, "channels of the first feature map, halved by each stage (the seed's: 256)")
+    lr: float = option(1e-3, "AdamW learning rate")
+    batch_size: int = option(64, "embeddings per step")
+    max_epochs: int = option(50, "most epochs, cosine decay over them")
+    patience: int = option(5, "epochs without a lower validation loss before stopping; the best epoch is kept")
+    examples: int = option(8, "test tiles whose decoded images are saved for the notebooks")
+
+    def __post_init__(self) -> None:
+        if min(self.out_size, self.width, self.batch_size, self.max_epochs, self.patience) < 1 or self.lr <= 0:
+            raise ConfigError("decoder out_size, width, lr, batch_size, max_epochs and patience must be positive")
+        if self.examples < 0:
+            raise ConfigError("decoder examples must be at least 0")
+
+
+def standardize(features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """``features`` ((N, D), or (N, T, D) patch tokens) z-scored per channel by the ``train`` rows' mean and std.
+
+    eva feeds probes raw embeddings, and for a learned encoder this changes little (an affine map the head
+    could learn); but the handcrafted baseline mixes GLCM contrasts in the hundreds with LBP frequencies
+    below 0.1, and on the demo its MLP then predicted one class for every tile (accuracy 0 in 3 of 3 runs)
+    while the same features z-scored trained normally. Statistics come from the training rows only, so no
+    test information leaks in; a channel constant on them (std 0) is only centred.
+    """
+    reference = features[train].reshape(-1, features.shape[-1])
+    std = reference.std(0)
+    return (features - reference.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def classify(kind: str, features: torch.Tensor, targets: torch.Tensor, parts: np.ndarray, classes: int,
+             cfg: ProbeConfig, seed: int, device: torch.device) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predicted class of every test row (``parts == "test"``) by head ``kind``, and what the JSON keeps of the fit.
+
+    ``mlp`` and ``linear`` train on the train rows and keep the step of best validation balanced accuracy;
+    ``knn`` votes with the train rows' embeddings (no training, so no validation either). Trained heads read
+    :func:`standardize`'d embeddings.
+    """
+    train, val, test = (torch.from_numpy(parts == part) for part in ("train", "val", "test"))
+    if kind == "knn":
+        predicted = weighted_knn(features[train].to(device), targets[train].to(device), features[test].to(device),
+                                 classes, cfg.knn_k, cfg.knn_temperature)
+        return predicted.cpu().numpy(), {}
+    head: nn.Module = (seed_mlp(features.shape[1], classes, cfg.mlp_hidden) if kind == "mlp"
+                       else nn.Linear(features.shape[1], classes)).to(device)
+    features = standardize(features, train)
+    fit = fit_classifier(head, (features[train], targets[train]), (features[val], targets[val]),
+                         metric="balanced_accuracy", lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+                         eval_every=cfg.eval_every, patience=cfg.patience, seed=seed)
+    predicted = predict_logits(fit.head, features[test]).argmax(1)
+    return predicted.numpy(), {"best_step": fit.best_step, "best_val": fit.best_score, "curve": curve_of(fit)}
+
+
+def fit_and_decode(features: torch.Tensor, targets: torch.Tensor, parts: np.ndarray, out_channels: int, task: str,
+                   cfg: DecoderConfig, seed: int, device: torch.device, out_size: int,
+                   grid: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The seed's decoder trained from the train rows' embeddings to their ``targets`` (images (N, C, H, W) in
+    [0, 1] for ``regression``, label maps (N, H, W) for ``classes``), best epoch by validation loss; returns
+    its output for the test rows and what the JSON keeps of the fit. ``grid`` set: it reads patch tokens. The
+    embeddings are :func:`standardize`'d first."""
+    train, val, test = (torch.from_numpy(parts == part) for part in ("train", "val", "test"))
+    features = standardize(features, train)
+    decoder = Decoder(features.shape[-1], out_channels, out_size, task=task, grid=grid, width=cfg.width).to(device)
+    fit = fit_decoder(decoder, (features[train], targets[train]), (features[val], targets[val]), lr=cfg.lr,
+                      batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=seed)
+    return decode(fit.head, features[test], cfg.batch_size), {"best_step": fit.best_step, "best_val": fit.best_score,
+                                                              "curve": curve_of(fit), "out_size": out_size}
