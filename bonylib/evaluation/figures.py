@@ -1,0 +1,132 @@
+"""Figures and tables of a ``bony evaluate`` output folder, for the benchmark chapters of the book.
+
+Everything is read back from the run records (``runs/<benchmark>/<head>/<encoder>/*.json`` and the
+predictions beside them) and from ``results.csv``: a chapter draws the learning curves, confusion
+matrices, masks and reconstructions of the heads that were fitted, and never fits one itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bonylib.errors import BonyError
+from bonylib.evaluation.benchmarks import BENCHMARKS
+from bonylib.evaluation.results import cell_text, read_run
+
+Run = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+def runs_of(out: Path, benchmark: str, head: str) -> dict[str, list[Run]]:
+    """The runs of one head, by row label (table order: as the folders sort), each run's (record, predictions)."""
+    folder = Path(out) / "runs" / benchmark / head
+    if not folder.is_dir():
+        raise BonyError(f"{folder}: no runs of {benchmark}/{head} (run bony evaluate with this benchmark first)")
+    found: dict[str, list[Run]] = defaultdict(list)
+    for record in sorted(folder.glob("*/*.json")):
+        meta, arrays = read_run(record)
+        found[meta["label"]].append((meta, arrays))
+    return dict(found)
+
+
+def learning_curves(out: Path, benchmark: str, head: str) -> Figure:
+    """Training loss and the validation score the head was early-stopped on, per step, one colour per encoder
+    (each run a line); the best step of each run is marked."""
+    runs = runs_of(out, benchmark, head)
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 3.4))
+    for colour, (label, group) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+        for i, (meta, _) in enumerate(group):
+            curve = pd.DataFrame(meta["info"]["curve"])
+            score = next(c for c in curve.columns if c not in ("step", "train_loss"))
+            loss_ax.plot(curve.step, curve.train_loss, color=colour, alpha=0.6, label=label if i == 0 else None)
+            val_ax.plot(curve.step, curve[score], color=colour, alpha=0.6)
+            val_ax.axvline(meta["info"]["best_step"], color=colour, lw=0.6, ls=":")
+            val_ax.set_ylabel(f"validation {score.replace('_', ' ')}")
+    loss_ax.set_ylabel("training loss")
+    for ax in (loss_ax, val_ax):
+        ax.set_xlabel("step")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(f"{benchmark} / {head}: learning curves (dotted: the kept checkpoint)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(out: Path, benchmark: str, head: str) -> Figure:
+    """Each encoder's confusion matrix on the test tiles, summed over its runs and normalised per true class."""
+    runs = runs_of(out, benchmark, head)
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.4), squeeze=False)
+    for ax, (label, group) in zip(axes[0], runs.items()):
+        classes = group[0][0]["info"]["classes"]
+        total = np.sum([np.asarray(meta["info"]["confusion_matrix"], float) for meta, _ in group], axis=0)
+        shares = total / np.maximum(total.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), value in np.ndenumerate(shares):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{label}\n({len(group)} runs)", fontsize=9)
+    axes[0][0].set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+def decoded_examples(out: Path, benchmark: str, head: str, count: int = 6) -> Figure:
+    """The first run's saved test examples of each encoder: the target in the top row, each encoder's output
+    below it (class maps for a class-output decoder, images for a regression one)."""
+    runs = runs_of(out, benchmark, head)
+    first = {label: group[0][1] for label, group in runs.items()}
+    reference = next(iter(first.values()))
+    count = min(count, len(reference["example_rows"]))
+    classes = next(iter(runs.values()))[0][0]["info"].get("classes", [])
+    fig, axes = plt.subplots(1 + len(first), count, figsize=(1.7 * count, 1.8 * (1 + len(first))), squeeze=False)
+
+    def show(ax: plt.Axes, image: np.ndarray) -> None:
+        if image.ndim == 3 and image.shape[0] == 3:
+            ax.imshow(np.clip(np.transpose(image, (1, 2, 0)), 0, 1))
+        elif image.ndim == 3:  # one-channel regression target, in [0, 1]
+            ax.imshow(image[0], cmap="magma", vmin=0, vmax=1)
+        else:  # class map
+            ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for j in range(count):
+        show(axes[0][j], reference["example_true"][j])
+    axes[0][0].set_ylabel("target", fontsize=8)
+    for i, (label, arrays) in enumerate(first.items(), start=1):
+        if not np.array_equal(arrays["example_rows"][:count], reference["example_rows"][:count]):
+            raise BonyError(f"{out}: the {benchmark}/{head} examples of {label} are other tiles than the first row's")
+        for j in range(count):
+            show(axes[i][j], arrays["example_pred"][j])
+        axes[i][0].set_ylabel(label, fontsize=8)
+    if classes and reference["example_true"].ndim == 3:
+        fig.suptitle("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(classes)), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def results_table(out: Path, benchmark: str | None = None) -> pd.DataFrame:
+    """The results table (``results.csv``) as text cells, a row per encoder: ``mean ± std [95 % CI] n=runs`` for
+    every column of ``benchmark`` (all when None), and the row's note."""
+    path = Path(out) / "results.csv"
+    if not path.is_file():
+        raise BonyError(f"{path}: no results table (run bony evaluate first)")
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    prefix = BENCHMARKS[benchmark].title if benchmark is not None else ""
+    columns = [c for c in dict.fromkeys(c.rsplit(": ", 1)[0] for c in frame.columns if ": " in c) if c.startswith(prefix)]
+    shown = {}
+    for column in columns:
+        stats = frame[[f"{column}: {stat}" for stat in ("mean", "std", "runs", "ci_low", "ci_high")]]
+        stats.columns = ["mean", "std", "runs", "ci_low", "ci_high"]
+        shown[column] = [cell_text(pd.Series({**line, "runs": 0 if pd.isna(line["runs"]) else line["runs"], "metric": ""}))
+                         for line in stats.to_dict("records")]
+    table = pd.DataFrame(shown, index=frame["label"].to_numpy())
+    table["note"] = frame["note"].fillna("").to_numpy()
+    return table
