@@ -130,3 +130,25 @@ def results_table(out: Path, benchmark: str | None = None) -> pd.DataFrame:
     table = pd.DataFrame(shown, index=frame["label"].to_numpy())
     table["note"] = frame["note"].fillna("").to_numpy()
     return table
+
+
+def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[str],
+                       benchmarks: tuple[str, ...]) -> Path | None:
+    """Run ``bony evaluate`` for the benchmarks of one chapter that ``config`` names, on the run folder ``run_dir``
+    (its ``root``), into ``run_dir/evaluate``; None, said in a line, without a config or when it names none of them
+    (the smoke report runs every chapter on data too small to split three ways by slide)."""
+    from bonylib.config import load_config
+    from bonylib.evaluation.evaluate import EvaluateConfig, evaluate
+
+    if not config:
+        print("no evaluation config given: nothing to show in this chapter")
+        return None
+    run = Path(run_dir).resolve()
+    cfg = load_config(EvaluateConfig, Path(config), [f"root={run}", *overrides])
+    mine = [name for name in cfg.benchmarks if name in benchmarks]
+    if not mine:
+        print(f"{config} names none of {', '.join(benchmarks)}: nothing to show in this chapter")
+        return None
+    out = run / "evaluate"
+    evaluate(load_config(EvaluateConfig, Path(config), [f"root={run}", *overrides, f"benchmarks=[{','.join(mine)}]"]), out)
+    return out
