@@ -382,21 +382,23 @@ class Trainer:
 
             # events past the checkpoint (logged before an interruption) are dropped: one event per step
             self._tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+        catch_stop_signals()  # already done at process start by `python -m bonylib pretrain`
         try:
             self._train_steps()
+            # a signal now, after the last step, is too late to stop anything: the export is finished, not lost
+            if self.world.is_main:
+                export_encoder(self.teacher.backbone, self.teacher.head, self.cfg.model.backbone,
+                               self.cfg.crops.global_size, self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
         finally:
+            release_stop_signals()
             if self._tensorboard is not None:
                 self._tensorboard.close()
                 self._tensorboard = None
-        if self.world.is_main:
-            export_encoder(self.teacher.backbone, self.teacher.head, self.cfg.model.backbone, self.cfg.crops.global_size,
-                           self.cfg.crops.mean, self.cfg.crops.std, self.out, self.step)
         return self.out
 
     def _train_steps(self) -> None:
         """The loop: optimisation steps until ``total_steps``, with logs, k-NN, checkpoints and signals."""
         self._progress = _Progress(time.perf_counter(), self.step)
-        catch_stop_signals()  # already done at process start by `python -m bonylib pretrain`
         try:
             # a signal caught while the run was being set up (imports, data, resume) stops it before its first step
             early = all_reduce_max(stop_received() or 0, self.device)
@@ -410,8 +412,6 @@ class Trainer:
             if stop_received() is None:
                 raise
             self._stop(stop_received())
-        finally:
-            release_stop_signals()
 
     def _run_steps(self) -> None:
         """Optimisation steps until ``total_steps``, with logs, k-NN, checkpoints, and a stop at a received signal."""
