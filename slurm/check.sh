@@ -226,8 +226,13 @@ from bonylib.evaluation.embeddings import load_embeddings
 (local,), (slurm,) = (list(Path(folder).iterdir()) for folder in sys.argv[1:3])
 assert local.name == slurm.name, "the same encoder fingerprint"
 (ids_local, local_rows), (ids_slurm, slurm_rows) = (load_embeddings(store, Path(sys.argv[3])) for store in (local, slurm))
-assert (ids_local == ids_slurm).all() and np.array_equal(local_rows, slurm_rows)
-print(f"   embeddings: the array's store equals the local one ({local_rows.shape[0]} tiles x {local_rows.shape[1]})")
+assert (ids_local == ids_slurm).all(), "the same tiles in the same order"
+# equal up to float32 rounding: a task of one CPU runs torch on one thread, the local run on all of them, and a
+# matmul's sums are ordered by its threads
+worst = float(np.abs(local_rows - slurm_rows).max())
+assert worst <= 1e-5, f"embeddings differ by up to {worst:.1e}"
+print(f"   embeddings: the array's store equals the local one ({local_rows.shape[0]} tiles x {local_rows.shape[1]}, "
+      f"largest difference {worst:.1e}: float32 rounding of other thread counts)")
 EOF
 
 [ "$(state "$notebook_array")" = COMPLETED ] && [ "$(state "$report")" = COMPLETED ] || fail "notebook or report job (see $work/logs/notebook-* and report-*)"
