@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bonylib.errors import BonyError
 
@@ -171,3 +173,11 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a :class:`BonyError` naming the file when it is not JSON (a damaged record)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BonyError(f"{path}: not valid JSON ({exc})") from None

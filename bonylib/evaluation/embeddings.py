@@ -51,7 +51,7 @@ from bonylib.data.datasets import TileDataset
 from bonylib.data.sources import id_problem
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.encoders import Encoder
-from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
+from bonylib.files import atomic_path, ensure_writable_dir, read_json, sha256_file, write_text_atomic
 from bonylib.runtime import PRECISIONS, plan_threads, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -307,10 +307,7 @@ def _read_meta(store: Path) -> dict[str, Any]:
     path = store / "meta.json"
     if not path.is_file():
         raise BonyError(f"{store}: not an embedding store (no meta.json); run bony embed first")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BonyError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BonyError(f"{path}: not a {FORMAT} store")
     missing = [key for key in META_KEYS if key not in meta]

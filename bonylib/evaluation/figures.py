@@ -7,6 +7,7 @@ matrices, masks and reconstructions of the heads that were fitted, and never fit
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -150,5 +151,5 @@ def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[
         print(f"{config} names none of {', '.join(benchmarks)}: nothing to show in this chapter")
         return None
     out = run / "evaluate"
-    evaluate(load_config(EvaluateConfig, Path(config), [f"root={run}", *overrides, f"benchmarks=[{','.join(mine)}]"]), out)
+    evaluate(dataclasses.replace(cfg, benchmarks=mine), out)
     return out

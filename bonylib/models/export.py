@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bonylib.errors import BonyError
-from bonylib.files import atomic_path, sha256_file, write_text_atomic
+from bonylib.files import atomic_path, read_json, sha256_file, write_text_atomic
 from bonylib.models.backbones import backbone_stem, create_backbone, timm_model
 from bonylib.models.head import DINOHead
 
@@ -72,10 +72,7 @@ def read_export_meta(run: Path) -> dict[str, Any]:
     meta_path, weights_path = run / META_FILE, run / BACKBONE_FILE
     if not meta_path.is_file() or not weights_path.is_file():
         raise BonyError(f"{run}: no exported encoder ({META_FILE} and {BACKBONE_FILE}); run bony pretrain first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BonyError(f"{meta_path}: not valid JSON ({exc})") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise BonyError(f"{meta_path}: unknown format {found!r} (expected {FORMAT})")
