@@ -3,6 +3,7 @@ with the stem, and the scattering baseline against kymatio and on constructed im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
 from bonylib.config import load_config, to_dict
-from bonylib.errors import ConfigError
+from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.encoders import from_backbone
 from bonylib.evaluation.loaders import from_export, scattering, scattering_dim
 from bonylib.models.backbones import StemmedBackbone, backbone_stem, create_backbone, timm_model
@@ -201,3 +202,14 @@ def test_scattering_is_stable_to_shifts_and_not_to_rotations(scatter) -> None:
 def _orientation_energy(features: torch.Tensor) -> torch.Tensor:
     """The red channel's first-order coefficients (J=2 scales x L=8 orientations) summed over scales."""
     return features.view(3, 81)[0, 1:17].view(2, 8).sum(dim=0)
+
+
+def test_a_scattering_encoder_resized_for_a_benchmark_scatters_at_the_new_side(scatter) -> None:
+    """An evaluation entry's input_size replaces the encoder's: kymatio's filters are built for one shape, so the
+    encoder builds them for each side it is given (it failed on the shape before)."""
+    rgb = torch.stack([_stripes(32, 4.0, 0.3), _stripes(32, 6.0, 1.2)])
+    resized = dataclasses.replace(scatter, input_size=32)
+    fresh = scattering(input_size=32, J=2, L=8, mean=MEAN, std=STD)
+    torch.testing.assert_close(resized.embed(_normalised(rgb)), fresh.embed(_normalised(rgb)))
+    with pytest.raises(BonyError, match="multiple of 2\\^J = 4"):
+        scatter.embed(torch.zeros(1, 3, 30, 30))

@@ -395,19 +395,31 @@ def scattering(input_size: int = 224, J: int = 3, L: int = 8, channels: str = "r
         raise ConfigError(f"scattering channels '{channels}' is not one of {', '.join(SCATTERING_CHANNELS)}")
     if input_size % 2**J:
         raise ConfigError(f"scattering input_size {input_size} is not a multiple of 2^J = {2**J}")
-    module = ScatteringTorch2D(J=J, shape=(input_size, input_size), L=L, max_order=2).eval()
+    # kymatio builds its filters for one image shape; one module per side seen, so an encoder resized for a
+    # benchmark (an evaluation entry's input_size) scatters at that side instead of failing on the shape
+    modules = nn.ModuleDict({str(input_size): ScatteringTorch2D(J=J, shape=(input_size, input_size), L=L,
+                                                                max_order=2).eval()})
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def scatter(images: torch.Tensor) -> torch.Tensor:
+        side = images.shape[-1]
+        if images.shape[-2] != side or side % 2**J:
+            raise BonyError(f"scattering: tiles of {tuple(images.shape[-2:])} px; it takes square tiles whose side is "
+                            f"a multiple of 2^J = {2**J}")
+        if str(side) not in modules:
+            modules[str(side)] = ScatteringTorch2D(J=J, shape=(side, side), L=L, max_order=2).eval().to(images.device)
+        return modules[str(side)](images.contiguous())
 
     def tokens(batch: torch.Tensor) -> tuple[torch.Tensor, None]:
         with torch.autocast(batch.device.type, enabled=False):
             rgb = (batch.float() * std_t.to(batch.device) + mean_t.to(batch.device)).clamp(0, 1)
             grey = torch.tensor(GRAY, device=batch.device)
             images = rgb if channels == "rgb" else torch.einsum("bchw,c->bhw", rgb, grey)
-            coefficients = module(images.contiguous())  # (B, [3,] K, S / 2^J, S / 2^J)
+            coefficients = scatter(images)  # (B, [3,] K, S / 2^J, S / 2^J)
             return coefficients.mean(dim=(-2, -1)).flatten(1), None
 
     return Encoder(name=f"scattering:J{J}L{L}:{channels}", tokens=tokens, input_size=input_size, mean=tuple(mean),
                    std=tuple(std), embed_dim=scattering_dim(J, L, channels), patch_size=None,
                    identity={"kind": "scattering", "library": f"kymatio {kymatio_version}", "J": J, "L": L,
                              "max_order": 2, "channels": channels, "pooling": "spatial mean"},
-                   module=module)
+                   module=modules)
