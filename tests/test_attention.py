@@ -350,6 +350,11 @@ def test_cli_on_an_image_with_a_vit_and_an_xcit(tmp_path: Path, tile_png: Path, 
     views = ("cls", "token_norms", "channel_attention")
     assert {p.name for p in out.glob("*.png")} == {f"tile one.{v}.png" for v in views}
 
+    # finer maps from a larger input than the export's 64 px, as DINO draws them
+    assert main(["attention", str(export), str(tile_png), "--out", str(out), "input_size=128"]) == 0
+    assert np.load(out / "tile one.cls.npy").shape == (2, 4, 8, 8)
+    assert json.loads((out / "tile one.json").read_text())["input_size"] == 128
+
 
 def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -363,6 +368,8 @@ def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,
     hidden.rename(tile_png)
     assert main(["attention", str(export), str(tile_png), "--out", str(out), "--block", "2"]) == 2
     assert "the model has 2 class-attention blocks" in capsys.readouterr().err
+    assert main(["attention", str(export), str(tile_png), "--out", str(out), "input_size=8"]) == 2
+    assert "input_size must be 0 (the encoder's own) or at least 16" in capsys.readouterr().err
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame({"slide_id": ["../escape"], "x": [0], "y": [0], "level": [0], "size": [64],
                   "path": [str(tile_png)]}).to_parquet(manifest)

@@ -27,6 +27,7 @@ File names come only from checked names (the image's file name, the manifest's s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class AttentionConfig:
 
     batch_size: int = option(32, "tiles per forward pass over a slide")
     device: str = option("auto", "auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    input_size: int = option(0, "side (px) each tile is resized to for the encoder; 0: the encoder's own input (the "
+                             "demo's: its 96-px training crops); a larger side gives finer maps (patch 16: 224 px, "
+                             "14 x 14 patches), as DINO draws its maps on images larger than its crops")
     thumbnail_px: int = option(2048, "longest side of the slide thumbnail the heatmaps are drawn on; memory is "
                                "bounded by it, whatever the slide's size")
     tile: TileConfig = section(TileConfig, "how a slide is tiled when no --manifest is given (into OUT/tiles)")
@@ -69,6 +73,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.thumbnail_px < 16:
             raise ConfigError("batch_size must be at least 1 and thumbnail_px at least 16")
+        if self.input_size and self.input_size < 16:
+            raise ConfigError("input_size must be 0 (the encoder's own) or at least 16")
 
 
 def load_encoder(reference: str) -> Encoder:
@@ -92,6 +98,8 @@ def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, blo
     out, source, device = ensure_writable_dir(Path(out)), Path(source), resolve_device(cfg.device)
     with open_slide(source) as slide:  # an unreadable input fails before the encoder is loaded
         encoder = load_encoder(reference).to(device)
+        if cfg.input_size:
+            encoder = dataclasses.replace(encoder, input_size=cfg.input_size)
         architecture, modules = cls_attention_modules(encoder.module)
         block = select_block(len(modules), block, BLOCK_NAMES[architecture])
         if isinstance(slide, ImageSlide) and manifest is None:
