@@ -166,7 +166,7 @@ def tiles_on_slide(path: Path, tiles: pd.DataFrame, max_px: int = 1024) -> Figur
     return fig
 
 
-def _read_tiles(tiles: pd.DataFrame) -> list[np.ndarray]:
+def read_tiles(tiles: pd.DataFrame) -> list[np.ndarray]:
     """The tiles of manifest rows, read from their slides, as RGB arrays."""
     from bonylib.data.datasets import TileDataset
 
@@ -178,7 +178,7 @@ def measure_examples(tiles: pd.DataFrame, measure: str, n: int = 6) -> Figure:
     """Tiles spread over the range of one quality measure (lowest to highest), read from their slides."""
     ordered = tiles.sort_values(measure).reset_index(drop=True)
     picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, n).round().astype(int))]
-    images = _read_tiles(picks)
+    images = read_tiles(picks)
     titles = [f"{measure}={v:.3g}" + ("" if r == "" else f"\n(dropped: {r})") for v, r in zip(picks[measure], picks.reason)]
     return image_grid(images, titles, ncols=n, size=1.9)
 
@@ -188,7 +188,7 @@ def class_grid(manifest: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Fig
     picks = [group.sample(min(per_class, len(group)), random_state=seed)
              for _, group in manifest[manifest.label_name != ""].groupby("label_name", sort=False)]
     chosen = pd.concat(picks).reset_index(drop=True) if picks else manifest.head(0)
-    images = _read_tiles(chosen)
+    images = read_tiles(chosen)
     return image_grid(images, [f"{row.label_name} ({row.provider})" for row in chosen.itertuples()], ncols=per_class, size=1.9)
 
 
@@ -237,10 +237,18 @@ def slide_heatmap(thumbnail: np.ndarray, heat: np.ndarray, title: str, cmap: str
     [0, 1] (PCA components, :func:`class_colours`), with a legend of the classes ``names`` when given.
     """
     fig, ax = plt.subplots(figsize=(10, 10 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
+    draw_heat(ax, thumbnail, heat, title, cmap, alpha, label, names)
+    fig.tight_layout()
+    return fig
+
+
+def draw_heat(ax: plt.Axes, thumbnail: np.ndarray, heat: np.ndarray, title: str, cmap: str = "inferno",
+              alpha: float = 0.7, label: str = "", names: Sequence[str] = ()) -> None:
+    """:func:`slide_heatmap` on the axes ``ax`` of a larger figure (slides side by side)."""
     ax.imshow(thumbnail)
     if heat.shape[-1] == 1:
         shown = ax.imshow(np.ma.masked_invalid(heat[..., 0]), cmap=cmap, alpha=alpha, interpolation="nearest")
-        fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label=label)
+        ax.figure.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label=label)
     else:
         rgba = np.concatenate([np.nan_to_num(heat), alpha * ~np.isnan(heat[..., :1])], axis=-1)
         ax.imshow(np.clip(rgba, 0.0, 1.0), interpolation="nearest")
@@ -248,5 +256,72 @@ def slide_heatmap(thumbnail: np.ndarray, heat: np.ndarray, title: str, cmap: str
         legend(ax, names)
     ax.set_title(title, fontsize=10)
     ax.set_axis_off()
+
+
+def haar_bands(rgb: np.ndarray) -> Figure:
+    """A tile and its one-level Haar bands as the wavelet stem computes them: the approximation (the 2x2 block
+    mean, at half resolution) and the three detail bands (their magnitude, averaged over RGB, each on its own
+    scale: the details are small next to the approximation)."""
+    import torch
+
+    from bonylib.models.stems import haar_dwt2
+
+    x = torch.from_numpy(np.array(rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2]))  # a writable copy
+    approx, details = haar_dwt2(x.permute(2, 0, 1)[None].double() / 255)
+    panels = [rgb, np.clip(approx[0].permute(1, 2, 0).numpy() / 2, 0, 1)]
+    panels += [band[0].abs().mean(dim=0).numpy() for band in details]
+    titles = ["tile", "cA: approximation / 2", "|cH|: horizontal detail", "|cV|: vertical detail",
+              "|cD|: diagonal detail"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2))
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel, cmap="magma" if panel.ndim == 2 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def training_comparison(logs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> Figure:
+    """Pretraining runs side by side, from their logs (:func:`bonylib.ssl.runs.training_log`): the DINO loss
+    with ln K dashed, the teacher's per-image entropy, images/s, and the k-NN balanced accuracy at each epoch
+    end (both tasks, when the runs had a monitor)."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for i, (label, (steps, knn)) in enumerate(logs.items()):
+        colour = f"C{i}"
+        axes[0].plot(steps["step"], steps["loss"], color=colour, label=label)
+        axes[1].plot(steps["step"], steps["teacher_entropy"], color=colour)
+        axes[2].plot(steps["step"], steps["images_per_s"], color=colour)
+        if not knn.empty:
+            axes[3].plot(knn["step"], knn["knn_balanced_accuracy"], "o-", color=colour)
+            if "knn_balanced_accuracy_cancer" in knn:
+                axes[3].plot(knn["step"], knn["knn_balanced_accuracy_cancer"], "s--", color=colour)
+    steps = next(iter(logs.values()))[0]
+    for ax in axes[:2]:
+        ax.axhline(steps["collapse_entropy"].iloc[0], color="grey", ls="--", lw=0.8)
+    titles = ["DINO loss (dashed: ln K)", "teacher entropy per image", "images / s",
+              "k-NN balanced accuracy (o: grades, s: cancer)"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_tiles(tiles: Sequence[np.ndarray], rows: dict[str, Sequence[np.ndarray]], names: Sequence[str] = (),
+                    threshold: float | None = None) -> Figure:
+    """Tiles in the top row, and under them one row per encoder of its attention map over each tile (a
+    (gh, gw) map, e.g. the mean over heads of the last block's CLS attention), upsampled to the tile; with
+    ``threshold`` only each map's top attention mass is coloured, as in DINO's figures. ``names`` title the tiles,
+    the encoders' labels their rows."""
+    from bonylib.attention.heatmaps import resize_nearest
+    from bonylib.attention.maps import top_mass_mask
+
+    panels, titles = list(tiles), list(names) or [""] * len(tiles)
+    for label, maps in rows.items():
+        for i, (rgb, heat) in enumerate(zip(tiles, maps)):
+            size = rgb.shape[:2]
+            mask = None if threshold is None else resize_nearest(top_mass_mask(heat, threshold), size)
+            panels.append(attention_overlay(rgb, resize_nearest(heat, size), mask))
+            titles.append(label if i == 0 else "")
+    return image_grid(panels, titles, ncols=len(tiles), size=1.9)

@@ -16,7 +16,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 
 from bonylib.cli import main
 from bonylib.config import load_config
-from bonylib.errors import ConfigError
+from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import evaluate as evaluate_module
 from bonylib.evaluation.embeddings import encoder_from_spec
 from bonylib.evaluation.encoders import Encoder
@@ -204,3 +204,52 @@ def test_relative_paths_are_taken_from_root() -> None:
     specs = {entry.name: entry.specs for entry in cfg.encoders}
     assert specs["dino"] == ["bony:/runs/x/pretrain"] and specs["random"][0] == "random:xcit_nano_12_p16_224:0"
     assert specs["histoencoder"] == ["histoencoder:prostate_small:/runs/x/weights/histoencoder/prostate_small.pth"]
+
+
+def test_a_chapter_narrows_the_config_to_its_benchmarks_and_named_rows(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The wavelet chapter compares two rows of the report's config: only those are evaluated and tabled, and a
+    name the config lacks stops the chapter before anything is written."""
+    from bonylib.evaluation.figures import chapter_evaluation
+
+    config, _ = run
+    with pytest.raises(ConfigError, match="no encoder named nope"):
+        chapter_evaluation(tmp_path / "chapter", config, [], ("panda",), ("hand", "nope"))
+    assert not (tmp_path / "chapter").exists()
+    out = chapter_evaluation(tmp_path / "chapter", config, [], ("panda", "not-in-config"), ("hand",))
+    assert out == tmp_path / "chapter" / "evaluate"
+    table = pd.read_csv(out / "results.csv")
+    assert table["encoder"].tolist() == ["hand"]
+    assert {p.parts[-4] for p in records(out)} == {"panda"} and {p.parts[-2] for p in records(out)} == {"hand"}
+
+
+def test_a_test_slide_coloured_by_the_predicted_class_of_each_tile(run: tuple[Path, Path]) -> None:
+    """Each tile's colour at its centre, found here from the tile id's coordinates, is its predicted class's (and
+    its label's on the other map); a slide or an encoder the runs do not have is named."""
+    from bonylib import plotting
+    from bonylib.data.slides import open_slide
+    from bonylib.evaluation.figures import predicted_classes, slide_classes
+
+    _, out = run
+    maps = slide_classes(out, "panda", "linear", "hand", thumbnail_px=256)
+    meta, arrays = read_run(sorted((out / "runs" / "panda" / "linear" / "hand").glob("m*-test-*.json"))[0])
+    manifest = pd.read_parquet(meta["settings"]["manifest"]).set_index("slide_id")
+    keep = arrays["groups"] == maps.slide_id
+    assert maps.tiles == keep.sum() > 0 and maps.classes == meta["info"]["classes"]
+    with open_slide(Path(manifest.loc[maps.slide_id, "path"].iloc[0])) as slide:
+        width, height = slide.level_dimensions[0]
+        downsamples = slide.level_downsamples
+    scale_x, scale_y = maps.thumbnail.shape[1] / width, maps.thumbnail.shape[0] / height
+    side = int(manifest.loc[maps.slide_id, "size"].iloc[0])
+    for tile, predicted, label in zip(arrays["rows"][keep], arrays["y_pred"][keep], arrays["y_true"][keep]):
+        _, level, x, y = tile.split(":")
+        extent = side * downsamples[int(level)]
+        row, col = int((int(y) + extent / 2) * scale_y), int((int(x) + extent / 2) * scale_x)
+        for colours, cls in ((maps.predicted, predicted), (maps.label, label)):
+            expected = np.asarray(plotting.CLASS_COLOURS[maps.classes[int(cls)]]) / 255
+            np.testing.assert_allclose(colours[row, col], expected, atol=1e-6)
+    assert np.isclose(maps.accuracy, np.mean(arrays["y_pred"][keep] == arrays["y_true"][keep]))
+    assert len(predicted_classes(out, "panda", "linear", "hand", thumbnail_px=256).axes) == 2
+    with pytest.raises(BonyError, match="is not among its test slides"):
+        slide_classes(out, "panda", "linear", "hand", slide_id="../../etc")
+    with pytest.raises(BonyError, match="no test run of nobody"):
+        slide_classes(out, "panda", "linear", "nobody")

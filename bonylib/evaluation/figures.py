@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks import BENCHMARKS
 from bonylib.evaluation.results import cell_text, read_run
 
@@ -134,10 +134,11 @@ def results_table(out: Path, benchmark: str | None = None) -> pd.DataFrame:
 
 
 def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[str],
-                       benchmarks: tuple[str, ...]) -> Path | None:
+                       benchmarks: tuple[str, ...], encoders: tuple[str, ...] = ()) -> Path | None:
     """Run ``bony evaluate`` for the benchmarks of one chapter that ``config`` names, on the run folder ``run_dir``
     (its ``root``), into ``run_dir/evaluate``; None, said in a line, without a config or when it names none of them
-    (the smoke report runs every chapter on data too small to split three ways by slide)."""
+    (the smoke report runs every chapter on data too small to split three ways by slide). ``encoders`` narrows the
+    rows to those names (a chapter that compares two of them); every name must be in the config."""
     from bonylib.config import load_config
     from bonylib.evaluation.evaluate import EvaluateConfig, evaluate
 
@@ -150,6 +151,96 @@ def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[
     if not mine:
         print(f"{config} names none of {', '.join(benchmarks)}: nothing to show in this chapter")
         return None
+    rows = cfg.encoders
+    if encoders:
+        named = {entry.name: entry for entry in cfg.encoders}
+        missing = [name for name in encoders if name not in named]
+        if missing:
+            raise ConfigError(f"{config}: no encoder named {', '.join(missing)} (it names {', '.join(named)})")
+        rows = [named[name] for name in encoders]
     out = run / "evaluate"
-    evaluate(dataclasses.replace(cfg, benchmarks=mine), out)
+    evaluate(dataclasses.replace(cfg, benchmarks=mine, encoders=rows), out)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideClasses:
+    """One test slide's tiles as class colours over its thumbnail, as a head predicted them and as labelled."""
+
+    slide_id: str
+    thumbnail: np.ndarray
+    predicted: np.ndarray
+    """(h, w, 3) colours in [0, 1] of the predicted classes (:func:`bonylib.plotting.class_colours`), NaN off the tiles"""
+    label: np.ndarray
+    classes: list[str]
+    accuracy: float
+    tiles: int
+    encoder_label: str
+
+
+def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", encoder: str = "dino",
+                  slide_id: str | None = None, thumbnail_px: int = 1024) -> SlideClasses:
+    """The tiles of one test slide coloured by the class a benchmark head predicted for each and by its label,
+    stitched at the tiles' coordinates over the thumbnail (:class:`~bonylib.attention.heatmaps.Heatmap`).
+
+    The predictions are those of ``encoder``'s first test run of ``head``, saved by ``bony evaluate``: tiles of
+    slides the head never trained on. ``slide_id``: which test slide (default: the one with the most tiles). The
+    tiles' sizes and slide files come from the manifest the run recorded, matched to the predictions by tile id
+    (a manifest that lost those tiles since is named).
+    """
+    from bonylib import plotting
+    from bonylib.attention.heatmaps import Heatmap, read_thumbnail, thumbnail_size
+    from bonylib.data.slides import open_slide
+    from bonylib.evaluation.embeddings import row_ids
+
+    found = sorted((Path(out) / "runs" / benchmark / head / encoder).glob("m*-test-*.json"))
+    if not found:
+        raise BonyError(f"{Path(out) / 'runs' / benchmark / head / encoder}: no test run of {encoder} "
+                        f"(run bony evaluate with this encoder and benchmark first)")
+    meta, arrays = read_run(found[0])
+    manifest_path = Path(meta["settings"]["manifest"])
+    try:
+        manifest = pd.read_parquet(manifest_path)
+    except (OSError, ValueError) as exc:
+        raise BonyError(f"{manifest_path}: the manifest {found[0]} was run on is unreadable ({exc})") from None
+    ids = pd.Series(np.arange(len(manifest)), index=row_ids(manifest, manifest_path))
+    slides = pd.Series(arrays["groups"])
+    chosen = str(slides.value_counts().index[0]) if slide_id is None else slide_id
+    if chosen not in set(slides):
+        raise BonyError(f"{found[0]}: slide {chosen!r} is not among its test slides ({', '.join(sorted(set(slides)))})")
+    keep = (slides == chosen).to_numpy()
+    missing = [tile for tile in arrays["rows"][keep] if tile not in ids.index]
+    if missing:
+        raise BonyError(f"{manifest_path}: has no tile {missing[0]} of {found[0]} (changed since the run; rerun bony "
+                        f"evaluate)")
+    rows = manifest.iloc[ids[arrays["rows"][keep]].to_numpy()]
+    classes = list(meta["info"]["classes"])
+    with open_slide(Path(rows["path"].iloc[0])) as slide:
+        thumbnail = read_thumbnail(slide, thumbnail_px)
+        size, downsamples = slide.level_dimensions[0], np.asarray(slide.level_downsamples)
+    sides = rows["size"].to_numpy(np.float64) * downsamples[rows["level"].to_numpy()]
+    maps = {}
+    for name, labels in (("predicted", arrays["y_pred"][keep]), ("label", arrays["y_true"][keep])):
+        heat = Heatmap(size, thumbnail_size(size, thumbnail_px), len(classes))
+        for x, y, side, label in zip(rows["x"], rows["y"], sides, labels):
+            heat.add(x, y, side, np.eye(len(classes))[int(label)])
+        maps[name] = plotting.class_colours(heat.image(), classes)
+    return SlideClasses(chosen, thumbnail, maps["predicted"], maps["label"], classes,
+                        float(np.mean(arrays["y_pred"][keep] == arrays["y_true"][keep])), int(keep.sum()),
+                        f"{meta['label']}, {head} head")
+
+
+def predicted_classes(out: Path, benchmark: str = "panda", head: str = "linear", encoder: str = "dino",
+                      slide_id: str | None = None, thumbnail_px: int = 1024) -> Figure:
+    """:func:`slide_classes` drawn: the predicted classes over the slide (left) beside the tile labels (right)."""
+    from bonylib import plotting
+
+    maps = slide_classes(out, benchmark, head, encoder, slide_id, thumbnail_px)
+    aspect = maps.thumbnail.shape[0] / maps.thumbnail.shape[1]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5 * aspect + 0.8))
+    titles = (f"{maps.encoder_label}: predicted ({maps.accuracy:.0%} of {maps.tiles} tiles right)",
+              f"{maps.slide_id}: tile labels")
+    for ax, colours, title in zip(axes, (maps.predicted, maps.label), titles):
+        plotting.draw_heat(ax, maps.thumbnail, colours, title, names=maps.classes)
+    fig.tight_layout()
+    return fig
