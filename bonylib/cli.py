@@ -159,8 +159,9 @@ def _attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("encoder", metavar="EXPORT",
                         help="a bony pretrain run folder, or an encoder spec as bony embed takes (random:<arch>:<seed>)")
     parser.add_argument("source", type=Path, metavar="IMAGE_OR_SLIDE",
-                        help="an image (JPEG, PNG, plain TIFF: one tile, resized to the encoder's input) or a slide "
-                        "(tiled into OUT/tiles, or read at the tiles of --manifest)")
+                        help="an image (JPEG, PNG, plain TIFF: one tile, resized to the encoder's input), a folder "
+                        "of them (each mapped, the encoder loaded once) or a slide (tiled into OUT/tiles, or read at "
+                        "the tiles of --manifest)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: PNGs, the raw maps as .npy, a JSON")
     parser.add_argument("--block", type=int, default=-1,
                         help="whose CLS attention to draw: a ViT block, or an XCiT class-attention block "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,6 +20,9 @@ from PIL import Image
 
 from bonylib.data.labels import snap_codes
 from bonylib.files import atomic_path
+
+if TYPE_CHECKING:
+    from bonylib.attention.command import TileMaps
 
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "background": (255, 255, 255),
@@ -247,8 +251,11 @@ def draw_heat(ax: plt.Axes, thumbnail: np.ndarray, heat: np.ndarray, title: str,
     """:func:`slide_heatmap` on the axes ``ax`` of a larger figure (slides side by side)."""
     ax.imshow(thumbnail)
     if heat.shape[-1] == 1:
-        shown = ax.imshow(np.ma.masked_invalid(heat[..., 0]), cmap=cmap, alpha=alpha, interpolation="nearest")
-        ax.figure.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label=label)
+        # the colour range spans the 1st to 99th percentile: a few peaked tiles would otherwise darken all the rest
+        low, high = np.nanpercentile(heat, [1, 99]) if np.isfinite(heat).any() else (0.0, 1.0)
+        shown = ax.imshow(np.ma.masked_invalid(heat[..., 0]), cmap=cmap, alpha=alpha, interpolation="nearest",
+                          vmin=low, vmax=max(high, low + 1e-12))
+        ax.figure.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, label=label, extend="both")
     else:
         rgba = np.concatenate([np.nan_to_num(heat), alpha * ~np.isnan(heat[..., :1])], axis=-1)
         ax.imshow(np.clip(rgba, 0.0, 1.0), interpolation="nearest")
@@ -308,20 +315,44 @@ def training_comparison(logs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> F
     return fig
 
 
-def attention_tiles(tiles: Sequence[np.ndarray], rows: dict[str, Sequence[np.ndarray]], names: Sequence[str] = (),
-                    threshold: float | None = None) -> Figure:
-    """Tiles in the top row, and under them one row per encoder of its attention map over each tile (a
-    (gh, gw) map, e.g. the mean over heads of the last block's CLS attention), upsampled to the tile; with
-    ``threshold`` only each map's top attention mass is coloured, as in DINO's figures. ``names`` title the tiles,
-    the encoders' labels their rows."""
+def attention_tiles(rows: dict[str, TileMaps], threshold: float | None = None) -> Figure:
+    """Tiles in the top row and under them one row per encoder of its map over each tile
+    (:func:`bonylib.attention.command.tile_maps` of the same images), upsampled to the tile; with ``threshold``
+    only each map's top attention mass is coloured, as in DINO's figures."""
     from bonylib.attention.heatmaps import resize_nearest
     from bonylib.attention.maps import top_mass_mask
 
-    panels, titles = list(tiles), list(names) or [""] * len(tiles)
-    for label, maps in rows.items():
-        for i, (rgb, heat) in enumerate(zip(tiles, maps)):
+    first = next(iter(rows.values()))
+    panels, titles = list(first.tiles), [name[:14] for name in first.names]
+    for label, found in rows.items():
+        for i, (rgb, heat) in enumerate(zip(first.tiles, found.maps)):
             size = rgb.shape[:2]
             mask = None if threshold is None else resize_nearest(top_mass_mask(heat, threshold), size)
             panels.append(attention_overlay(rgb, resize_nearest(heat, size), mask))
             titles.append(label if i == 0 else "")
-    return image_grid(panels, titles, ncols=len(tiles), size=1.9)
+    return image_grid(panels, titles, ncols=len(first.tiles), size=1.9)
+
+
+def xcit_views(rgb: np.ndarray, token_norms: np.ndarray, channel_attention: np.ndarray,
+               blocks: Sequence[int] = ()) -> Figure:
+    """The seed's XCiT views of one tile, compact enough for a page: each head's token-norm map over the tile for
+    a few XCA ``blocks`` (default: the first, a middle and the last), then each head's d x d cross-covariance
+    attention of the last block. ``token_norms`` (blocks, heads, gh, gw) and ``channel_attention`` (blocks,
+    heads, d, d) as ``bony attention`` writes them."""
+    from bonylib.attention.heatmaps import resize_nearest
+
+    count, heads = token_norms.shape[:2]
+    blocks = list(blocks) or sorted({0, count // 2, count - 1})
+    fig, axes = plt.subplots(len(blocks) + 1, heads, figsize=(2.2 * heads, 2.3 * (len(blocks) + 1)), squeeze=False)
+    for row, block in enumerate(blocks):
+        for head in range(heads):
+            axes[row, head].imshow(attention_overlay(rgb, resize_nearest(token_norms[block, head], rgb.shape[:2])))
+            axes[row, head].set_title(f"XCA block {block}, head {head}: token norms", fontsize=7)
+    for head in range(heads):
+        axes[-1, head].imshow(channel_attention[-1, head], cmap="viridis")
+        axes[-1, head].set_title(f"block {count - 1}, head {head}: A_XC ({channel_attention.shape[-1]} channels)",
+                                 fontsize=7)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig

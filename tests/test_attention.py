@@ -354,6 +354,40 @@ def test_cli_on_an_image_with_a_vit_and_an_xcit(tmp_path: Path, tile_png: Path, 
     assert main(["attention", str(export), str(tile_png), "--out", str(out), "input_size=128"]) == 0
     assert np.load(out / "tile one.cls.npy").shape == (2, 4, 8, 8)
     assert json.loads((out / "tile one.json").read_text())["input_size"] == 128
+    arrays_only = tmp_path / "arrays"
+    assert main(["attention", str(export), str(tile_png), "--out", str(arrays_only), "figures=false"]) == 0
+    assert {p.name for p in arrays_only.iterdir()} == {f"tile one.{v}.npy" for v in views} | {"tile one.json"}
+    assert json.loads((arrays_only / "tile one.json").read_text())["files"] == [f"tile one.{v}.npy" for v in views]
+
+
+def test_cli_on_a_folder_maps_each_image_and_names_the_ones_it_cannot(tmp_path: Path, tile_png: Path, export: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    alone = tmp_path / "alone"
+    assert main(["attention", str(export), str(tile_png), "--out", str(alone), "figures=false"]) == 0
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    tile_png.rename(folder / "a.png")
+    Image.fromarray(np.full((80, 80, 3), 200, np.uint8)).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image: left alone")
+    out = tmp_path / "out"
+    assert main(["attention", str(export), str(folder), "--out", str(out), "figures=false"]) == 0
+    assert sorted(p.name for p in out.glob("*.cls.npy")) == ["a.cls.npy", "b.cls.npy"]
+    # the same maps as the image on its own: one encoder for the folder changes nothing
+    np.testing.assert_array_equal(np.load(out / "a.cls.npy"), np.load(alone / "tile one.cls.npy"))
+
+    (folder / "c.png").write_bytes(b"\x89PNG broken")
+    (folder / ".hidden.png").write_bytes((folder / "a.png").read_bytes())
+    again = tmp_path / "again"
+    assert main(["attention", str(export), str(folder), "--out", str(again), "figures=false"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 4 images not mapped" in err and ".hidden.png: slide id" in err
+    assert sorted(p.name for p in again.glob("*.cls.npy")) == ["a.cls.npy", "b.cls.npy"], "the good ones are kept"
+    assert main(["attention", str(export), str(folder), "--out", str(again), "--manifest", str(folder / "a.png")]) == 2
+    assert "give that slide, not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["attention", str(export), str(empty), "--out", str(again)]) == 2
+    assert "no tile images" in capsys.readouterr().err
 
 
 def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,

@@ -253,3 +253,25 @@ def test_a_test_slide_coloured_by_the_predicted_class_of_each_tile(run: tuple[Pa
         slide_classes(out, "panda", "linear", "hand", slide_id="../../etc")
     with pytest.raises(BonyError, match="no test run of nobody"):
         slide_classes(out, "panda", "linear", "nobody")
+
+
+def test_two_rows_compared_metric_by_metric(run: tuple[Path, Path]) -> None:
+    """Means, difference and the better row by each metric's direction, recomputed from results.csv here; the
+    intervals are apart only when one's low end is above the other's high end."""
+    from bonylib.evaluation.figures import row_comparison
+
+    _, out = run
+    table = pd.read_csv(out / "results.csv").set_index("encoder")
+    compared = row_comparison(out, "rnd", "hand")
+    assert len(compared) > 5 and not compared.index.str.contains("patch-token").any(), "hand has no patch tokens"
+    for metric, line in compared.iterrows():
+        a, b = table.loc["rnd", f"{metric}: mean"], table.loc["hand", f"{metric}: mean"]
+        assert (line["rnd"], line["hand"]) == (a, b) and np.isclose(line["difference"], b - a)
+        score = -1 if "MSE" in metric else 1
+        assert line["better"] == ("hand" if score * (b - a) > 0 else "rnd" if b != a else "same"), metric
+        low_a, high_a = table.loc["rnd", f"{metric}: ci_low"], table.loc["rnd", f"{metric}: ci_high"]
+        low_b, high_b = table.loc["hand", f"{metric}: ci_low"], table.loc["hand", f"{metric}: ci_high"]
+        assert line["intervals apart"] == (max(low_a, low_b) > min(high_a, high_b)), metric
+    assert list(row_comparison(out, "rnd", "hand", "MSE").index) == [m for m in compared.index if "MSE" in m]
+    with pytest.raises(BonyError, match="no row gone2"):
+        row_comparison(out, "rnd", "gone2")

@@ -13,6 +13,7 @@ import pytest
 from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.report import ReportConfig, build_report
+from bonylib.samples import shared_data_dir
 
 
 def book_copy(repo: Path, dest: Path) -> Path:
@@ -36,7 +37,13 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     run.mkdir()
     (run / "data").symlink_to(smoke_data)
     cfg = load_config(ReportConfig, repo / "configs" / "report" / "smoke.yaml")
-    assert cfg.notebooks == [p.stem for p in sorted((repo / "notebooks").glob("[0-9][0-9]_*.ipynb"))], "every chapter"
+    chapters = [p.stem for p in sorted((repo / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+    assert sorted(cfg.notebooks) == chapters, "every chapter, once"
+    demo = load_config(ReportConfig, repo / "configs" / "report" / "demo.yaml")
+    assert demo.notebooks == cfg.notebooks, "the smoke report runs the chapters in make report's order"
+    order = cfg.notebooks.index
+    assert order("04_pretraining") < order("03_xcit_attention"), "the attention chapter draws the pretrained teacher"
+    assert order("08_wavelet_experiment") < order("05_benchmark_panda"), "the benchmark tables list the stem's run"
     index = build_report(book, run, cfg)
     progress = re.compile(r"step \d+/\d+ \(epoch \d+/\d+\): loss [\d.]+, [\d.]+ images/s, \d+m\d\ds left")
     assert progress.search(capsys.readouterr().err), "training progress is streamed to the terminal while it runs"
@@ -46,10 +53,12 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3, "PANDA, SICAPv2 and DeepGleason figures"
-    for later in ("02_dino_theory", "04_pretraining"):
+    for later in ("02_dino_theory", "04_pretraining", "03_xcit_attention", "08_wavelet_experiment"):
         executed = nbformat.read(book / "book" / "executed" / f"{later}.ipynb", as_version=4)
         assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert (run / "pretrain" / "teacher_backbone.safetensors").is_file()
+    stemmed = json.loads((run / "pretrain_haar" / "teacher_backbone.json").read_text())
+    assert stemmed["stem"] == "haar_bands", "the wavelet chapter trained and exported the stemmed run"
     assert (run / "report.yaml").is_file()
 
     assert index == book / "_build" / "html" / "index.html" and index.is_file()
@@ -58,6 +67,10 @@ def test_notebooks_run_and_book_builds_offline(tmp_path: Path, repo: Path, smoke
     assert "_static/mathjax/tex-chtml.js" in page
     assert not re.search(r"<script[^>]+src=\"https?://", page), "no script loaded from the network"
     assert (book / "_build" / "html" / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
+    figures = {"03_xcit_attention": 3 if shared_data_dir() is None else 5, "08_wavelet_experiment": 2}
+    for chapter, least in figures.items():  # 03: the cost plot, the demo tiles, two slide maps (+ real tiles, a scan)
+        html = (book / "_build" / "html" / "book" / "executed" / f"{chapter}.html").read_text()
+        assert len(re.findall(r"<img ", html)) >= least, chapter
     pretraining = (book / "_build" / "html" / "book" / "executed" / "04_pretraining.html").read_text()
     assert not progress.search(pretraining), "the book shows the run's results, not its progress lines"
     assert "precision fp32" in pretraining

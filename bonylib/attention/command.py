@@ -1,7 +1,8 @@
-"""``bony attention``: the attention maps of an encoder over one image, or heatmaps over one slide.
+"""``bony attention``: the attention maps of an encoder over images, or heatmaps over one slide.
 
 An **image** (JPEG, PNG, a plain TIFF tile: what :func:`~bonylib.data.slides.open_slide` reads as a plain
-image) is one tile, resized to the encoder's input as its eval transform does. Written to OUT::
+image) is one tile, resized to the encoder's input as its eval transform does; a **folder** maps each of its
+images so, with the encoder loaded once. Written to OUT for each image::
 
     <name>.cls.npy / .png        CLS attention over the patches, (blocks, heads, gh, gw); the PNG shows the
                                  chosen block's heads and their mean over the tile (ViT: its blocks;
@@ -9,6 +10,8 @@ image) is one tile, resized to the encoder's input as its eval transform does. W
     <name>.token_norms.npy / .png        XCiT: per XCA block and head, each token's output norm (the seed's map)
     <name>.channel_attention.npy / .png  XCiT: per XCA block and head, the d x d cross-covariance attention
     <name>.json                  what was computed: encoder, architecture, grid, block, threshold, files
+
+(``figures=false`` writes the arrays and the JSON only: for maps of many images, drawn elsewhere.)
 
 A **slide** (anything else, or any file with ``--manifest``) is tiled with the tiling engine into OUT/tiles
 (or read at the tiles of ``--manifest`` whose ``path`` is this file) and streamed tile by tile::
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,10 @@ from bonylib.evaluation.encoders import Encoder
 from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
 
 TILE_COLUMNS = ("slide_id", "x", "y", "level", "size", "path")
+FOLDER_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
+"""The files of a folder that are mapped as tile images."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +74,7 @@ class AttentionConfig:
     input_size: int = option(0, "side (px) each tile is resized to for the encoder; 0: the encoder's own input (the "
                              "demo's: its 96-px training crops); a larger side gives finer maps (patch 16: 224 px, "
                              "14 x 14 patches), as DINO draws its maps on images larger than its crops")
+    figures: bool = option(True, "write the PNGs beside the arrays (false: arrays and JSON only, for many images)")
     thumbnail_px: int = option(2048, "longest side of the slide thumbnail the heatmaps are drawn on; memory is "
                                "bounded by it, whatever the slide's size")
     tile: TileConfig = section(TileConfig, "how a slide is tiled when no --manifest is given (into OUT/tiles)")
@@ -88,7 +97,8 @@ def load_encoder(reference: str) -> Encoder:
 
 def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, block: int = -1,
               threshold: float | None = None, manifest: Path | None = None) -> list[Path]:
-    """Write the maps of ``source`` (an image, or a slide) under ``out``; return the files written.
+    """Write the maps of ``source`` (an image, a folder of images, or a slide) under ``out``; return the files
+    written.
 
     ``block`` picks the blocks whose CLS maps are drawn (negative from the end); ``threshold`` keeps each map's
     top attention mass as DINO's visualisation does (0.6: the fewest patches holding 60 % of it).
@@ -96,16 +106,77 @@ def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, blo
     if threshold is not None:
         check_threshold(threshold)
     out, source, device = ensure_writable_dir(Path(out)), Path(source), resolve_device(cfg.device)
+    if source.is_dir():
+        if manifest is not None:
+            raise ConfigError(f"{source}: --manifest maps the tiles of one slide; give that slide, not a folder")
+        return _folder(reference, source, out, cfg, block, threshold, device)
     with open_slide(source) as slide:  # an unreadable input fails before the encoder is loaded
-        encoder = load_encoder(reference).to(device)
-        if cfg.input_size:
-            encoder = dataclasses.replace(encoder, input_size=cfg.input_size)
-        architecture, modules = cls_attention_modules(encoder.module)
-        block = select_block(len(modules), block, BLOCK_NAMES[architecture])
+        encoder, block = _prepared(reference, cfg, block, device)
         if isinstance(slide, ImageSlide) and manifest is None:
-            return _image(encoder, source, slide, out, block, threshold, device)
+            return _image(encoder, source, slide, out, block, threshold, device, cfg.figures)
     slide_id, rows = _slide_tiles(source, out, cfg, manifest)
     return _slide(encoder, source, slide_id, rows, out, cfg, block, threshold, device)
+
+
+def _prepared(reference: str, cfg: AttentionConfig, block: int, device: torch.device) -> tuple[Encoder, int]:
+    """The encoder on ``device`` at the configured input size, and ``block`` as an index into its CLS blocks."""
+    encoder = load_encoder(reference).to(device)
+    if cfg.input_size:
+        encoder = dataclasses.replace(encoder, input_size=cfg.input_size)
+    architecture, modules = cls_attention_modules(encoder.module)
+    return encoder, select_block(len(modules), block, BLOCK_NAMES[architecture])
+
+
+def _folder(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block: int, threshold: float | None,
+            device: torch.device) -> list[Path]:
+    """Every tile image in ``folder`` (not its subfolders), as one image each, with the encoder loaded once. A
+    file that cannot be mapped (unreadable, a whole slide, an unsafe name) is logged and the others go on; the
+    call then fails naming how many did not, so a script sees it."""
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+    if not images:
+        raise BonyError(f"{folder}: no tile images ({', '.join(sorted(FOLDER_SUFFIXES))}) in this folder")
+    encoder, block = _prepared(reference, cfg, block, device)
+    written: list[Path] = []
+    failed: list[str] = []
+    for path in tqdm(images, desc=f"attention {folder.name}", unit="tile"):
+        try:
+            with open_slide(path) as slide:
+                if not isinstance(slide, ImageSlide):
+                    raise BonyError(f"{path}: a whole slide, not a tile image (give it on its own for its heatmaps)")
+                written += _image(encoder, path, slide, out, block, threshold, device, cfg.figures)
+        except BonyError as exc:
+            log.error("%s", exc)
+            failed.append(str(exc))
+    if failed:
+        raise BonyError(f"{folder}: {len(failed)} of {len(images)} images not mapped (the others are in {out}); "
+                        f"first: {failed[0]}")
+    return written
+
+
+@dataclass(frozen=True)
+class TileMaps:
+    """Images as an encoder saw them and one (gh, gw) map each: what a figure of many tiles draws."""
+
+    names: list[str]
+    tiles: list[np.ndarray]
+    """(input_size, input_size, 3) uint8: each image resized as the encoder's eval transform resized it"""
+    maps: list[np.ndarray]
+    """the mean over heads of the chosen block's CLS attention, summing to 1 over the patches"""
+
+
+def tile_maps(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block: int = -1) -> TileMaps:
+    """Map every image of ``folder`` into ``out`` (arrays only, as :func:`attention` writes them) and read back
+    each image's mean-over-heads CLS map of ``block``, for figures that set many tiles side by side."""
+    written = attention(reference, folder, out, dataclasses.replace(cfg, figures=False), block=block)
+    names, tiles, maps = [], [], []
+    for meta_path in (p for p in written if p.suffix == ".json"):
+        meta = json.loads(meta_path.read_text())
+        source, size = Path(meta["source"]), int(meta["input_size"])
+        with open_slide(source) as slide:
+            tiles.append(np.asarray(_view(slide, size)))
+        names.append(source.stem)
+        maps.append(np.load(meta_path.with_name(f"{source.stem}.cls.npy"))[meta["block"]].mean(axis=0))
+    return TileMaps(names, tiles, maps)
 
 
 def _checked_name(name: str, where: Path) -> str:
@@ -122,42 +193,60 @@ def _save_array(dest: Path, array: np.ndarray) -> Path:
     return dest
 
 
-def _image(encoder: Encoder, source: Path, slide: ImageSlide, out: Path, block: int, threshold: float | None,
-           device: torch.device) -> list[Path]:
-    """One tile: the maps of every block and head as arrays, and figures over the tile as the encoder saw it."""
-    from bonylib import plotting  # matplotlib: only when figures are drawn
+def _view(slide: ImageSlide | Any, size: int) -> Image.Image:
+    """An image tile as the encoder sees it: resized to its input side (its eval transform would do the same)."""
+    return Image.fromarray(slide.read_level(0)).resize((size, size), Image.Resampling.BILINEAR)
 
+
+def _image(encoder: Encoder, source: Path, slide: ImageSlide, out: Path, block: int, threshold: float | None,
+           device: torch.device, figures: bool) -> list[Path]:
+    """One tile: the maps of every block and head as arrays, and (``figures``) figures over the tile as the
+    encoder saw it."""
     name = _checked_name(source.stem, source)
     size = encoder.input_size
-    view = Image.fromarray(slide.read_level(0)).resize((size, size), Image.Resampling.BILINEAR)
-    rgb = np.asarray(view)
+    view = _view(slide, size)
     _, maps = encode(encoder, encoder.transform(view)[None].to(device))
     heads, mass = maps.cls[0, block], maps.cls_patch_mass[0, block]
-    shown = np.concatenate([heads.mean(axis=0, keepdims=True), heads])
-    masks = top_mass_mask(shown, threshold) if threshold is not None else [None] * len(shown)
-    overlays = [plotting.attention_overlay(rgb, resize_nearest(m, (size, size)),
-                                           None if k is None else resize_nearest(k, (size, size)))
-                for m, k in zip(shown, masks)]
-    titles = ["tile", f"{BLOCK_NAMES[maps.architecture][:-1]} {block}: mean of {len(heads)} heads",
-              *(f"head {h} ({100 * mass[h]:.0f} % on patches)" for h in range(len(heads)))]
-    figure = plotting.image_grid([rgb, *overlays], titles, ncols=min(6, len(titles)), size=2.2)
-    written = [_save_array(out / f"{name}.cls.npy", maps.cls[0]), plotting.save_figure(figure, out / f"{name}.cls.png")]
+    arrays = {"cls": maps.cls[0]}
     if maps.token_norms is not None and maps.channel_attention is not None:  # XCiT
-        norms, channels = maps.token_norms[0], maps.channel_attention[0]
-        labels = [f"block {b} head {h}" for b in range(norms.shape[0]) for h in range(norms.shape[1])]
-        over_tile = [plotting.attention_overlay(rgb, resize_nearest(m, (size, size)))
-                     for m in norms.reshape(-1, *norms.shape[2:])]
-        matrices = [(255 * plotting.heat_colours(m, "viridis")[..., :3]).astype(np.uint8)
-                    for m in channels.reshape(-1, *channels.shape[2:])]
-        for view_name, array, panels in (("token_norms", norms, over_tile), ("channel_attention", channels, matrices)):
-            grid = plotting.image_grid(panels, labels, ncols=array.shape[1], size=1.6)
-            written += [_save_array(out / f"{name}.{view_name}.npy", array),  # a panel per block and head: 100 dpi
-                        plotting.save_figure(grid, out / f"{name}.{view_name}.png", dpi=100)]
+        arrays.update(token_norms=maps.token_norms[0], channel_attention=maps.channel_attention[0])
+    written = [_save_array(out / f"{name}.{view_name}.npy", array) for view_name, array in arrays.items()]
+    if figures:
+        written += _image_figures(np.asarray(view), arrays, block, BLOCK_NAMES[maps.architecture][:-1], mass,
+                                  threshold, out / name)
     meta = {"source": str(source), "kind": "image", "encoder": encoder.name, "architecture": maps.architecture,
             "input_size": size, "grid": list(heads.shape[-2:]), "block": block, "threshold": threshold,
             "cls_patch_mass": [float(m) for m in mass], "files": [p.name for p in written]}
     write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
     return [*written, out / f"{name}.json"]
+
+
+def _image_figures(rgb: np.ndarray, arrays: dict[str, np.ndarray], block: int, block_name: str, mass: np.ndarray,
+                   threshold: float | None, stem: Path) -> list[Path]:
+    """The PNGs of one tile's maps: the chosen block's CLS heads and their mean over the tile; for an XCiT also a
+    panel per block and head of its token norms over the tile and of its d x d channel attention."""
+    from bonylib import plotting  # matplotlib: only when figures are drawn
+
+    size = rgb.shape[:2]
+    heads = arrays["cls"][block]
+    shown = np.concatenate([heads.mean(axis=0, keepdims=True), heads])
+    masks = top_mass_mask(shown, threshold) if threshold is not None else [None] * len(shown)
+    overlays = [plotting.attention_overlay(rgb, resize_nearest(m, size), None if k is None else resize_nearest(k, size))
+                for m, k in zip(shown, masks)]
+    titles = ["tile", f"{block_name} {block}: mean of {len(heads)} heads",
+              *(f"head {h} ({100 * mass[h]:.0f} % on patches)" for h in range(len(heads)))]
+    figure = plotting.image_grid([rgb, *overlays], titles, ncols=min(6, len(titles)), size=2.2)
+    written = [plotting.save_figure(figure, stem.with_name(f"{stem.name}.cls.png"))]
+    if "token_norms" in arrays:
+        norms, channels = arrays["token_norms"], arrays["channel_attention"]
+        labels = [f"block {b} head {h}" for b in range(norms.shape[0]) for h in range(norms.shape[1])]
+        over_tile = [plotting.attention_overlay(rgb, resize_nearest(m, size)) for m in norms.reshape(-1, *norms.shape[2:])]
+        matrices = [(255 * plotting.heat_colours(m, "viridis")[..., :3]).astype(np.uint8)
+                    for m in channels.reshape(-1, *channels.shape[2:])]
+        for view_name, panels in (("token_norms", over_tile), ("channel_attention", matrices)):
+            grid = plotting.image_grid(panels, labels, ncols=norms.shape[1], size=1.6)  # a panel per block and head
+            written.append(plotting.save_figure(grid, stem.with_name(f"{stem.name}.{view_name}.png"), dpi=100))
+    return written
 
 
 def _slide_tiles(source: Path, out: Path, cfg: AttentionConfig, manifest: Path | None) -> tuple[str, pd.DataFrame]:
@@ -190,8 +279,6 @@ def _slide(encoder: Encoder, source: Path, name: str, rows: pd.DataFrame, out: P
            threshold: float | None, device: torch.device) -> list[Path]:
     """Stream the tiles through the encoder once: per-tile maps and embeddings to memory-mapped ``.npy`` files,
     each tile's mean map onto the attention heatmap; then the PCA colours onto theirs."""
-    from bonylib import plotting  # matplotlib: only when figures are drawn
-
     with open_slide(source) as slide:
         thumbnail = read_thumbnail(slide, cfg.thumbnail_px)
         slide_size, downsamples = slide.level_dimensions[0], np.asarray(slide.level_downsamples)
@@ -234,17 +321,18 @@ def _slide(encoder: Encoder, source: Path, name: str, rows: pd.DataFrame, out: P
     tiles_path = out / f"{name}.tiles.parquet"
     with atomic_path(tiles_path) as tmp:
         rows[["slide_id", "x", "y", "level", "size"]].to_parquet(tmp, index=False)
-    label = "CLS attention (1 = uniform)" + (f", top {threshold:.0%} of the mass" if threshold is not None else "")
-    written = [
-        _save_array(out / f"{name}.attention.npy", heat.image()[..., 0]),
-        plotting.save_figure(plotting.slide_heatmap(thumbnail, heat.image(), f"{name}: {label}", label=label),
-                             out / f"{name}.attention.png"),
-        _save_array(out / f"{name}.pca.npy", colours_map.image()),
-        plotting.save_figure(plotting.slide_heatmap(thumbnail, colours_map.image(),
-                                                    f"{name}: first 3 PCA components of the tile embeddings"),
-                             out / f"{name}.pca.png"),
-        cls_path, embeddings_path, tiles_path,
-    ]
+    written = [_save_array(out / f"{name}.attention.npy", heat.image()[..., 0]),
+               _save_array(out / f"{name}.pca.npy", colours_map.image()), cls_path, embeddings_path, tiles_path]
+    if cfg.figures:
+        from bonylib import plotting  # matplotlib: only when figures are drawn
+
+        label = "CLS attention (1 = uniform)" + (f", top {threshold:.0%} of the mass" if threshold is not None else "")
+        pca = f"{name}: first 3 PCA components of the tile embeddings"
+        written += [
+            plotting.save_figure(plotting.slide_heatmap(thumbnail, heat.image(), f"{name}: {label}", label=label),
+                                 out / f"{name}.attention.png"),
+            plotting.save_figure(plotting.slide_heatmap(thumbnail, colours_map.image(), pca), out / f"{name}.pca.png"),
+        ]
     meta: dict[str, Any] = {"source": str(source), "kind": "slide", "slide_id": name, "encoder": encoder.name,
                             "input_size": encoder.input_size, "tiles": len(rows), "block": block,
                             "threshold": threshold, "thumbnail": list(canvas), "files": [p.name for p in written]}

@@ -244,3 +244,39 @@ def predicted_classes(out: Path, benchmark: str = "panda", head: str = "linear",
         plotting.draw_heat(ax, maps.thumbnail, colours, title, names=maps.classes)
     fig.tight_layout()
     return fig
+
+
+HEADLINE = r"bal\. acc\.|mIoU|MSE|PSNR|QWK"
+"""A pattern of each head's headline metrics in the results' column names (balanced accuracy, mIoU, the errors,
+kappa), for tables that cannot show every column."""
+
+LOWER_IS_BETTER = ("MSE",)
+"""Words in a results column's name that make it an error (lower is better); every other metric is a score."""
+
+
+def row_comparison(out: Path, first: str, second: str, pattern: str = "") -> pd.DataFrame:
+    """Two rows of ``results.csv`` (by encoder name) metric by metric: both means, ``second`` minus ``first``,
+    which is better (by the metric's direction: errors lower, scores higher), and whether their 95 % intervals
+    are apart (a difference inside overlapping intervals is not a finding). ``pattern``: a regular expression the
+    metric names must match (e.g. the headline metrics of each head)."""
+    path = Path(out) / "results.csv"
+    if not path.is_file():
+        raise BonyError(f"{path}: no results table (run bony evaluate first)")
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""]).set_index("encoder")
+    missing = [name for name in (first, second) if name not in frame.index]
+    if missing:
+        raise BonyError(f"{path}: no row {', '.join(missing)} (rows: {', '.join(frame.index)})")
+    a, b = frame.loc[first], frame.loc[second]
+    rows = []
+    for metric in dict.fromkeys(c.rsplit(": ", 1)[0] for c in frame.columns if c.endswith(": mean")):
+        if pattern and not pd.Series([metric]).str.contains(pattern).iloc[0]:
+            continue
+        if pd.isna(a[f"{metric}: mean"]) or pd.isna(b[f"{metric}: mean"]):
+            continue
+        lower = any(word in metric for word in LOWER_IS_BETTER)
+        difference = float(b[f"{metric}: mean"] - a[f"{metric}: mean"])
+        apart = bool(b[f"{metric}: ci_low"] > a[f"{metric}: ci_high"] or a[f"{metric}: ci_low"] > b[f"{metric}: ci_high"])
+        better = "same" if difference == 0 else (second if (difference < 0) == lower else first)
+        rows.append({"metric": metric, first: float(a[f"{metric}: mean"]), second: float(b[f"{metric}: mean"]),
+                     "difference": difference, "better": better, "intervals apart": apart})
+    return pd.DataFrame(rows).set_index("metric")
