@@ -292,6 +292,8 @@ def training_comparison(logs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> F
     """Pretraining runs side by side, from their logs (:func:`bonylib.ssl.runs.training_log`): the DINO loss
     with ln K dashed, the teacher's per-image entropy, images/s, and the k-NN balanced accuracy at each epoch
     end (both tasks, when the runs had a monitor)."""
+    if not logs:
+        raise ValueError("training_comparison: no runs to compare")
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for i, (label, (steps, knn)) in enumerate(logs.items()):
         colour = f"C{i}"
@@ -323,6 +325,9 @@ def attention_tiles(rows: dict[str, TileMaps], threshold: float | None = None) -
     from bonylib.attention.maps import top_mass_mask
 
     first = next(iter(rows.values()))
+    for label, found in rows.items():
+        if found.names != first.names:
+            raise ValueError(f"attention_tiles: the maps of {label} are of other images than the first row's")
     panels, titles = list(first.tiles), [name[:14] for name in first.names]
     for label, found in rows.items():
         for i, (rgb, heat) in enumerate(zip(first.tiles, found.maps)):

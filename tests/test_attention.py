@@ -6,6 +6,7 @@ direct computation from the block's own weights; the models are tiny timm ViTs a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -388,6 +389,37 @@ def test_cli_on_a_folder_maps_each_image_and_names_the_ones_it_cannot(tmp_path: 
     empty.mkdir()
     assert main(["attention", str(export), str(empty), "--out", str(again)]) == 2
     assert "no tile images" in capsys.readouterr().err
+    assert main(["attention", str(export), str(folder), "--out", str(folder)]) == 2
+    assert "--out is the folder of images" in capsys.readouterr().err
+    (folder / "c.png").unlink()
+    Image.fromarray(np.full((80, 80, 3), 90, np.uint8)).save(folder / "b.png")
+    assert main(["attention", str(export), str(folder), "--out", str(tmp_path / "clash")]) == 2
+    assert "b.jpg and b.png would write the same maps (b.*)" in capsys.readouterr().err
+    assert not (tmp_path / "clash").exists() or not list((tmp_path / "clash").iterdir())
+
+
+def test_tile_maps_are_the_written_maps_of_the_images_as_the_encoder_saw_them(tmp_path: Path, export: Path) -> None:
+    from bonylib import plotting
+    from bonylib.attention.command import AttentionConfig, tile_maps
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("b", "a"):
+        Image.fromarray(rng.integers(0, 256, (100, 100, 3), np.uint8)).save(folder / f"{name}.png")
+    found = tile_maps(str(export), folder, tmp_path / "out", AttentionConfig(input_size=96), block=0)
+    assert found.names == ["a", "b"]
+    for name, tile, heat in zip(found.names, found.tiles, found.maps):
+        expected = np.asarray(Image.open(folder / f"{name}.png").resize((96, 96), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(tile, expected)
+        np.testing.assert_allclose(heat, np.load(tmp_path / "out" / f"{name}.cls.npy")[0].mean(axis=0))
+        assert heat.shape == (6, 6) and np.isclose(heat.sum(), 1.0, atol=1e-5)
+    assert not list((tmp_path / "out").glob("*.png")), "arrays only"
+    figure = plotting.attention_tiles({"teacher": found, "again": found}, threshold=0.6)
+    assert len([ax for ax in figure.axes if ax.images]) == 6  # the tiles, then a row per encoder
+    other = dataclasses.replace(found, names=["a", "c"])
+    with pytest.raises(ValueError, match="maps of other are of other images"):
+        plotting.attention_tiles({"teacher": found, "other": other})
 
 
 def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,

@@ -5,6 +5,7 @@ says why, and hostile configs stop before anything is written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,15 @@ def test_results_table_is_the_mean_of_the_runs_with_the_missing_encoder_explaine
     assert "| random init (2 seeds) |" in markdown and "| ours, never trained |" in markdown
     assert f"| {column} |" in markdown and " n=4 |" in markdown and "Dice benign" not in markdown
 
+    from bonylib.evaluation.figures import results_table
+
+    shown = results_table(out, "panda", headline=True)  # the chapters' table: results.md's columns, as text
+    assert list(shown.index) == ["ours, never trained", "random init (2 seeds)", "hand"]  # a label, else the name
+    assert list(shown.columns)[:-1] == [c for c in re.findall(r"\| (PANDA tiles [^|]+?) (?=\|)", markdown.splitlines()[4])]
+    assert shown.loc["random init (2 seeds)", column].startswith(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [")
+    assert shown.loc["ours, never trained", column] == "—" and "no exported encoder" in shown.iloc[0]["note"]
+    assert "PANDA tiles mlp macro-F1 (test)" in results_table(out, "panda").columns
+
 
 def test_rerun_skips_finished_runs_and_reuses_embeddings(run: tuple[Path, Path], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,22 +266,30 @@ def test_a_test_slide_coloured_by_the_predicted_class_of_each_tile(run: tuple[Pa
 
 
 def test_two_rows_compared_metric_by_metric(run: tuple[Path, Path]) -> None:
-    """Means, difference and the better row by each metric's direction, recomputed from results.csv here; the
-    intervals are apart only when one's low end is above the other's high end."""
-    from bonylib.evaluation.figures import row_comparison
+    """Means and difference from results.csv, the better row by each metric's direction (errors lower: the MSE
+    columns; scores higher), the intervals apart only when one's low end is above the other's high end."""
+    from bonylib.evaluation.figures import comparison_counts, row_comparison
 
     _, out = run
     table = pd.read_csv(out / "results.csv").set_index("encoder")
-    compared = row_comparison(out, "rnd", "hand")
+    compared = row_comparison(out, "rnd", "hand", headline=False)
     assert len(compared) > 5 and not compared.index.str.contains("patch-token").any(), "hand has no patch tokens"
-    for metric, line in compared.iterrows():
-        a, b = table.loc["rnd", f"{metric}: mean"], table.loc["hand", f"{metric}: mean"]
+    errors = {"DeepGleason mask MSE (test)", "SICAPv2 reconstruction MSE (Test)"}
+    assert errors <= set(compared.index) and "SICAPv2 reconstruction PSNR (dB) (Test)" in compared.index
+    for column, line in compared.iterrows():
+        a, b = table.loc["rnd", f"{column}: mean"], table.loc["hand", f"{column}: mean"]
         assert (line["rnd"], line["hand"]) == (a, b) and np.isclose(line["difference"], b - a)
-        score = -1 if "MSE" in metric else 1
-        assert line["better"] == ("hand" if score * (b - a) > 0 else "rnd" if b != a else "same"), metric
-        low_a, high_a = table.loc["rnd", f"{metric}: ci_low"], table.loc["rnd", f"{metric}: ci_high"]
-        low_b, high_b = table.loc["hand", f"{metric}: ci_low"], table.loc["hand", f"{metric}: ci_high"]
-        assert line["intervals apart"] == (max(low_a, low_b) > min(high_a, high_b)), metric
-    assert list(row_comparison(out, "rnd", "hand", "MSE").index) == [m for m in compared.index if "MSE" in m]
+        gain = (a - b) if column in errors else (b - a)
+        assert line["better"] == ("hand" if gain > 0 else "rnd" if gain < 0 else "same"), column
+        low_a, high_a = table.loc["rnd", f"{column}: ci_low"], table.loc["rnd", f"{column}: ci_high"]
+        low_b, high_b = table.loc["hand", f"{column}: ci_low"], table.loc["hand", f"{column}: ci_high"]
+        assert line["intervals apart"] == (max(low_a, low_b) > min(high_a, high_b)), column
+    headline = row_comparison(out, "rnd", "hand")
+    header = (out / "results.md").read_text().splitlines()[4]  # the columns results.md shows
+    assert set(headline.index) == {c for c in compared.index if f"| {c} |" in header} < set(compared.index)
+    wins = (compared["better"] == "hand").sum()
+    assert comparison_counts(compared, "rnd", "hand").startswith(f"of {len(compared)} columns: hand better on {wins} (")
     with pytest.raises(BonyError, match="no row gone2"):
         row_comparison(out, "rnd", "gone2")
+    with pytest.raises(ConfigError, match="not rnd with itself"):
+        row_comparison(out, "rnd", "rnd")

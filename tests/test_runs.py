@@ -11,7 +11,7 @@ import yaml
 
 from bonylib.config import dump_config, load_config
 from bonylib.errors import BonyError
-from bonylib.ssl.runs import training_differences, training_log, training_summary
+from bonylib.ssl.runs import require_same_budget, training_differences, training_log, training_summary
 from bonylib.ssl.trainer import PretrainConfig
 
 
@@ -65,3 +65,31 @@ def test_differences_are_what_was_trained_differently(tmp_path: Path, repo: Path
     assert training_differences(tmp_path / "stemmed", tmp_path / "stemmed") == {}
     with pytest.raises(BonyError, match="no run config"):
         training_differences(tmp_path / "plain", tmp_path / "nowhere")
+
+
+def test_same_budget_needs_only_the_studied_setting_and_the_same_steps(tmp_path: Path, repo: Path) -> None:
+    """max_steps is a run-only key for a resume, but it cuts training short: it breaks the budget; so does a run
+    that has not trained as far as the other."""
+    recipe = repo / "configs" / "pretrain" / "demo.yaml"
+    base = ["data.manifest=/data/tiles.parquet"]
+    plain = load_config(PretrainConfig, recipe, base)
+    stemmed = load_config(PretrainConfig, recipe, [*base, "model.stem=haar_bands", "data.workers=0"])
+    short = load_config(PretrainConfig, recipe, [*base, "model.stem=haar_bands", "max_steps=50"])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.yaml").write_text(dump_config(plain))
+    require_same_budget(tmp_path / "plain", stemmed, {"model.stem"})  # before the stemmed run trains
+    assert training_differences(tmp_path / "plain", short) == {"model.stem": ("none", "haar_bands"),
+                                                              "max_steps": (0, 50)}
+    with pytest.raises(BonyError, match="max_steps: 0 / 50"):
+        require_same_budget(tmp_path / "plain", short, {"model.stem"})
+    with pytest.raises(BonyError, match="differ in nothing"):
+        require_same_budget(tmp_path / "plain", plain, {"model.stem"})
+
+    (tmp_path / "stemmed").mkdir()
+    (tmp_path / "stemmed" / "config.yaml").write_text(dump_config(stemmed))
+    (tmp_path / "plain" / "log.jsonl").write_text(json.dumps(_step(510, 3.0, 20.0)) + "\n")
+    (tmp_path / "stemmed" / "log.jsonl").write_text(json.dumps(_step(250, 4.0, 20.0)) + "\n")
+    with pytest.raises(BonyError, match="trained 510 steps and .* 250"):
+        require_same_budget(tmp_path / "plain", tmp_path / "stemmed", {"model.stem"})
+    (tmp_path / "stemmed" / "log.jsonl").write_text(json.dumps(_step(510, 4.0, 20.0)) + "\n")
+    require_same_budget(tmp_path / "plain", tmp_path / "stemmed", {"model.stem"})

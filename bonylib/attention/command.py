@@ -56,7 +56,7 @@ from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.embeddings import ENCODER_SPECS, encoder_from_spec, resolve_device, row_ids
 from bonylib.evaluation.encoders import Encoder
-from bonylib.files import atomic_path, ensure_writable_dir, write_text_atomic
+from bonylib.files import atomic_path, ensure_writable_dir, read_json, write_text_atomic
 
 TILE_COLUMNS = ("slide_id", "x", "y", "level", "size", "path")
 FOLDER_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
@@ -132,9 +132,19 @@ def _folder(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block
     """Every tile image in ``folder`` (not its subfolders), as one image each, with the encoder loaded once. A
     file that cannot be mapped (unreadable, a whole slide, an unsafe name) is logged and the others go on; the
     call then fails naming how many did not, so a script sees it."""
+    if out.resolve() == folder.resolve():
+        raise ConfigError(f"{folder}: --out is the folder of images: its PNGs would be mapped as tiles next time; "
+                          f"write the maps elsewhere")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
     if not images:
         raise BonyError(f"{folder}: no tile images ({', '.join(sorted(FOLDER_SUFFIXES))}) in this folder")
+    stems: dict[str, list[Path]] = {}
+    for path in images:
+        stems.setdefault(path.stem, []).append(path)
+    clash = next((paths for paths in stems.values() if len(paths) > 1), None)
+    if clash:
+        raise BonyError(f"{folder}: {clash[0].name} and {clash[1].name} would write the same maps "
+                        f"({clash[0].stem}.*); rename one")
     encoder, block = _prepared(reference, cfg, block, device)
     written: list[Path] = []
     failed: list[str] = []
@@ -170,7 +180,7 @@ def tile_maps(reference: str, folder: Path, out: Path, cfg: AttentionConfig, blo
     written = attention(reference, folder, out, dataclasses.replace(cfg, figures=False), block=block)
     names, tiles, maps = [], [], []
     for meta_path in (p for p in written if p.suffix == ".json"):
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         source, size = Path(meta["source"]), int(meta["input_size"])
         with open_slide(source) as slide:
             tiles.append(np.asarray(_view(slide, size)))
@@ -193,7 +203,7 @@ def _save_array(dest: Path, array: np.ndarray) -> Path:
     return dest
 
 
-def _view(slide: ImageSlide | Any, size: int) -> Image.Image:
+def _view(slide: ImageSlide, size: int) -> Image.Image:
     """An image tile as the encoder sees it: resized to its input side (its eval transform would do the same)."""
     return Image.fromarray(slide.read_level(0)).resize((size, size), Image.Resampling.BILINEAR)
 

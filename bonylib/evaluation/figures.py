@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.benchmarks import BENCHMARKS
-from bonylib.evaluation.results import cell_text, read_run
+from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
+from bonylib.evaluation.results import cell_text, read_results, read_run
 
 Run = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -113,23 +113,22 @@ def decoded_examples(out: Path, benchmark: str, head: str, count: int = 6) -> Fi
     return fig
 
 
-def results_table(out: Path, benchmark: str | None = None) -> pd.DataFrame:
-    """The results table (``results.csv``) as text cells, a row per encoder: ``mean ± std [95 % CI] n=runs`` for
-    every column of ``benchmark`` (all when None), and the row's note."""
-    path = Path(out) / "results.csv"
-    if not path.is_file():
-        raise BonyError(f"{path}: no results table (run bony evaluate first)")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    prefix = BENCHMARKS[benchmark].title if benchmark is not None else ""
-    columns = [c for c in dict.fromkeys(c.rsplit(": ", 1)[0] for c in frame.columns if ": " in c) if c.startswith(prefix)]
-    shown = {}
-    for column in columns:
-        stats = frame[[f"{column}: {stat}" for stat in ("mean", "std", "runs", "ci_low", "ci_high")]]
-        stats.columns = ["mean", "std", "runs", "ci_low", "ci_high"]
-        shown[column] = [cell_text(pd.Series({**line, "runs": 0 if pd.isna(line["runs"]) else line["runs"], "metric": ""}))
-                         for line in stats.to_dict("records")]
-    table = pd.DataFrame(shown, index=frame["label"].to_numpy())
-    table["note"] = frame["note"].fillna("").to_numpy()
+def results_table(out: Path, benchmark: str | None = None, headline: bool = False) -> pd.DataFrame:
+    """The results table as text cells, a row per encoder: ``mean ± std [95 % CI] n=runs`` for every column of
+    ``benchmark`` (all when None; only the headline columns of ``results.md`` with ``headline``), and the row's
+    note."""
+    long = read_results(out)
+    if benchmark is not None:
+        long = long[long["benchmark"] == benchmark]
+    if headline:
+        long = long[long["headline"]]
+    long = long.assign(text=[cell_text(line) for _, line in long.iterrows()])
+    rows, columns = list(dict.fromkeys(long["encoder"])), list(dict.fromkeys(long["column"]))
+    table = long.pivot(index="encoder", columns="column", values="text").loc[rows, columns]
+    firsts = long.groupby("encoder", sort=False).first().loc[rows]
+    table["note"] = firsts["note"]
+    table.index = firsts["label"].to_numpy()  # labels name the rows; names (unique) key them
+    table.columns.name = None
     return table
 
 
@@ -246,37 +245,38 @@ def predicted_classes(out: Path, benchmark: str = "panda", head: str = "linear",
     return fig
 
 
-HEADLINE = r"bal\. acc\.|mIoU|MSE|PSNR|QWK"
-"""A pattern of each head's headline metrics in the results' column names (balanced accuracy, mIoU, the errors,
-kappa), for tables that cannot show every column."""
-
-LOWER_IS_BETTER = ("MSE",)
-"""Words in a results column's name that make it an error (lower is better); every other metric is a score."""
-
-
-def row_comparison(out: Path, first: str, second: str, pattern: str = "") -> pd.DataFrame:
-    """Two rows of ``results.csv`` (by encoder name) metric by metric: both means, ``second`` minus ``first``,
-    which is better (by the metric's direction: errors lower, scores higher), and whether their 95 % intervals
-    are apart (a difference inside overlapping intervals is not a finding). ``pattern``: a regular expression the
-    metric names must match (e.g. the headline metrics of each head)."""
-    path = Path(out) / "results.csv"
-    if not path.is_file():
-        raise BonyError(f"{path}: no results table (run bony evaluate first)")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""]).set_index("encoder")
-    missing = [name for name in (first, second) if name not in frame.index]
+def row_comparison(out: Path, first: str, second: str, headline: bool = True) -> pd.DataFrame:
+    """Two rows of the results table (by encoder name) column by column: both means, ``second`` minus ``first``,
+    which is better by the metric's direction (errors lower, :data:`LOWER_IS_BETTER`; scores higher), and whether
+    their 95 % intervals are apart (a difference inside overlapping intervals is not a finding). ``headline``:
+    only the columns of ``results.md``. Columns either row lacks (no patch tokens, not evaluated) are left out."""
+    if first == second:
+        raise ConfigError(f"compare two different rows, not {first} with itself")
+    long = read_results(out)
+    if headline:
+        long = long[long["headline"]]
+    missing = [name for name in (first, second) if name not in set(long["encoder"])]
     if missing:
-        raise BonyError(f"{path}: no row {', '.join(missing)} (rows: {', '.join(frame.index)})")
-    a, b = frame.loc[first], frame.loc[second]
+        raise BonyError(f"{Path(out)}: no row {', '.join(missing)} (rows: {', '.join(dict.fromkeys(long['encoder']))})")
+    a, b = (long[long["encoder"] == name].set_index("column") for name in (first, second))
     rows = []
-    for metric in dict.fromkeys(c.rsplit(": ", 1)[0] for c in frame.columns if c.endswith(": mean")):
-        if pattern and not pd.Series([metric]).str.contains(pattern).iloc[0]:
+    for column in a.index.intersection(b.index, sort=False):
+        x, y = a.loc[column], b.loc[column]
+        if pd.isna(x["mean"]) or pd.isna(y["mean"]):
             continue
-        if pd.isna(a[f"{metric}: mean"]) or pd.isna(b[f"{metric}: mean"]):
-            continue
-        lower = any(word in metric for word in LOWER_IS_BETTER)
-        difference = float(b[f"{metric}: mean"] - a[f"{metric}: mean"])
-        apart = bool(b[f"{metric}: ci_low"] > a[f"{metric}: ci_high"] or a[f"{metric}: ci_low"] > b[f"{metric}: ci_high"])
-        better = "same" if difference == 0 else (second if (difference < 0) == lower else first)
-        rows.append({"metric": metric, first: float(a[f"{metric}: mean"]), second: float(b[f"{metric}: mean"]),
-                     "difference": difference, "better": better, "intervals apart": apart})
-    return pd.DataFrame(rows).set_index("metric")
+        difference = float(y["mean"] - x["mean"])
+        gain = -difference if x["metric"] in LOWER_IS_BETTER else difference
+        rows.append({"column": column, first: float(x["mean"]), second: float(y["mean"]), "difference": difference,
+                     "better": second if gain > 0 else first if gain < 0 else "same",
+                     "intervals apart": bool(y["ci_low"] > x["ci_high"] or x["ci_low"] > y["ci_high"])})
+    return pd.DataFrame(rows).set_index("column")
+
+
+def comparison_counts(comparison: pd.DataFrame, first: str, second: str) -> str:
+    """A :func:`row_comparison` in one line: on how many columns each row is better, and on how many of those
+    the intervals are apart (ties counted apart)."""
+    apart = comparison["intervals apart"]
+    parts = [f"{name} better on {(comparison['better'] == name).sum()} "
+             f"({((comparison['better'] == name) & apart).sum()} with the intervals apart)" for name in (second, first)]
+    ties = (comparison["better"] == "same").sum()
+    return f"of {len(comparison)} columns: " + ", ".join(parts) + (f", {ties} tied" if ties else "")

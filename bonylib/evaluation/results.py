@@ -8,7 +8,8 @@ Rows come in the seed's order: our encoders, timm models, Hibou, HistoEncoder, r
 an encoder that could not be loaded keeps its row, with the reason.
 
 Files (in the evaluation folder): ``results.csv`` (every column, each with mean, std, runs, split, CI
-bounds) and ``results.md`` (the headline columns, one cell ``mean ± std [CI] n=runs`` each).
+bounds), ``results.md`` (the headline columns, one cell ``mean ± std [CI] n=runs`` each) and
+``results_long.csv`` (a line per encoder and column, with the column's metric and headline flag).
 Notebooks read those, or one run's record and predictions with :func:`read_run`.
 """
 
@@ -159,9 +160,13 @@ def markdown(long: pd.DataFrame) -> str:
 
 
 def write_results(out: Path, rows: Sequence[Row], benchmarks: Sequence[Benchmark], resamples: int) -> tuple[Path, Path]:
-    """Summarize the runs of ``rows`` and write ``results.csv`` and ``results.md`` into ``out`` (atomically)."""
+    """Summarize the runs of ``rows`` and write ``results.csv``, ``results.md`` and the long form
+    ``results_long.csv`` (what figures read: each column's metric and whether it is a headline) into ``out``,
+    each atomically."""
     long = summarize(ordered(rows), benchmarks, resamples)
     csv, md = Path(out) / "results.csv", Path(out) / "results.md"
+    with atomic_path(Path(out) / LONG_CSV) as tmp:
+        long.to_csv(tmp, index=False)
     with atomic_path(csv) as tmp:
         wide(long).to_csv(tmp, index=False)
     legend = (f"Each cell: mean ± standard deviation over n runs [95 % bootstrap interval over the test slides, "
@@ -169,3 +174,22 @@ def write_results(out: Path, rows: Sequence[Row], benchmarks: Sequence[Benchmark
               f"Every column with its numbers apart: {csv.name}.\n\n")
     write_text_atomic(md, "# Results\n\n" + legend + markdown(long))
     return csv, md
+
+
+LONG_CSV = "results_long.csv"
+"""The long form of the table (:func:`summarize`): what the report's figures and comparisons read."""
+
+
+def read_results(out: Path) -> pd.DataFrame:
+    """The long form of the results table that :func:`write_results` left in ``out`` (empty notes as "")."""
+    path = Path(out) / LONG_CSV
+    try:
+        long = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"note": str})
+    except FileNotFoundError:
+        raise BonyError(f"{path}: no results table (run bony evaluate, which writes it from the saved runs)") from None
+    except (OSError, ValueError) as exc:
+        raise BonyError(f"{path}: unreadable results table ({exc}); rerun bony evaluate") from None
+    missing = {"encoder", "label", "column", "benchmark", "metric", "headline", "mean", "ci_low", "ci_high"} - set(long)
+    if missing:
+        raise BonyError(f"{path}: not a results table (no column {', '.join(sorted(missing))}); rerun bony evaluate")
+    return long.assign(note=long["note"].fillna(""), headline=long["headline"].astype(bool))

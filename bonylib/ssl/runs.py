@@ -38,21 +38,43 @@ def training_log(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return steps, pd.DataFrame([r for r in records if "knn_accuracy" in r])
 
 
-def run_config(run: Path) -> dict[str, Any]:
+def run_config(run: Path | PretrainConfig) -> dict[str, Any]:
     """The config a run trained with (its ``config.yaml``), complete: a key added to the schema after the run
-    was written has its default."""
+    was written has its default. A :class:`PretrainConfig` (a run about to start: ``Trainer.resolved_config``)
+    is taken as it is."""
+    if isinstance(run, PretrainConfig):
+        return to_dict(run)
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise BonyError(f"{path}: no run config (is {run} a pretraining run folder? run bony pretrain first)")
     return to_dict(load_config(PretrainConfig, path))
 
 
-def training_differences(first: Path, second: Path) -> dict[str, tuple[Any, Any]]:
+def training_differences(first: Path | PretrainConfig, second: Path | PretrainConfig) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (first's value, second's value)}`` for every setting that changes what the two runs
-    trained: keys that only change how a run is executed, logged or monitored (data workers, logging, the
-    k-NN monitor; :data:`~bonylib.ssl.checkpoints.RUN_ONLY_KEYS`) are left out, and a key one run predates
-    counts at its default."""
-    return refused_changes(config_changes(run_config(first), run_config(second)), allowed=())
+    trained. Keys that only change how a run is executed, logged or monitored (data workers, logging, the k-NN
+    monitor; :data:`~bonylib.ssl.checkpoints.RUN_ONLY_KEYS`) are left out, except ``max_steps``, which a resume
+    may change but which cuts the training short; a key one run predates counts at its default."""
+    changes = config_changes(run_config(first), run_config(second))
+    differences = refused_changes(changes, allowed=())
+    if "max_steps" in changes:
+        differences["max_steps"] = changes["max_steps"]
+    return differences
+
+
+def require_same_budget(first: Path | PretrainConfig, second: Path | PretrainConfig, studied: set[str]) -> None:
+    """A :class:`BonyError` unless the two runs differ in exactly the ``studied`` settings and, where both have
+    trained, in no number of steps: the condition for reading a difference between them as the studied setting's
+    effect at the same compute budget. Check a run before it trains (pass its resolved config) and after."""
+    differences = training_differences(first, second)
+    if set(differences) != studied:
+        listed = ", ".join(f"{key}: {a!r} / {b!r}" for key, (a, b) in differences.items()) or "nothing"
+        raise BonyError(f"{first} and {second} differ in {listed}; a comparison at the same budget needs them to "
+                        f"differ in {', '.join(sorted(studied))} only")
+    trained = [training_log(run)[0]["step"].iloc[-1] for run in (first, second)
+               if not isinstance(run, PretrainConfig) and (Path(run) / "log.jsonl").is_file()]
+    if len(trained) == 2 and trained[0] != trained[1]:
+        raise BonyError(f"{first} trained {trained[0]} steps and {second} {trained[1]}: finish both before comparing")
 
 
 def training_summary(run: Path, last: int = 5) -> dict[str, float]:

@@ -47,6 +47,8 @@ METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc.", "macro
                 "quadratic_weighted_kappa": "QWK", "mse": "MSE", "psnr": "PSNR (dB)", "ssim": "SSIM",
                 "mean_dice": "mean Dice", "mean_iou": "mIoU"}
 """How the results table names each metric."""
+LOWER_IS_BETTER = frozenset({"mse"})
+"""The metrics that are errors; every other metric is a score, higher is better."""
 
 
 @dataclass(frozen=True)
