@@ -190,7 +190,7 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
     from bonylib import plotting
     from bonylib.attention.heatmaps import Heatmap, read_thumbnail, thumbnail_size
     from bonylib.data.slides import open_slide
-    from bonylib.evaluation.embeddings import row_ids
+    from bonylib.evaluation.embeddings import read_manifest
 
     found = sorted((Path(out) / "runs" / benchmark / head / encoder).glob("m*-test-*.json"))
     if not found:
@@ -198,11 +198,8 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
                         f"(run bony evaluate with this encoder and benchmark first)")
     meta, arrays = read_run(found[0])
     manifest_path = Path(meta["settings"]["manifest"])
-    try:
-        manifest = pd.read_parquet(manifest_path)
-    except (OSError, ValueError) as exc:
-        raise BonyError(f"{manifest_path}: the manifest {found[0]} was run on is unreadable ({exc})") from None
-    ids = pd.Series(np.arange(len(manifest)), index=row_ids(manifest, manifest_path))
+    manifest, row_id = read_manifest(manifest_path)
+    ids = pd.Series(np.arange(len(manifest)), index=row_id)
     slides = pd.Series(arrays["groups"])
     chosen = str(slides.value_counts().index[0]) if slide_id is None else slide_id
     if chosen not in set(slides):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from bonylib.config import to_dict
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.embeddings import read_manifest
 from bonylib.evaluation.probes import FitResult
@@ -188,15 +188,18 @@ def curve_of(fit: FitResult) -> list[dict[str, float]]:
 # ---- the tiles a benchmark embeds ---------------------------------------------------------------
 
 
-def select_tiles(manifest: Path, keep: np.ndarray | None, max_tiles: int, seed: int, out: Path) -> Path:
+def select_tiles(manifest: Path, keep: np.ndarray | None, max_tiles: int, seed: int, out: Path,
+                 frame: pd.DataFrame | None = None) -> Path:
     """The manifest the benchmark embeds: ``manifest`` itself, or its rows ``keep`` (a boolean mask; None: all)
     cut to a seeded sample of ``max_tiles`` (0: no cap), written once under ``out`` and named by its content.
+    ``frame``: the manifest as the caller already read it (:func:`read_manifest`), so it is not read again.
 
     Two benchmarks that select the same rows of one manifest (PANDA tiles and slide-level ISUP with the
     same sample) get the same file, hence one embedding store. Shard columns are dropped from a
     selection: their paths are relative to the tiling folder, so its tiles are read from the slides.
     """
-    frame, _ = read_manifest(manifest)
+    if frame is None:
+        frame, _ = read_manifest(manifest)
     chosen = np.ones(len(frame), bool) if keep is None else np.asarray(keep, bool)
     index = np.flatnonzero(chosen)
     if max_tiles and len(index) > max_tiles:
@@ -212,6 +215,22 @@ def select_tiles(manifest: Path, keep: np.ndarray | None, max_tiles: int, seed: 
         with atomic_path(dest) as tmp:
             selection.reset_index(drop=True).to_parquet(tmp, index=False)
     return dest
+
+
+def benchmark_tiles(manifest: Path, max_tiles: int, seed: int, out: Path,
+                    keep: Callable[[pd.DataFrame], np.ndarray] | None = None) -> tuple[Path, pd.DataFrame, np.ndarray]:
+    """:func:`select_tiles` of a benchmark's manifest, read once: the manifest it embeds, with that manifest's
+    rows and checked row ids. ``keep`` picks rows from the whole manifest (PANDA: the tiles of its classes)."""
+    frame, ids = read_manifest(manifest)
+    chosen = select_tiles(manifest, None if keep is None else keep(frame), max_tiles, seed, out, frame)
+    return (chosen, frame, ids) if chosen == manifest else (chosen, *read_manifest(chosen))
+
+
+def check_heads(section: str, heads: Sequence[str], known: Sequence[str]) -> None:
+    """A :class:`ConfigError` naming the first of a benchmark's ``heads`` that it does not have."""
+    unknown = [h for h in heads if h not in known]
+    if unknown:
+        raise ConfigError(f"{section}.heads: unknown head {unknown[0]!r} (choose from {', '.join(known)})")
 
 
 RUN_KEYS = ("runs", "heads", "partitions")

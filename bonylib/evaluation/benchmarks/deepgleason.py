@@ -32,9 +32,8 @@ from bonylib.data.sources import list_jobs
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_parts, ladder_size,
-                                                  select_tiles, settings_of)
+                                                  benchmark_tiles, check_heads, settings_of)
 from bonylib.evaluation.benchmarks.heads import DecoderConfig, fit_and_decode
-from bonylib.evaluation.embeddings import read_manifest
 from bonylib.evaluation.splits import split_by_slide
 
 HEADS = ("mask", "classes", "patch")
@@ -60,9 +59,7 @@ class DeepGleasonConfig:
     decoder: DecoderConfig = section(DecoderConfig, "decoder training")
 
     def __post_init__(self) -> None:
-        unknown = [h for h in self.heads if h not in HEADS]
-        if unknown:
-            raise ConfigError(f"deepgleason.heads: unknown head {unknown[0]!r} (choose from {', '.join(HEADS)})")
+        check_heads("deepgleason", self.heads, HEADS)
         if self.split not in SPLITS:
             raise ConfigError(f"deepgleason.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.runs < 1 or self.max_tiles < 0:
@@ -132,8 +129,7 @@ class DeepGleasonMasks:
     def __init__(self, cfg: DeepGleasonConfig, selections: Path) -> None:
         self.cfg = cfg
         source = Path(cfg.manifest)
-        self.manifest = select_tiles(source, None, cfg.max_tiles, cfg.split_seed, selections)
-        self.frame, self.ids = read_manifest(self.manifest)
+        self.manifest, self.frame, self.ids = benchmark_tiles(source, cfg.max_tiles, cfg.split_seed, selections)
         self.parts = tile_parts(self.frame, cfg.split, cfg.fractions, cfg.split_seed, str(source))
         self.source = source
         self._classes = list(CLASSES)

@@ -19,10 +19,9 @@ from bonylib.config import option
 from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, curve_of, label_scores,
-                                                  select_tiles, settings_of)
+                                                  benchmark_tiles, settings_of)
 from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split, read_isup, slide_parts
-from bonylib.evaluation.embeddings import read_manifest
 from bonylib.evaluation.probes import GatedAttentionMIL, fit_abmil, predict_logits
 
 SLIDE_METRICS = ("quadratic_weighted_kappa", "balanced_accuracy")
@@ -59,8 +58,7 @@ class SlideIsup:
     def __init__(self, cfg: IsupConfig, selections: Path) -> None:
         self.cfg = cfg
         source = Path(cfg.manifest)
-        self.manifest = select_tiles(source, None, cfg.max_tiles, cfg.split_seed, selections)
-        frame, _ = read_manifest(self.manifest)
+        self.manifest, frame, _ = benchmark_tiles(source, cfg.max_tiles, cfg.split_seed, selections)
         grades = read_isup(Path(cfg.data))
         tile_parts = slide_parts(frame, grades, cfg.fractions, cfg.split_seed, str(source))
         self.slides, slide_of_tile = np.unique(frame["slide_id"].to_numpy(), return_inverse=True)

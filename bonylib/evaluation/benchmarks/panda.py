@@ -21,9 +21,8 @@ from bonylib.data.labels import LABEL_NAMES
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_parts, class_targets,
-                                                  label_scores, select_tiles, settings_of)
+                                                  benchmark_tiles, check_heads, label_scores, settings_of)
 from bonylib.evaluation.benchmarks.heads import CLASSIFIERS, UNUSED_PROBE_KEYS, ProbeConfig, classify
-from bonylib.evaluation.embeddings import read_manifest
 from bonylib.evaluation.splits import split_by_slide
 
 TILE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -46,9 +45,7 @@ class PandaConfig:
     probe: ProbeConfig = section(ProbeConfig, "head training")
 
     def __post_init__(self) -> None:
-        unknown = [h for h in self.heads if h not in CLASSIFIERS]
-        if unknown:
-            raise ConfigError(f"panda.heads: unknown head {unknown[0]!r} (choose from {', '.join(CLASSIFIERS)})")
+        check_heads("panda", self.heads, CLASSIFIERS)
         check_split(self.fractions, self.runs, self.max_tiles, "panda")
         bad = [c for c in self.classes if c not in LABEL_NAMES]
         if bad:
@@ -103,11 +100,13 @@ class PandaTiles:
     def __init__(self, cfg: PandaConfig, selections: Path) -> None:
         self.cfg = cfg
         source = Path(cfg.manifest)
-        frame, _ = read_manifest(source)
-        self._classes = list(cfg.classes) or [c for c in LABEL_NAMES if c in set(frame["label_name"])]
-        self.manifest = select_tiles(source, frame["label_name"].isin(self._classes).to_numpy(), cfg.max_tiles,
-                                     cfg.split_seed, selections)
-        self.frame, self.ids = read_manifest(self.manifest)
+
+        def of_classes(frame: pd.DataFrame) -> np.ndarray:
+            self._classes = list(cfg.classes) or [c for c in LABEL_NAMES if c in set(frame["label_name"])]
+            return frame["label_name"].isin(self._classes).to_numpy()
+
+        self.manifest, self.frame, self.ids = benchmark_tiles(source, cfg.max_tiles, cfg.split_seed, selections,
+                                                              of_classes)
         self.targets = class_targets(self.frame["label_name"], self._classes)
         self.parts = slide_parts(self.frame, read_isup(Path(cfg.data)), cfg.fractions, cfg.split_seed, str(source))
         self.heads = {h: Head(h, "cls", (("test", 0),) if h == "knn" else tuple(("test", s) for s in range(cfg.runs)))

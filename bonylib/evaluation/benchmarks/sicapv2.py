@@ -33,9 +33,8 @@ from bonylib.data.datasets import TileDataset
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, RunOutput, label_scores,
-                                                  select_tiles, with_validation, settings_of)
+                                                  benchmark_tiles, check_heads, settings_of, with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
-from bonylib.evaluation.embeddings import read_manifest
 
 HEADS = ("reconstruction", "patches")
 PATCH_CLASSES = ("NC", "G3", "G4", "G5")
@@ -63,9 +62,7 @@ class Sicapv2Config:
     decoder: DecoderConfig = section(DecoderConfig, "reconstruction decoder training")
 
     def __post_init__(self) -> None:
-        unknown = [h for h in self.heads if h not in HEADS]
-        if unknown:
-            raise ConfigError(f"sicapv2.heads: unknown head {unknown[0]!r} (choose from {', '.join(HEADS)})")
+        check_heads("sicapv2", self.heads, HEADS)
         bad = [p for p in self.partitions if not _PARTITION.match(str(p))]
         if bad or len(set(self.partitions)) != len(self.partitions):
             raise ConfigError(f"sicapv2.partitions: {bad[0] if bad else 'a repeated name'!r} is not one of Test, "
@@ -110,8 +107,8 @@ class Sicapv2:
 
     def __init__(self, cfg: Sicapv2Config, selections: Path) -> None:
         self.cfg = cfg
-        self.manifest = select_tiles(Path(cfg.manifest), None, cfg.max_tiles, cfg.split_seed, selections)
-        self.frame, self.ids = read_manifest(self.manifest)
+        self.manifest, self.frame, self.ids = benchmark_tiles(Path(cfg.manifest), cfg.max_tiles, cfg.split_seed,
+                                                              selections)
         self.patches, self.tile_patch = np.unique(self.frame["slide_id"].to_numpy(), return_inverse=True)
         patient = self.frame.groupby("slide_id")["group"].first()
         self.patients = patient.loc[self.patches].to_numpy()
