@@ -8,7 +8,7 @@ import pytest
 
 from bonylib.config import load_config
 from bonylib.data.synthetic import SynthConfig, synthesize
-from bonylib.samples import shared_data_dir
+from bonylib.data.samples import shared_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ import torch
 from bonylib.config import to_dict
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.embeddings import read_manifest
+from bonylib.data.manifest import read_manifest
 from bonylib.evaluation.probes import FitResult
 from bonylib.evaluation.splits import split_by_slide
 from bonylib.files import atomic_path, sha256_file
