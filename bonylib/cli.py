@@ -103,10 +103,11 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.ssl.trainer import Preempted, Trainer
+    from bonylib.compose.pretrain import build_trainer
+    from bonylib.ssl.trainer import Preempted
 
     try:
-        print(Trainer(cfg, args.out).train())
+        print(build_trainer(cfg, args.out).train())
     except Preempted as exc:
         print(f"bony pretrain: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -203,12 +204,12 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
 
 def _commands() -> list[Command]:
     from bonylib.attention.command import AttentionConfig
+    from bonylib.compose.pretrain import PretrainConfig
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
     from bonylib.evaluation.evaluate import EvaluateConfig
     from bonylib.report import ReportConfig
-    from bonylib.ssl.trainer import PretrainConfig
 
     return [
         Command("synth", "write synthetic PANDA / SICAPv2 / DeepGleason datasets in their real on-disk formats",

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from bonylib import runtime
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.errors import ConfigError
 from bonylib.runtime import Precision, cpu_flags, plan_threads, resolve_precision
-from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 CPU = torch.device("cpu")
 
@@ -178,9 +178,9 @@ def test_trainer_runs_and_records_the_resolved_precision(flags, expected, repo: 
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml",
                       [f"data.images={smoke_data / 'deepgleason' / 'tiles'}", "optim.precision=auto", "max_steps=1",
                        "data.workers=auto"])
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     seen = []
-    trainer.student.backbone.blocks[0].attn.qkv.register_forward_hook(  # a matmul: its dtype is autocast's
+    trainer.model.student_network.backbone.blocks[0].attn.qkv.register_forward_hook(  # a matmul: its dtype is autocast's
         lambda module, inputs, output: seen.append(output.dtype))
     trainer.train()
     assert seen and set(seen) == {torch.bfloat16 if expected == "bf16" else torch.float32}

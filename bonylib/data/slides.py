@@ -25,6 +25,8 @@ from bonylib.errors import BonyError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs"})
+TILE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
+"""The files a folder of tile images is read for (``bony pretrain data.images=``, ``bony attention`` on a folder)."""
 
 
 class SlideError(BonyError):

@@ -180,7 +180,7 @@ class SlideClasses:
 def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", encoder: str = "dino",
                   slide_id: str | None = None, thumbnail_px: int = 1024) -> SlideClasses:
     """The tiles of one test slide coloured by the class a benchmark head predicted for each and by its label,
-    stitched at the tiles' coordinates over the thumbnail (:class:`~bonylib.attention.heatmaps.Heatmap`).
+    stitched at the tiles' coordinates over the thumbnail (:class:`~bonylib.data.heatmaps.Heatmap`).
 
     The predictions are those of ``encoder``'s first test run of ``head``, saved by ``bony evaluate``: tiles of
     slides the head never trained on. ``slide_id``: which test slide (default: the one with the most tiles). The
@@ -188,9 +188,9 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
     (a manifest that lost those tiles since is named).
     """
     from bonylib import plotting
-    from bonylib.attention.heatmaps import Heatmap, read_thumbnail, thumbnail_size
-    from bonylib.data.slides import open_slide
+    from bonylib.data.heatmaps import Heatmap, read_thumbnail, thumbnail_size
     from bonylib.data.manifest import read_manifest
+    from bonylib.data.slides import open_slide
 
     found = sorted((Path(out) / "runs" / benchmark / head / encoder).glob("m*-test-*.json"))
     if not found:

@@ -99,7 +99,7 @@ def _load_verified(module: nn.Module, path: Path, expected_sha: str | None, what
     return checksum
 
 
-def load_encoder(run: Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(run: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The exported backbone of a pretraining run folder (eval mode, behind its stem if it was trained with
     one) and its metadata, whose ``sha256`` is the weights file's (computed when an old export did not record
     it) and whose ``stem`` is ``none`` for exports written before stems were recorded."""

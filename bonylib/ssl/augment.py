@@ -1,6 +1,6 @@
 """DINO multi-crop with histology augmentations.
 
-:class:`MultiCrop` turns one tile into the crops of a DINO step, following the reference
+:class:`MultiCropTransform` turns one tile into the crops of a DINO step, following the reference
 ``DataAugmentationDINO`` (facebookresearch/dino): ``global_crops`` large views (the teacher sees
 only these) and ``local_crops`` small ones, each a random resized crop (bicubic) with its own
 augmentations. ImageNet's colour jitter and grayscale are replaced by what varies between
@@ -34,9 +34,7 @@ from PIL import Image
 
 from bonylib.config import check_fractions, option
 from bonylib.errors import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],   # haematoxylin
                          [0.07, 0.99, 0.11],   # eosin
@@ -171,16 +169,23 @@ class HEDJitter:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         batch = image if image.dim() == 4 else image[None]
-        u = torch.rand(batch.shape[0], 7)
-        scale = (2 * u[:, 0:3] - 1) * self.strength
-        shift = (2 * u[:, 3:6] - 1) * self.shift
-        applied = u[:, 6] < self.p
-        scale[~applied] = 0.0
-        shift[~applied] = 0.0
-        out = batch.clone()
-        if applied.any():
-            out[applied] = self.apply(batch[applied], scale[applied], shift[applied])
+        out = self.jitter(batch, torch.rand(batch.shape[0], 7))
         return out if image.dim() == 4 else out[0]
+
+    def jitter(self, batch: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """``batch`` (N, 3, H, W) jittered with the uniforms ``draws`` (N, 7): columns 0-2 give ``a``, 3-5 ``b`` and
+        6 whether the image is jittered at all (below ``p``). The multi-crop transform passes its own per-crop draws,
+        so that every random number of a crop comes from one draw (what makes a resumed run see the same crops)."""
+        applied = draws[:, 6] < self.p
+        if not applied.any():
+            return batch
+        scale = (2 * draws[:, 0:3] - 1) * self.strength
+        shift = (2 * draws[:, 3:6] - 1) * self.shift
+        if applied.all():
+            return self.apply(batch, scale, shift)
+        out = batch.clone()
+        out[applied] = self.apply(batch[applied], scale[applied], shift[applied])
+        return out
 
     @staticmethod
     def apply(image: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -211,8 +216,7 @@ _SCALE = slice(0, _ATTEMPTS)
 _RATIO = slice(_ATTEMPTS, 2 * _ATTEMPTS)
 _TOP, _LEFT, _HFLIP, _VFLIP, _ROT = range(2 * _ATTEMPTS, 2 * _ATTEMPTS + 5)
 _HED_P = 2 * _ATTEMPTS + 5
-_HED_A = slice(_HED_P + 1, _HED_P + 4)
-_HED_B = slice(_HED_P + 4, _HED_P + 7)
+_HED_DRAWS = [*range(_HED_P + 1, _HED_P + 7), _HED_P]  # HEDJitter.jitter's columns: a (3), b (3), whether
 _COLOR_P, _BRIGHT, _CONTRAST, _SAT, _BLUR_P, _SIGMA, _SOLAR_P = range(_HED_P + 7, _HED_P + 14)
 _N_DRAWS = _HED_P + 14
 
@@ -296,7 +300,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0:1] * GRAY[0]).add_(x[:, 1:2], alpha=GRAY[1]).add_(x[:, 2:3], alpha=GRAY[2])
 
 
-class MultiCrop:
+class MultiCropTransform:
     """Callable: PIL image (RGB, any size) -> list of float32 normalised crops.
 
     Global crops come first, ``(3, global_size, global_size)``, then local crops
@@ -318,7 +322,7 @@ class MultiCrop:
             self.groups.append((n_global, n_global + n_local, cfg.local_size, cfg.local_scale))
 
     def __repr__(self) -> str:
-        return f"MultiCrop({self.cfg})"
+        return f"MultiCropTransform({self.cfg})"
 
     def __call__(self, image: Image.Image | np.ndarray | torch.Tensor) -> list[torch.Tensor]:
         """Crops of ``image``: a PIL image (converted to RGB), an (H, W, 3) uint8 array or a (3, H, W) uint8 tensor."""
@@ -346,14 +350,8 @@ class MultiCrop:
         """uint8 crops of one size -> normalised float crops, with each crop's own draws ``u``."""
         cfg = self.cfg
         x = batch.float().mul_(1.0 / 255.0)
-        hed = u[:, _HED_P] < cfg.hed_p
-        if (self.hed.strength > 0 or self.hed.shift > 0) and hed.any():
-            scale = (2 * u[:, _HED_A] - 1) * self.hed.strength
-            shift = (2 * u[:, _HED_B] - 1) * self.hed.shift
-            if hed.all():
-                x = HEDJitter.apply(x, scale, shift)
-            else:
-                x[hed] = HEDJitter.apply(x[hed], scale[hed], shift[hed])
+        if self.hed.strength > 0 or self.hed.shift > 0:
+            x = self.hed.jitter(x, u[:, _HED_DRAWS])
         color = u[:, _COLOR_P] < cfg.color_p
         if color.any():
             one = torch.ones(())
@@ -379,19 +377,3 @@ class MultiCrop:
             x[solarize] = torch.where(part >= 128 / 255, 1.0 - part, part)
         x.sub_(self.mean).div_(self.std)
         return list(x.unbind(0))
-
-
-def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """DataLoader collate: samples ``(crops, target)`` -> (per-crop-index batches ``(B, 3, H, W)``, targets ``(B,)``).
-
-    ``crops[i]`` holds the i-th crop of every image, as in the DINO reference, so the first
-    ``global_crops`` entries are the teacher's views.
-    """
-    if not batch:
-        raise ValueError("collate_crops: empty batch")
-    n = len(batch[0][0])
-    if any(len(crops) != n for crops, _ in batch):
-        raise ValueError(f"collate_crops: samples have different numbers of crops ({sorted({len(c) for c, _ in batch})})")
-    crops = [torch.stack([sample[0][i] for sample in batch]) for i in range(n)]
-    targets = torch.as_tensor([int(target) for _, target in batch], dtype=torch.long)
-    return crops, targets
