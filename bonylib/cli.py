@@ -182,6 +182,22 @@ def _attention_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _import_dino_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                        help="a facebookresearch/dino checkpoint.pth (main_dino.py's, e.g. the seed's checkpoint_4096.pth) "
+                        "or a released dino_*_pretrain.pth backbone")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the Bony export (teacher_backbone.safetensors, teacher_head.safetensors, .json): "
+                        "then bony:<out> and bony-head:<out> name it")
+
+
+def _import_dino_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.models.dino_checkpoints import export_dino
+
+    print(export_dino(args.checkpoint, args.out, cfg.network))
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
@@ -209,6 +225,7 @@ def _commands() -> list[Command]:
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
     from bonylib.evaluation.evaluate import EvaluateConfig
+    from bonylib.models.dino_checkpoints import DinoImportConfig
     from bonylib.report import ReportConfig
 
     return [
@@ -224,6 +241,8 @@ def _commands() -> list[Command]:
                 EvaluateConfig, _evaluate_arguments, _evaluate_run),
         Command("attention", "attention maps of an encoder (ViT, XCiT) over an image, or heatmaps over a slide",
                 AttentionConfig, _attention_arguments, _attention_run),
+        Command("import-dino", "convert a facebookresearch/dino checkpoint (the seed's models) into a Bony export",
+                DinoImportConfig, _import_dino_arguments, _import_dino_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]
