@@ -7,6 +7,7 @@ on what it loaded before, so a run resumed mid-epoch sees exactly the crops it w
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -46,9 +47,15 @@ class SeededViews(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
         image, target = self.images[index]
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), target
+        seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        state = random.getstate()  # DINO's own pipeline draws its blur and solarisation from Python's random
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.transform(image), target
+        finally:
+            random.setstate(state)
 
 
 class Batch(NamedTuple):

@@ -47,7 +47,7 @@ from bonylib.models.export import export_encoder
 from bonylib.runtime import Precision, machine_record, plan_threads, resolve_precision
 from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
-from bonylib.ssl.augment import MultiCropTransform
+from bonylib.ssl.augment import views_transform
 from bonylib.ssl.config import TrainConfig
 from bonylib.ssl.data import Batch, EpochSampler, SeededViews, collate_views, images_from
 from bonylib.ssl.distributed import World, all_reduce_max, all_reduce_mean, barrier, init_distributed
@@ -93,7 +93,7 @@ class Trainer:
                  self.threads.workers, self.threads.cpus)
         torch.manual_seed(cfg.seed)
         images = images_from(cfg.data.manifest, cfg.data.images, cfg.data.tile_px)
-        self.views = SeededViews(images, MultiCropTransform(cfg.crops), cfg.seed)
+        self.views = SeededViews(images, views_transform(cfg.crops), cfg.seed)
         self.sampler = EpochSampler(len(self.views), cfg.optim.batch_size, self.world.rank, self.world.size, cfg.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
