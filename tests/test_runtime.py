@@ -212,8 +212,10 @@ def test_trainer_runs_and_records_the_resolved_precision(flags, expected, repo: 
 
 
 def test_recipes_default_to_auto(repo: Path) -> None:
-    for recipe in ("demo", "seed_cluster"):
+    for recipe in ("demo", "cluster"):
         cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / f"{recipe}.yaml")
         assert cfg.optim.precision == "auto" and cfg.data.workers == "auto", recipe
+    # the seed's experiment runs DINO's default mixed precision, fp16 with a gradient scaler (tests/test_profiles.py)
+    assert load_config(PretrainConfig, repo / "configs" / "pretrain" / "seed.yaml").data.workers == "auto"
     with pytest.raises(ConfigError, match="data.workers"):
         load_config(PretrainConfig, None, ["data.workers=-2"])
