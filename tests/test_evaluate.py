@@ -316,7 +316,11 @@ def test_results_page_puts_one_number_per_benchmark_first(run: tuple[Path, Path]
         assert shown[label].startswith(expected + " "), (shown[label], mse)
     assert shown["ours, never trained"] == "—"
     page = table_html(table, "Results", RESULTS_TABLE_ID)
-    assert page.startswith(f'<table class="dataframe bony-results" id="{RESULTS_TABLE_ID}"><caption>Results')
+    assert page.startswith(f'<div style="overflow-x: auto"><table class="dataframe bony-results" '
+                           f'id="{RESULTS_TABLE_ID}"><caption style=')
+    assert ">Results</caption>" in page
     body = page.split("<tbody>")[1].split("</tbody>")[0]
     assert body.count("<tr") == 3 and "&lt;" not in page.replace("&lt;script", "")
-    assert len(interval_figure(out).axes) == 4
+    figure = interval_figure(out)
+    assert len(figure.axes) == 4
+    assert figure.axes[0].get_title().endswith("\nno CI: 1 test slide, 10 needed"), "the test part's one reason, once"

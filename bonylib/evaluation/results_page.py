@@ -48,18 +48,27 @@ def benchmark_tables(out: Path) -> list[tuple[str, pd.DataFrame]]:
 
 
 def table_html(table: pd.DataFrame, caption: str = "", table_id: str = "") -> str:
-    """``table`` as an HTML ``<table>`` (row labels as header cells, text escaped), with a caption and an id."""
+    """``table`` as an HTML ``<table>`` (row labels as header cells, text escaped), with a caption above it and an
+    id, in a block that scrolls sideways when the table is wider than the page (a benchmark's every column)."""
     text = table.to_html(table_id=table_id or None, classes=["bony-results"], border=0, escape=True, na_rep="")
     if caption:
         head, _, rest = text.partition(">")
-        text = f"{head}><caption>{html.escape(caption)}</caption>{rest}"
-    return text
+        text = (f'{head}><caption style="caption-side: top; text-align: left; font-weight: bold">'
+                f"{html.escape(caption)}</caption>{rest}")
+    return f'<div style="overflow-x: auto">{text}</div>'
+
+
+def _shared_reason(cells: pd.DataFrame) -> str:
+    """The one reason every cell without an interval gives (the same test part for every encoder), or ""."""
+    reasons = set(cells.loc[np.isfinite(cells["mean"]) & (cells["interval"] == ""), "interval_note"])
+    return reasons.pop() if len(reasons) == 1 else ""
 
 
 def interval_figure(out: Path) -> Figure:
     """Every encoder on the summary metrics: the mean over runs as a dot, its interval as a whisker (solid: the 95 %
     bootstrap over test slides; dashed: the range over folds); a cell without an interval shows its dot hollow and
-    why, and an encoder not evaluated says so."""
+    why (once, under the panel's title, when every such cell gives the same reason), and an encoder not evaluated says
+    so."""
     lines = _summary_lines(out)
     columns = list(dict.fromkeys(lines["column"]))
     labels = list(dict.fromkeys(lines["label"]))
@@ -70,6 +79,7 @@ def interval_figure(out: Path) -> Figure:
         cells = lines[lines["column"] == column]
         metric = cells["metric"].iloc[0]
         fmt = number_format(metric, cells["mean"])
+        shared = _shared_reason(cells)
         finite = cells[np.isfinite(cells["mean"])]
         span = np.concatenate([finite["mean"], finite["ci_low"].dropna(), finite["ci_high"].dropna()])
         left = float(span.min()) if span.size else 0.0
@@ -84,9 +94,10 @@ def interval_figure(out: Path) -> Figure:
                 ax.plot(cell["mean"], row, "o", color="C0")
             else:
                 ax.plot(cell["mean"], row, "o", mfc="white", color="C0")
-                ax.annotate(f"no CI: {cell['interval_note']}", (cell["mean"], row), xytext=(0, -9),
-                            textcoords="offset points", fontsize=6.5, color="grey", ha="center", va="top")
-        ax.set_title(f"{column} {direction(metric)}", fontsize=9)
+                if not shared:
+                    ax.annotate(f"no CI: {cell['interval_note']}", (cell["mean"], row), xytext=(0, -9),
+                                textcoords="offset points", fontsize=6.5, color="grey", ha="center", va="top")
+        ax.set_title(f"{column} {direction(metric)}" + (f"\nno CI: {shared}" if shared else ""), fontsize=9)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: format(value, fmt)))
         ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.grid(axis="x", alpha=0.3)
