@@ -114,12 +114,11 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
-    from bonylib.evaluation.embeddings import ENCODER_SPECS
-    from bonylib.evaluation.encoders import OUTPUTS
+    from bonylib.models.encoders import OUTPUTS
+    from bonylib.models.registry import spec_forms
 
-    forms = ", ".join(form for _, form, _ in ENCODER_SPECS.values())
     parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="tile manifest.parquet written by bony tile")
-    parser.add_argument("--encoder", required=True, metavar="SPEC", help=f"the frozen encoder: {forms}")
+    parser.add_argument("--encoder", required=True, metavar="SPEC", help=f"the frozen encoder: {spec_forms()}")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder of stores: the embeddings go to OUT/<encoder fingerprint[:16]>/ (printed); "
                         "rerun to resume")
@@ -132,7 +131,8 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _embed_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.evaluation.embeddings import embed, encoder_from_spec
+    from bonylib.evaluation.embeddings import embed
+    from bonylib.models.registry import encoder_from_spec
 
     result = embed(args.manifest, encoder_from_spec(args.encoder), args.out, args.output, cfg, shard=args.shard)
     print(f"{result.store}: {result.computed} chunks computed, {result.skipped} already done, "

@@ -202,6 +202,21 @@ def bf16_speedup() -> float:
     return matmul_rate("bf16") / matmul_rate("fp32")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first GPU if torch sees one, else the CPU; an explicit device must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a torch device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device '{name}': torch sees {torch.cuda.device_count()} GPUs here")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{name}': only cpu and cuda are supported")
+    return device
+
+
 def resolve_precision(requested: str, device: torch.device, flags: frozenset[str] | None = None) -> Precision:
     """The precision a stage runs in on ``device``.
 

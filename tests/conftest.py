@@ -13,8 +13,8 @@ import pytest
 
 from bonylib.config import load_config
 from bonylib.data.synthetic import SynthConfig, synthesize
+from bonylib.data.samples import shared_data_dir
 from bonylib.report import ReportConfig, build_report
-from bonylib.samples import shared_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,8 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from bonylib.config import load_config
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation import loaders
-from bonylib.evaluation.loaders import (HANDCRAFTED, HIBOU_MEAN, HIBOU_STD, HIBOU_URL, HISTOENCODER_URL, from_export,
+from bonylib.models import loaders
+from bonylib.models.loaders import (HANDCRAFTED, HIBOU_MEAN, HIBOU_STD, HIBOU_URL, HISTOENCODER_URL, from_export,
                                         from_timm, handcrafted, handcrafted_dim, hibou, histoencoder, random_init)
 from bonylib.files import sha256_file
 from bonylib.models.backbones import create_backbone

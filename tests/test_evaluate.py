@@ -19,10 +19,10 @@ from bonylib.cli import main
 from bonylib.config import load_config
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import evaluate as evaluate_module
-from bonylib.evaluation.embeddings import encoder_from_spec
-from bonylib.evaluation.encoders import Encoder
+from bonylib.models.registry import encoder_from_spec
+from bonylib.models.encoders import Encoder
 from bonylib.evaluation.evaluate import EvaluateConfig, evaluate, rooted
-from bonylib.evaluation.loaders import handcrafted
+from bonylib.models.loaders import handcrafted
 from bonylib.evaluation.results import read_run
 from tests.test_benchmarks import bench_data
 

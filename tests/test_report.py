@@ -15,7 +15,7 @@ import pytest
 from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.report import ReportConfig, build_report
-from bonylib.samples import shared_data_dir
+from bonylib.data.samples import shared_data_dir
 from tests.conftest import BuiltReport
 
 

@@ -17,8 +17,8 @@ from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
 from bonylib.config import load_config, to_dict
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.encoders import from_backbone
-from bonylib.evaluation.loaders import from_export, scattering, scattering_dim
+from bonylib.models.encoders import from_backbone
+from bonylib.models.loaders import from_export, scattering, scattering_dim
 from bonylib.models.backbones import StemmedBackbone, backbone_stem, create_backbone, timm_model
 from bonylib.models.stems import HaarStem, create_stem, haar_dwt2, haar_idwt2
 from bonylib.ssl.trainer import PretrainConfig, Trainer

@@ -54,9 +54,11 @@ from bonylib.data.slides import ImageSlide, open_slide
 from bonylib.data.sources import id_problem
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.embeddings import ENCODER_SPECS, encoder_from_spec, resolve_device, row_ids
-from bonylib.evaluation.encoders import Encoder
+from bonylib.data.manifest import row_ids
 from bonylib.files import atomic_path, ensure_writable_dir, read_json, write_text_atomic
+from bonylib.models.encoders import Encoder
+from bonylib.models.registry import load_encoder
+from bonylib.runtime import resolve_device
 
 TILE_COLUMNS = ("slide_id", "x", "y", "level", "size", "path")
 FOLDER_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
@@ -84,15 +86,6 @@ class AttentionConfig:
             raise ConfigError("batch_size must be at least 1 and thumbnail_px at least 16")
         if self.input_size and self.input_size < 16:
             raise ConfigError("input_size must be 0 (the encoder's own) or at least 16")
-
-
-def load_encoder(reference: str) -> Encoder:
-    """An encoder spec (``random:<arch>:<seed>``, ``bony:<run>``, as ``bony embed --encoder``) or a run folder."""
-    if reference.partition(":")[0] in ENCODER_SPECS:
-        return encoder_from_spec(reference)
-    from bonylib.evaluation.loaders import from_export  # weight readers: only when an export is named
-
-    return from_export(Path(reference))
 
 
 def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, block: int = -1,

@@ -39,7 +39,7 @@ from timm.models.xcit import XCA, Xcit
 from torch import nn
 
 from bonylib.errors import ConfigError
-from bonylib.evaluation.encoders import Encoder
+from bonylib.models.encoders import Encoder
 from bonylib.models.backbones import timm_model
 
 

@@ -47,11 +47,12 @@ from bonylib.evaluation.benchmarks.deepgleason import DeepGleasonConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
-from bonylib.evaluation.embeddings import (ENCODER_SPECS, EmbedConfig, embed, encoder_from_spec, load_embeddings,
-                                           resolve_device, rooted_spec)
-from bonylib.evaluation.encoders import Encoder
+from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings
 from bonylib.evaluation.results import Row, write_results
 from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
+from bonylib.models.encoders import Encoder
+from bonylib.models.registry import encoder_from_spec, rooted_spec, spec_forms
+from bonylib.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class EvaluateConfig:
     """Options of ``bony evaluate``: the encoders (rows) and the benchmarks (columns) with their protocol."""
 
     encoders: list[EncoderEntry] = option([], "rows: a list of {name, specs, label, input_size}; a spec is one of "
-                                          + ", ".join(form for _, form, _ in ENCODER_SPECS.values()))
+                                          + spec_forms())
     benchmarks: list[str] = option(list(BENCHMARKS), f"benchmarks to run: {', '.join(BENCHMARKS)}")
     bootstrap: int = option(1000, "bootstrap resamples of the test slides for each 95 % interval (0: none)")
     root: str = option("", "folder that relative manifest, data and encoder weight paths are read from (default: the "

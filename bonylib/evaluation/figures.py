@@ -183,7 +183,7 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
     from bonylib import plotting
     from bonylib.attention.heatmaps import Heatmap, read_thumbnail, thumbnail_size
     from bonylib.data.slides import open_slide
-    from bonylib.evaluation.embeddings import read_manifest
+    from bonylib.data.manifest import read_manifest
 
     found = sorted((Path(out) / "runs" / benchmark / head / encoder).glob("m*-test-*.json"))
     if not found:

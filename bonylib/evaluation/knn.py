@@ -24,11 +24,11 @@ from torch import nn
 
 from bonylib.config import option
 from bonylib.data.labels import POLICIES
-from bonylib.data.tiling import relabel
+from bonylib.data.labels import relabel
 from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.embeddings import embed_tiles
-from bonylib.evaluation.encoders import Encoder, from_backbone
+from bonylib.models.encoders import Encoder, from_backbone
 from bonylib.runtime import Precision
 
 

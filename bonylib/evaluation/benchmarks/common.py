@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 from bonylib.config import to_dict
+from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.embeddings import read_manifest
 from bonylib.evaluation.intervals import Interval, group_bootstrap
 from bonylib.evaluation.probes import FitResult
 from bonylib.evaluation.splits import split_by_slide

@@ -7,7 +7,7 @@ embedding store keys its cache on :meth:`Encoder.fingerprint`, so embeddings com
 encoder (other weights, another output, another input size) are never mixed with these.
 
 The builders (Bony exports, random init, timm files, Hibou, HistoEncoder, the handcrafted baseline)
-are in :mod:`bonylib.evaluation.loaders`.
+are in :mod:`bonylib.models.loaders`.
 """
 
 from __future__ import annotations

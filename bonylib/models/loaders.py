@@ -1,4 +1,4 @@
-"""Where encoders come from: each builder returns an :class:`~bonylib.evaluation.encoders.Encoder`.
+"""Where encoders come from: each builder returns an :class:`~bonylib.models.encoders.Encoder`.
 
 - :func:`from_export`: a Bony pretraining export (the teacher backbone, or its DINO head's output);
 - :func:`random_init`: the same architecture untrained, from a seed (the floor that shows what training adds);
@@ -33,7 +33,7 @@ from timm.layers import SwiGLUPacked
 from torch import nn
 
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
 from bonylib.files import sha256_file
 from bonylib.models.backbones import create_backbone
 from bonylib.models.export import load_encoder, load_head
