@@ -108,3 +108,11 @@ def test_range_over_folds() -> None:
     folds = fold_range([0.61, 0.55, 0.7, float("nan"), 0.64])
     assert (folds.low, folds.high, folds.method) == (0.55, 0.7, "folds")
     assert fold_range([0.6, 0.7]).reason == "2 scored folds, 3 needed"
+
+
+def test_a_class_named_by_a_number_is_called_a_class() -> None:
+    """ISUP grades are classes "0".."5": the reason says "class 5", not a bare "5"."""
+    grades = np.array([0] * 11 + [5])
+    interval = group_bootstrap(lambda rows: 1.0, np.arange(12), 500, np.eye(6, dtype=bool)[grades],
+                               [str(g) for g in range(6)])
+    assert interval.reason.startswith("class 5 on 1 of 12 test slides (")

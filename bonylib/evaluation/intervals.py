@@ -105,7 +105,8 @@ def group_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence[o
     if degenerate > MAX_DEGENERATE:
         if missed.any():
             rarest = int(np.argmax(missed))
-            name = class_names[needed[rarest]] if len(class_names) > needed[rarest] else f"class {needed[rarest]}"
+            name = str(class_names[needed[rarest]]) if len(class_names) > needed[rarest] else str(needed[rarest])
+            name = f"class {name}" if name.isdigit() else name  # ISUP grades are named by their number
             return Interval.missing(f"{name} on {int(carried[:, rarest].sum())} of {count} test {unit} "
                                     f"({missed[rarest] / resamples:.0%} of resamples miss it)")
         return Interval.missing(f"undefined on {degenerate:.0%} of resamples")
