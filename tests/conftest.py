@@ -66,6 +66,11 @@ class BuiltReport:
     stderr: str
 
 
+SMOKE_REPORT_TIMEOUT_S = 3600
+"""pytest-timeout's limit for a test that uses :func:`smoke_report`: the first such test pays for building the
+whole smoke report in its set-up (4-5 minutes on 2 free cores, 15 under the load of other jobs)."""
+
+
 @pytest.fixture(scope="session")
 def smoke_report(tmp_path_factory: pytest.TempPathFactory, smoke_data: Path) -> BuiltReport:
     """Every chapter of configs/report/smoke.yaml run on the smoke datasets and the book built, once per session:

@@ -9,7 +9,7 @@ import pytest
 
 from bonylib.evaluation.results import read_results
 from tests.browser import check_book, html_pages, unavailable
-from tests.conftest import BuiltReport
+from tests.conftest import SMOKE_REPORT_TIMEOUT_S, BuiltReport
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,6 +38,7 @@ def test_the_check_sees_what_a_reader_would_see_broken(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SMOKE_REPORT_TIMEOUT_S)
 def test_every_page_of_the_book_in_a_real_browser(smoke_report: BuiltReport) -> None:
     """100 % of the pages visited with no broken link, image, script, formula or cell; the results page holds the
     results table as an HTML table with a row per encoder (a markdown table rendered as a paragraph has none)."""

@@ -16,10 +16,11 @@ from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.report import ReportConfig, build_report
 from bonylib.data.samples import shared_data_dir
-from tests.conftest import BuiltReport
+from tests.conftest import SMOKE_REPORT_TIMEOUT_S, BuiltReport
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SMOKE_REPORT_TIMEOUT_S)
 def test_notebooks_run_and_book_builds_offline(smoke_report: BuiltReport, repo: Path) -> None:
     book, run, index = smoke_report.book, smoke_report.run, smoke_report.index
     cfg = load_config(ReportConfig, repo / "configs" / "report" / "smoke.yaml")
@@ -66,6 +67,7 @@ def test_notebooks_run_and_book_builds_offline(smoke_report: BuiltReport, repo: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SMOKE_REPORT_TIMEOUT_S)
 def test_a_rerun_with_nothing_changed_runs_no_chapter(smoke_report: BuiltReport, repo: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Every chapter's notebook, parameters, named configs and run files (notebooks/run_files.yaml) are as the first
