@@ -203,6 +203,12 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
     parser.add_argument("--parameters", type=Path, metavar="FILE",
                         help="YAML mapping of papermill parameters for every notebook this call runs (over the config's)")
+    parser.add_argument("--only", action="append", default=[], metavar="NN",
+                        help="run only this notebook (its number, e.g. 05, or its stem; repeat or comma-separate for "
+                        "several), even if up to date, then build the book from every executed copy")
+    parser.add_argument("--force", action="store_true",
+                        help="run every notebook, even those whose notebook, parameters and run files are unchanged "
+                        "(after a change to bonylib itself)")
 
 
 def _report_run(args: argparse.Namespace, cfg: Any) -> int:
@@ -213,7 +219,8 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
         extra = read_mapping(args.parameters)
         for source in notebook_paths(args.book.resolve(), list(cfg.notebooks)):
             cfg.parameters[source.stem] = {**cfg.parameters.get(source.stem, {}), **extra}
-    index = build_report(args.book, args.run, cfg)
+    only = [name.strip() for names in args.only for name in names.split(",") if name.strip()]
+    index = build_report(args.book, args.run, cfg, only=only, force=args.force)
     print(index)
     return 0
 

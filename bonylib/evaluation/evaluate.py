@@ -5,7 +5,8 @@ encoder and benchmark manifest, the embeddings are computed once into the store 
 (a rerun, or another benchmark on the same tiles, reads them back); each head is then fitted on them
 once per run (seed, split), and each run writes::
 
-    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides,
+    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides
+                                                                            (or why none),
                                                                             learning curve, confusion matrix,
                                                                             encoder and settings
     <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.npz    the predictions behind them
@@ -250,12 +251,14 @@ class Evaluation:
         result = bench.fit(head.name, split, seed, features, self.device)
         classes = bench.classes(head.name)
         arrays = {key: np.asarray(value) for key, value in result.arrays.items() if not key.startswith("example_")}
-        intervals = {name: list(bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap))
-                     for name in result.metrics}
+        intervals = {name: bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap,
+                                              bench.group_unit) for name in result.metrics}
         meta = {"format": FORMAT, "benchmark": bench.name, "title": bench.title, "head": head.name, "encoder": row.name,
                 "label": row.label, "member": index, "encoder_name": encoder.name, "encoder_identity": encoder.identity,
                 "fingerprint": encoder.fingerprint(head.output), "output": head.output, "split": split, "seed": seed,
-                "metrics": result.metrics, "ci95": intervals, "bootstrap": self.cfg.bootstrap, "info": result.info,
+                "metrics": result.metrics, "ci95": {k: [v.low, v.high] for k, v in intervals.items()},
+                "ci95_missing": {k: v.reason for k, v in intervals.items() if not v.shown},
+                "bootstrap": self.cfg.bootstrap, "info": result.info,
                 "settings": self.settings[(bench.name, head.name)], "settings_sha": settings_sha,
                 "device": str(self.device), "seconds": time.perf_counter() - start, "bony": __version__}
         _write_run(record, result, meta)

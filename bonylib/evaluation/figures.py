@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
-from bonylib.evaluation.results import cell_text, read_results, read_run
+from bonylib.evaluation.results import read_results, read_run, text_table
 
 Run = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -114,22 +114,15 @@ def decoded_examples(out: Path, benchmark: str, head: str, count: int = 6) -> Fi
 
 
 def results_table(out: Path, benchmark: str | None = None, headline: bool = False) -> pd.DataFrame:
-    """The results table as text cells, a row per encoder: ``mean ± std [95 % CI] n=runs`` for every column of
-    ``benchmark`` (all when None; only the headline columns of ``results.md`` with ``headline``), and the row's
-    note."""
+    """The results table as text cells, a row per encoder: ``mean ± std [interval] n=runs`` for every column of
+    ``benchmark`` (all when None; only the headline columns of ``results.md`` with ``headline``), each column's numbers
+    in its own format (:func:`~bonylib.evaluation.results.text_table`), and the row's note."""
     long = read_results(out)
     if benchmark is not None:
         long = long[long["benchmark"] == benchmark]
     if headline:
         long = long[long["headline"]]
-    long = long.assign(text=[cell_text(line) for _, line in long.iterrows()])
-    rows, columns = list(dict.fromkeys(long["encoder"])), list(dict.fromkeys(long["column"]))
-    table = long.pivot(index="encoder", columns="column", values="text").loc[rows, columns]
-    firsts = long.groupby("encoder", sort=False).first().loc[rows]
-    table["note"] = firsts["note"]
-    table.index = firsts["label"].to_numpy()  # labels name the rows; names (unique) key them
-    table.columns.name = None
-    return table
+    return text_table(long)
 
 
 def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[str],
