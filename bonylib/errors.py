@@ -12,3 +12,10 @@ class BonyError(Exception):
 
 class ConfigError(BonyError):
     """A config file or ``key=value`` override that cannot be used."""
+
+
+def one_line(exc: BaseException | str, limit: int = 400) -> str:
+    """An error's message on one line (load_state_dict lists keys over many lines, a DataLoader worker's error carries
+    its traceback), cut to ``limit`` characters; the exception's type name when it has no message."""
+    text = " ".join(str(exc).split()) or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text if len(text) <= limit else text[:limit] + " ..."
