@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -213,12 +213,15 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _report_run(args: argparse.Namespace, cfg: Any) -> int:
     from bonylib.config import read_mapping
-    from bonylib.report import build_report, notebook_paths
+    from bonylib.report import build_report, check_parameters, notebook_paths
 
     if args.parameters:
         extra = read_mapping(args.parameters)
+        check_parameters(extra, str(args.parameters))
+        parameters = dict(cfg.parameters)
         for source in notebook_paths(args.book.resolve(), list(cfg.notebooks)):
-            cfg.parameters[source.stem] = {**cfg.parameters.get(source.stem, {}), **extra}
+            parameters[source.stem] = {**parameters.get(source.stem, {}), **extra}
+        cfg = replace(cfg, parameters=parameters)  # checked again, whole
     only = [name.strip() for names in args.only for name in names.split(",") if name.strip()]
     index = build_report(args.book, args.run, cfg, only=only, force=args.force)
     print(index)

@@ -71,7 +71,10 @@ def load_config(schema: type[T], path: Path | None = None, overrides: Sequence[s
     base = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        layers.append((str(path), OmegaConf.create(read_mapping(Path(path)))))
+        try:
+            layers.append((str(path), OmegaConf.create(read_mapping(Path(path)))))
+        except OmegaConfBaseException as exc:  # a YAML value a config cannot hold: a date, a set, binary
+            raise ConfigError(f"{path}: {_first_line(exc)}") from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

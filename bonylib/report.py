@@ -13,6 +13,11 @@ time. Changes to ``bonylib`` itself are not tracked: ``--only NN`` or ``--force`
 The first notebook that raises stops the report with one line naming it, the cell and the error's last line;
 its executed copy (with the traceback) is kept, the chapters after it are not run on inputs it did not make,
 and no book is built over it.
+
+Parameters are input: papermill writes each key into the injected cell as it is, so a key must be a plain Python
+identifier (``x = 1; import os; ...`` would run), and each value a type papermill writes back as itself (None, a
+bool, a number, text, lists and mappings of them; a YAML date would arrive as text, a set as its repr).
+:func:`check_parameters` refuses anything else in one line, before anything is saved or run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import ast
 import contextlib
 import hashlib
 import json
+import keyword
 import logging
 import os
 import re
@@ -32,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bonylib.config import option, read_mapping, save_config
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, ConfigError
 from bonylib.files import atomic_path, ensure_writable_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,47 @@ class ReportConfig:
     build: bool = option(True, "build the HTML book after running the notebooks")
     execute: bool = option(True, "run the notebooks; false: only build the book from the executed copies already in "
                                  "book/executed (those a SLURM notebook array wrote, slurm/notebook.sbatch)")
+
+    def __post_init__(self) -> None:
+        if self.cell_timeout_s < 1:
+            raise ConfigError(f"cell_timeout_s must be at least 1 second, got {self.cell_timeout_s}")
+        for stem, values in self.parameters.items():
+            if not re.fullmatch(r"\d\d_[A-Za-z0-9_-]+", str(stem)):
+                raise ConfigError(f"parameters: {stem!r} is not a numbered notebook stem (NN_name)")
+            if not isinstance(values, dict):
+                raise ConfigError(f"parameters.{stem}: a mapping of parameter names to values, not a "
+                                  f"{type(values).__name__}")
+            check_parameters(values, f"parameters.{stem}")
+
+
+def _value_problem(value: Any) -> str:
+    """Why papermill would not hand ``value`` to a notebook as itself, or "" (it writes None, bools, numbers and text
+    as literals, lists and text-keyed mappings of them recursively, and anything else as the text of its repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ""
+    if isinstance(value, list):
+        return next((problem for problem in map(_value_problem, value) if problem), "")
+    if isinstance(value, dict):
+        keys = [key for key in value if not isinstance(key, str)]
+        if keys:
+            return f"a mapping key {keys[0]!r} that is not text"
+        return next((problem for problem in map(_value_problem, value.values()) if problem), "")
+    return f"a {type(value).__name__} ({' '.join(repr(value).split())[:80]})"
+
+
+def check_parameters(parameters: dict[Any, Any], where: str) -> None:
+    """Refuse notebook parameters that papermill cannot pass safely: a key that is not a Python identifier, or is a
+    keyword (it is pasted into the injected cell as code), and a value it would not write back as itself
+    (:func:`_value_problem`). One :class:`ConfigError` line naming ``where`` (a file, or the config key) and the key."""
+    for key, value in parameters.items():
+        if not isinstance(key, str) or not key.isidentifier() or keyword.iskeyword(key):
+            raise ConfigError(f"{where}: parameter {' '.join(repr(key).split())[:80]} is not a Python name (letters, "
+                              f"digits and '_', not starting with a digit, not a keyword): papermill writes it into "
+                              f"the notebook as code")
+        problem = _value_problem(value)
+        if problem:
+            raise ConfigError(f"{where}: parameter {key!r} holds {problem}, which papermill cannot pass to the notebook "
+                              f"as itself (use text, a number, true/false, null, or lists and mappings of them)")
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,40 @@
 """Input we did not write: path-like ids, paths that leave the dataset, malformed CSV and XLSX rows, manifests
-that point outside their folder, relative paths, file permissions. Each case was a defect found by a hostile try."""
+that point outside their folder, relative paths, file permissions; and for the stages after tiling (embed, evaluate,
+attention, report, the SLURM array scripts) parameter keys, export and config JSON, store chunks and metadata, sizes
+read from files, full disks, concurrent runs and array layouts. Each case was a defect found by a hostile try."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
+from bonylib.cli import build_parser, main
 from bonylib.config import load_config
 from bonylib.data.datasets import TileDataset
 from bonylib.data.sources import id_problem, list_jobs
 from bonylib.data.tiling import TileConfig, tile
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, ConfigError
+from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings, store_path
 from bonylib.files import atomic_path, write_text_atomic
+from bonylib.models.backbones import create_backbone
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, from_backbone
+from bonylib.models.export import BACKBONE_FILE, HEAD_FILE, META_FILE, export_encoder
+from bonylib.models.head import DINOHead
+from bonylib.models.registry import encoder_from_spec, rooted_spec
 
 
 @pytest.fixture
@@ -148,7 +166,6 @@ def test_atomic_writes_respect_the_umask(tmp_path: Path, umask: int, mode: int) 
 @pytest.mark.parametrize("tiled", [True, False])
 @pytest.mark.parametrize(("extrasamples", "premultiplied"), [("assocalpha", True), ("unassalpha", False)])
 def test_transparent_tiff_pixels_read_as_glass(tmp_path: Path, tiled: bool, extrasamples: str, premultiplied: bool) -> None:
-    import numpy as np
     import tifffile
 
     from bonylib.data.slides import open_slide
@@ -195,3 +212,101 @@ def test_full_output_disk_stops_tiling_and_resumes(panda: Path, tmp_path: Path, 
     monkeypatch.setattr(tiling.pq, "write_table", real_write)
     result = tile("panda", [panda], out, load_config(TileConfig, None, []))
     assert (result.tiled, result.skipped, len(result.failures)) == (1, 1, 0)
+
+
+# ---- embed, evaluate, attention, report and the array scripts (issue 19) --------------------------------------------
+# Each test below failed on the code before its fix: a traceback, a wrong number with exit status 0, a file written
+# 0600, a run that deleted another's file, a shard 6/4.
+
+NANO = "xcit_nano_12_p16_224"
+TINY_EMBED = EmbedConfig(batch_size=8, device="cpu", precision="fp32", workers=0, chunk_rows=8)
+
+
+def one_line(message: str, *needles: str) -> None:
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def error_line(stderr: str) -> str:
+    """The error line of a command's stderr (its last line; progress bars and log lines come before it)."""
+    assert "Traceback" not in stderr, stderr
+    line = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert line.startswith("bony "), f"the error is not one line: {stderr}"
+    return line
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory, smoke_data: Path, repo: Path) -> dict[str, Path]:
+    from tests.test_benchmarks import bench_data
+
+    return bench_data(tmp_path_factory.getbasetemp() / "bench-data", smoke_data, repo)
+
+
+@pytest.fixture(scope="module")
+def nano_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Bony export of a randomly initialised XCiT-nano fed 64-px tiles, with a small DINO head."""
+    out = tmp_path_factory.mktemp("export")
+    backbone = create_backbone(NANO, seed=0)
+    export_encoder(backbone, DINOHead(backbone.num_features, 16, hidden_dim=16, bottleneck_dim=8), name=NANO,
+                   input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=out, step=0)
+    return out
+
+
+def nano_encoder(seed: int = 0):  # noqa: ANN201 - an Encoder
+    return from_backbone(create_backbone(NANO, seed=seed), f"{NANO} seed {seed}", 64, IMAGENET_MEAN, IMAGENET_STD,
+                         identity={"kind": "random", "backbone": NANO, "seed": seed})
+
+
+# 1. report parameters: keys are pasted into the injected cell as code
+
+
+def who_book(root: Path) -> Path:
+    """A book of one notebook, 01_who, that writes its parameter ``who`` to the run folder."""
+    import nbformat
+
+    book = root / "book_root"
+    (book / "notebooks").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        (book / name).write_text("title: t\n")
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("run_dir = ''\nwho = 'default'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("open(run_dir + '/who.txt', 'w').write(str(who))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, book / "notebooks" / "01_who.ipynb")
+    return book
+
+
+@pytest.mark.parametrize(("yaml_text", "needle"), [
+    ("\"x = 1; open('MARKER', 'w').close(); y\": 1\n", "is not a Python name"),
+    ("class: 1\n", "'class' is not a Python name"),
+    ("1who: 2\n", "'1who' is not a Python name"),
+    ("who: 2024-01-01\n", "holds a date"),
+    ("who: !!set {a: null}\n", "holds a set"),
+    ("who: {1: one}\n", "mapping key 1 that is not text"),
+])
+def test_report_parameters_papermill_cannot_pass_safely_are_refused_before_anything_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], yaml_text: str, needle: str) -> None:
+    book, run, params = who_book(tmp_path), tmp_path / "run", tmp_path / "params.yaml"
+    params.write_text(yaml_text)
+    assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(params),
+                 "notebooks=[01_who]", "build=false"]) == 2
+    one_line(error_line(capsys.readouterr().err), str(params), needle)
+    assert not list(tmp_path.rglob("MARKER")), "a key ran as code"
+    assert not run.exists() and not (book / "book" / "executed").exists(), "nothing is saved before the refusal"
+
+
+def test_report_config_parameters_and_cell_timeout_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    book, run = who_book(tmp_path), tmp_path / "run"
+    for override, needle in (("cell_timeout_s=0", "cell_timeout_s must be at least 1"),
+                             ("cell_timeout_s=-5", "cell_timeout_s must be at least 1"),
+                             ("parameters.01_who.import=1", "parameters.01_who: parameter 'import' is not a Python name"),
+                             ("parameters.../x.who=1", "is not a numbered notebook stem")):
+        assert main(["report", "--run", str(run), "--book", str(book), override, "build=false"]) == 2, override
+        one_line(error_line(capsys.readouterr().err), needle)
+    assert not run.exists()
+    (tmp_path / "params.yaml").write_text("who: 3\n")  # what is allowed still reaches the notebook, as itself
+    assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(tmp_path / "params.yaml"),
+                 "notebooks=[01_who]", "build=false"]) == 0
+    assert (run / "who.txt").read_text() == "3"
