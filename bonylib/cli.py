@@ -148,11 +148,20 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.evaluation.evaluate import evaluate
+    from bonylib.evaluation.evaluate import Evaluation
 
-    _, markdown = evaluate(cfg, args.out)
+    evaluation = Evaluation(cfg, args.out)
+    _, markdown = evaluation.run()
     print(markdown.read_text())
     print(markdown)
+    failed = evaluation.not_evaluated
+    if failed:
+        names = ", ".join(name for name, _ in failed)
+        if len(failed) == len(cfg.encoders):
+            raise BonyError(f"no encoder could be evaluated ({names}); first: {failed[0][1]}")
+        print(f"bony evaluate: {len(failed)} of {len(cfg.encoders)} encoders not evaluated ({names}); {markdown} says why",
+              file=sys.stderr)
+        return EXIT_FAILURES
     return 0
 
 
@@ -171,13 +180,15 @@ def _attention_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep only the top FRACTION of each map's attention mass, in (0, 1], as DINO's figures (e.g. 0.6)")
     parser.add_argument("--manifest", type=Path, help="tile manifest whose rows with this file's path are the tiles "
                         "to map (treats IMAGE_OR_SLIDE as a slide)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="tile the slide again into OUT/tiles if it was tiled there with another tile config")
 
 
 def _attention_run(args: argparse.Namespace, cfg: Any) -> int:
     from bonylib.attention.command import attention
 
     for path in attention(args.encoder, args.source, args.out, cfg, block=args.block, threshold=args.threshold,
-                          manifest=args.manifest):
+                          manifest=args.manifest, overwrite=args.overwrite):
         print(path)
     return 0
 

@@ -180,8 +180,10 @@ def test_rerun_skips_finished_runs_and_reuses_embeddings(run: tuple[Path, Path],
         files = [*records(out), *(out / "embeddings").rglob("*.npy")]
         return {p: p.stat().st_mtime_ns for p in files}
     before = stamps()
-    assert main(["evaluate", "--config", str(config), "--out", str(out)]) == 0
-    assert "| random init (2 seeds) |" in capsys.readouterr().out
+    assert main(["evaluate", "--config", str(config), "--out", str(out)]) == 3  # "gone" is not evaluated: it says so
+    captured = capsys.readouterr()
+    assert "| random init (2 seeds) |" in captured.out
+    assert "1 of 3 encoders not evaluated (gone)" in captured.err
     assert stamps() == before
     content = yaml.safe_load(config.read_text())
     content["panda"]["probe"]["max_steps"] = 15

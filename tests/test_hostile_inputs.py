@@ -310,3 +310,165 @@ def test_report_config_parameters_and_cell_timeout_are_checked(tmp_path: Path, c
     assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(tmp_path / "params.yaml"),
                  "notebooks=[01_who]", "build=false"]) == 0
     assert (run / "who.txt").read_text() == "3"
+
+
+@pytest.fixture(scope="module")
+def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("cnn") / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet", pretrained=False, num_classes=0).state_dict(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("output", ["patch", "cls+mean"])
+def test_a_cnns_feature_map_is_not_read_as_patch_tokens(bench: dict[str, Path], cnn_weights: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], output: str) -> None:
+    out = tmp_path / "embeddings"
+    assert main(["embed", str(bench["deepgleason"]), "--encoder", f"timm:test_resnet:{cnn_weights}", "--out", str(out),
+                 "--output", output, "device=cpu", "workers=0", "precision=fp32"]) == 2
+    one_line(error_line(capsys.readouterr().err), "timm:test_resnet has no patch tokens")
+    assert not out.exists() or not list(out.rglob("*.npy"))
+    assert main(["embed", str(bench["deepgleason"]), "--encoder", f"timm:test_resnet:{cnn_weights}", "--out", str(out),
+                 "device=cpu", "workers=0", "precision=fp32", "batch_size=64"]) == 0  # its pooled feature is fine
+
+
+# 5 and 9. one bad encoder is a row that says why; bony evaluate's exit status says so too
+
+
+def hibou_folder(root: Path, config: object) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "model.safetensors").write_bytes(b"\0" * 64)  # never read: the config is refused first
+    return root
+
+
+HIBOU_SMALL = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 28, "patch_size": 14, "num_register_tokens": 4, "use_swiglu_ffn": True}
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ([], "a JSON list, not an object"),
+    ({**HIBOU_SMALL, "num_attention_heads": 0}, "num_attention_heads 0 is not a whole number"),
+    ({**HIBOU_SMALL, "num_hidden_layers": 200_000}, "num_hidden_layers 200000 is not a whole number in 1..128"),
+    ({**HIBOU_SMALL, "num_hidden_layers": 128, "hidden_size": 8192, "num_attention_heads": 64}, "GiB of memory"),
+    ({**HIBOU_SMALL, "num_attention_heads": 3}, "hidden_size 32 is not a multiple of num_attention_heads 3"),
+    ({**HIBOU_SMALL, "qkv_bias": "yes"}, "qkv_bias 'yes' is not true or false"),
+])
+def test_a_hibou_config_is_checked_before_a_network_is_built(tmp_path: Path, config: object, needle: str) -> None:
+    folder = hibou_folder(tmp_path / "hibou", config)
+    with pytest.raises(BonyError) as caught:
+        encoder_from_spec(f"hibou:{folder}")
+    one_line(str(caught.value), str(folder / "config.json"), needle)
+
+
+def test_root_keeps_a_spec_path_with_a_colon_whole(tmp_path: Path) -> None:
+    assert rooted_spec("bony:exp:colon", tmp_path) == f"bony:{tmp_path / 'exp:colon'}"
+    assert rooted_spec("timm:test_vit:w:1.safetensors", tmp_path) == f"timm:test_vit:{tmp_path / 'w:1.safetensors'}"
+
+
+def evaluate_config(path: Path, bench: dict[str, Path], encoders: list[dict], root: Path) -> Path:
+    decoder = {"out_size": 14, "width": 8, "max_epochs": 2, "patience": 2, "batch_size": 16, "examples": 1}
+    path.write_text(json.dumps({
+        "root": str(root), "encoders": encoders, "benchmarks": ["deepgleason"], "bootstrap": 10,
+        "embed": {"batch_size": 64, "device": "cpu", "workers": 0, "precision": "fp32"},
+        "deepgleason": {"manifest": str(bench["deepgleason"]), "data": str(bench["deepgleason-data"]), "runs": 1,
+                        "heads": ["mask"], "decoder": decoder}}))
+    return path
+
+
+def test_bad_encoders_get_rows_that_say_why_and_a_failing_exit_status(
+        bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    vit = tmp_path / "test_vit3.safetensors"  # a ViT of fixed input size (160 px), as vit_small_patch16_224 is
+    save_file(timm.create_model("test_vit3", pretrained=False, num_classes=0).state_dict(), str(vit))
+    (tmp_path / "exp:colon").mkdir()  # a run folder whose name has a colon, and no export in it
+    bad = [
+        {"name": "vit96", "specs": [f"timm:test_vit3:{vit}"], "input_size": 96},  # a 160-px ViT given 96-px tiles
+        {"name": "hibou-list", "specs": [f"hibou:{hibou_folder(tmp_path / 'h1', [])}"]},
+        {"name": "hibou-heads", "specs": [f"hibou:{hibou_folder(tmp_path / 'h2', {**HIBOU_SMALL, 'num_attention_heads': 0})}"]},
+        {"name": "colon", "specs": ["bony:exp:colon"]},
+    ]
+    good = {"name": "hand", "specs": ["handcrafted"], "input_size": 32}
+    config, out = evaluate_config(tmp_path / "e.yaml", bench, [*bad, good], tmp_path), tmp_path / "out"
+    assert main(["evaluate", "--config", str(config), "--out", str(out)]) == 3
+    captured = capsys.readouterr()
+    one_line(error_line(captured.err), "4 of 5 encoders not evaluated (vit96, hibou-list, hibou-heads, "
+                                                    "colon)")
+    table = (out / "results.md").read_text()
+    for needle in ("cannot embed 96-px tiles (AssertionError", "a JSON list, not an object",
+                   "num_attention_heads 0 is not a whole number", f"{tmp_path / 'exp:colon'}: no exported encoder"):
+        assert needle in table, needle
+    records = sorted((out / "runs").rglob("*.json"))
+    assert [r.parent.name for r in records] == ["hand"]
+
+    # 12. a run record whose predictions were deleted is fitted again, not a stop
+    records[0].with_suffix(".npz").unlink()
+    assert main(["evaluate", "--config", str(config), "--out", str(out)]) == 3
+    assert records[0].with_suffix(".npz").is_file()
+    capsys.readouterr()
+
+    only_bad = evaluate_config(tmp_path / "bad.yaml", bench, bad, tmp_path)
+    assert main(["evaluate", "--config", str(only_bad), "--out", str(tmp_path / "out2")]) == 2
+    one_line(error_line(capsys.readouterr().err), "no encoder could be evaluated (vit96, hibou-list")
+
+    # 4. a full disk while evaluate writes its embeddings
+    if Path("/dev/full").exists():
+        monkeypatch.setattr(np, "save", full_disk_save)
+        assert main(["evaluate", "--config", str(config), "--out", str(tmp_path / "out3")]) == 2
+        one_line(error_line(capsys.readouterr().err), "the output disk is full")
+
+
+# 8. the export's JSON is input: types and ranges checked before a network is built from it
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"input_size": "abc"}, "input_size 'abc' is not a whole number"),
+    ({"input_size": 0}, "input_size 0 is not"),
+    ({"input_size": -5}, "input_size -5 is not"),
+    ({"input_size": 100000}, "input_size 100000 is not"),
+    ({"input_size": True}, "input_size True is not"),
+    ({"mean": [0.5, 0.5]}, "mean [0.5, 0.5] is not 3 finite numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "std [0.2, 0.0, 0.2] is not 3 positive"),
+    ({"std": "abc"}, "std 'abc' is not 3 positive"),
+    ({"backbone": "resnet50"}, "backbone 'resnet50' is not one Bony builds"),
+    ({"sha256": 7}, "sha256 7 is not a SHA-256"),
+    ({"head": {"in_dim": 128, "out_dim": 10**11, "hidden_dim": 16, "bottleneck_dim": 8, "layers": 3}},
+     "head out_dim 100000000000 is not a whole number in 1..1048576"),
+    ({"head": {"in_dim": 128, "out_dim": 1 << 20, "hidden_dim": 65536, "bottleneck_dim": 65536, "layers": 16}},
+     "GiB of memory"),
+    ({"head": [1, 2]}, "head is a list"),
+])
+def test_an_export_json_is_checked_before_a_network_is_built(nano_export: Path, tmp_path: Path, change: dict,
+                                                            needle: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(nano_export, run)
+    meta = json.loads((run / META_FILE).read_text())
+    (run / META_FILE).write_text(json.dumps({**meta, **change}))
+    for spec in ("bony", "bony-head"):
+        with pytest.raises(BonyError) as caught:
+            encoder_from_spec(f"{spec}:{run}")
+        one_line(str(caught.value), str(run / META_FILE), needle)
+
+
+def test_weights_that_do_not_fit_name_the_keys(nano_export: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(nano_export, run)
+    meta = json.loads((run / META_FILE).read_text())
+    (run / META_FILE).write_text(json.dumps({**meta, "backbone": "xcit_tiny_12_p16_224"}))
+    with pytest.raises(BonyError) as caught:
+        encoder_from_spec(f"bony:{run}")
+    one_line(str(caught.value), str(run / BACKBONE_FILE), "size mismatch for cls_token")
+
+
+# 12. smaller ones
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "99999999999999999999999", "-1"])
+def test_a_random_seed_beyond_64_bits_is_one_line(seed: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        encoder_from_spec(f"random:{NANO}:{seed}")
+    one_line(str(caught.value), "integer seed in 0..2^63-1")

@@ -13,14 +13,16 @@ once per run (seed, split), and each run writes::
                                                                             (and decoded examples)
 
 The npz is written before the JSON, both atomically, so a run is finished exactly when its JSON exists
-and holds the current settings' hash: a rerun skips it, a changed setting (steps, split, weights) redoes
-it. Other outputs: ``config.yaml`` (resolved), ``embeddings/<manifest sha>/`` (the stores),
+beside its npz and holds the current settings' hash: a rerun skips it, a changed setting (steps, split, weights)
+or a deleted npz redoes it. Other outputs: ``config.yaml`` (resolved), ``embeddings/<manifest sha>/`` (the stores),
 ``manifests/`` (tile selections of benchmarks with ``max_tiles``), and ``results.csv`` / ``results.md``
 (:mod:`bonylib.evaluation.results`).
 
-An encoder whose weights cannot be loaded (a missing or damaged file) gets a row that says why, and the
-others are evaluated; a config that names an unknown benchmark or encoder kind, or an encoder name that
-is not a plain folder name, stops before anything is written.
+An encoder whose weights cannot be loaded (a missing or damaged file, a config it cannot be built from) or that
+cannot take its tiles (a ViT built for 224 px given ``input_size: 96``) gets a row that says why, and the others
+are evaluated; ``bony evaluate`` then exits non-zero (3, or 2 when no encoder could be evaluated). A config that
+names an unknown benchmark or encoder kind, or an encoder name that is not a plain folder name, stops before
+anything is written.
 """
 
 from __future__ import annotations
@@ -127,19 +129,27 @@ def row_label(entry: EncoderEntry) -> str:
     return f"{label} ({len(entry.specs)} {unit})"
 
 
+NOT_EVALUATED = "not evaluated: "
+"""How a row's note starts when its encoder could not be evaluated at all."""
+
+
 def load_members(entry: EncoderEntry) -> tuple[list[Encoder], str]:
-    """The encoders of an entry, or none and the reason: a file that is missing or unusable (a :class:`BonyError`)
-    becomes the row's note; a spec that cannot be understood (:class:`ConfigError`) stops the run."""
+    """The encoders of an entry, or none and the reason: a file that is missing or unusable, or an encoder that cannot
+    embed a tile at the entry's input size (a :class:`BonyError`, found with one blank tile before any embedding is
+    computed) becomes the row's note; a spec that cannot be understood (:class:`ConfigError`) stops the run."""
     members = []
     for spec in entry.specs:
         try:
             encoder = encoder_from_spec(spec)
+            if entry.input_size:
+                encoder = dataclasses.replace(encoder, input_size=entry.input_size)
+            encoder.embedding_shape("cls")
         except ConfigError:
             raise
         except BonyError as exc:
             log.warning("encoder %s: %s", entry.name, exc)
-            return [], f"not evaluated: {exc}"
-        members.append(dataclasses.replace(encoder, input_size=entry.input_size) if entry.input_size else encoder)
+            return [], f"{NOT_EVALUATED}{exc}"
+        members.append(encoder)
     return members, ""
 
 
@@ -148,11 +158,14 @@ def _digest(payload: Any) -> str:
 
 
 def _finished(record: Path, settings_sha: str) -> bool:
-    """Whether ``record`` is a finished run with these settings (an unreadable one is redone)."""
+    """Whether ``record`` is a finished run with these settings and its predictions (an unreadable record, or one
+    whose npz is gone, is redone: the table is computed from the predictions)."""
     try:
-        return json.loads(record.read_text()).get("settings_sha") == settings_sha
+        meta = json.loads(record.read_text())
     except (OSError, ValueError):
         return False
+    return (isinstance(meta, dict) and meta.get("settings_sha") == settings_sha
+            and record.with_suffix(".npz").is_file())
 
 
 def _write_run(record: Path, result: RunOutput, meta: dict[str, Any]) -> None:
@@ -191,6 +204,11 @@ class Evaluation:
         ensure_writable_dir(self.out)
         self._store_roots: dict[Path, Path] = {}
         self.fitted = self.kept = 0
+
+    @property
+    def not_evaluated(self) -> list[tuple[str, str]]:
+        """(name, reason) of each encoder that could not be evaluated."""
+        return [(entry.name, note.removeprefix(NOT_EVALUATED)) for entry, members, note in self.entries if not members]
 
     def store_root(self, manifest: Path) -> Path:
         """The folder of ``manifest``'s stores, named by its content (``bony embed`` keeps one manifest a folder)."""

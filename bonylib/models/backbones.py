@@ -114,15 +114,21 @@ def backbone_stem(backbone: nn.Module) -> str:
     return stem_name(backbone.stem if isinstance(backbone, StemmedBackbone) else None)
 
 
-def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(pooled, patch tokens)`` of a timm ViT or XCiT (or a stemmed one) through timm's ``forward_features``:
     the pooled feature timm's own head would see (``forward_head(pre_logits=True)``: ViT's CLS after its final
     norm, XCiT's CLS after the class-attention blocks), and the patch tokens after the final norm with the class
     and register tokens dropped. The pooled feature is exactly what ``backbone(x)`` returns with
-    ``num_classes=0``; the tokens come from the same pass."""
+    ``num_classes=0``; the tokens come from the same pass.
+
+    A model whose features are not a token sequence (B, N, D), such as a CNN's (B, C, H, W) feature map, has no
+    patch tokens: None, rather than channels read as tokens."""
     features = backbone.forward_features(x)
+    pooled = backbone.forward_head(features, pre_logits=True)
+    if features.ndim != 3:
+        return pooled, None
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
-    return backbone.forward_head(features, pre_logits=True), features[:, prefix:]
+    return pooled, features[:, prefix:]
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:

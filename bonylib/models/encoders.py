@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonylib.errors import ConfigError
+from bonylib.errors import BonyError, ConfigError, one_line
 from bonylib.models.backbones import backbone_tokens
 from bonylib.runtime import Precision
 
@@ -83,6 +83,28 @@ class Encoder:
         if output == "patch":
             return patches.float()
         return torch.cat([cls.float(), patches.float().mean(dim=1)], dim=1)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (the CPU for encoders without a network)."""
+        parameter = next(self.module.parameters(), None) if self.module is not None else None
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def embedding_shape(self, output: str = "cls") -> tuple[int, ...]:
+        """The shape of one embedding of ``output``, from one blank tile at the input size: the check, before
+        anything is computed or written, that the encoder takes that size at all (a timm ViT built for 224 px asserts
+        on 96, an XCiT refuses a side below its patch) and has that output. One that cannot raises
+        :class:`BonyError` naming the encoder and the size."""
+        check_output(output)
+        blank = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
+        try:
+            values = self.embed(blank, output)
+        except BonyError:
+            raise
+        except (AssertionError, RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError) as exc:
+            raise BonyError(f"encoder {self.name}: cannot embed {self.input_size}-px tiles "
+                            f"({type(exc).__name__}: {one_line(exc, 200)})") from None
+        return tuple(values.shape[1:])
 
     def fingerprint(self, output: str = "cls") -> str:
         """SHA-256 of the identity and ``output``: the key of this encoder's embeddings on disk."""

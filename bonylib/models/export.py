@@ -15,6 +15,8 @@ the stem runs before it; exports without a ``stem`` entry have none.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, one_line
 from bonylib.files import atomic_path, read_json, sha256_file, write_text_atomic
-from bonylib.models.backbones import backbone_stem, create_backbone, timm_model
+from bonylib.models.backbones import BACKBONES, backbone_stem, create_backbone, timm_model
 from bonylib.models.head import DINOHead
+from bonylib.models.stems import STEMS
+from bonylib.runtime import check_fits
 
 FORMAT = "bony-dino-teacher-1"
 BACKBONE_FILE = "teacher_backbone.safetensors"
 HEAD_FILE = "teacher_head.safetensors"
 META_FILE = "teacher_backbone.json"
+INPUT_SIZES = (16, 4096)
+"""The input sides an export may declare: a 96-px crop up to a 4096-px tile (ViT's attention over 65,536 tokens is
+already more than a GPU holds); anything beyond is a damaged or hostile file, not a model."""
+HEAD_LIMITS = {"in_dim": 16384, "out_dim": 1 << 20, "hidden_dim": 65536, "bottleneck_dim": 65536, "layers": 16}
+"""Upper bounds of a DINO head's dimensions (DINO: 65,536 prototypes, 2048 hidden, 256 bottleneck, 3 layers):
+the head is allocated from these numbers before any weight is read."""
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _save_weights(module: nn.Module, dest: Path) -> str:
@@ -68,8 +79,56 @@ def export_encoder(backbone: nn.Module, head: DINOHead | None, name: str, input_
     return out / BACKBONE_FILE
 
 
+def _integer(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _triple(value: Any, positive: bool) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and (not positive or all(v > 0 for v in value)))
+
+
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What is wrong with an export's metadata (types and ranges), or "": every number the loaders use to allocate
+    or feed a network is checked here, once, before a module is built from it."""
+    if meta.get("backbone") not in BACKBONES:
+        return f"backbone {meta.get('backbone')!r} is not one Bony builds ({', '.join(BACKBONES)})"
+    if meta.get("stem", "none") not in STEMS:
+        return f"stem {meta.get('stem')!r} is not one of {', '.join(STEMS)}"
+    if not _integer(meta.get("input_size"), *INPUT_SIZES):
+        return f"input_size {meta.get('input_size')!r} is not a whole number of pixels in {INPUT_SIZES[0]}..{INPUT_SIZES[1]}"
+    if not _triple(meta.get("mean"), positive=False):
+        return f"mean {meta.get('mean')!r} is not 3 finite numbers (one per RGB channel)"
+    if not _triple(meta.get("std"), positive=True):
+        return f"std {meta.get('std')!r} is not 3 positive finite numbers (one per RGB channel)"
+    if "sha256" in meta and not (isinstance(meta["sha256"], str) and _SHA256.match(meta["sha256"])):
+        return f"sha256 {meta['sha256']!r} is not a SHA-256 (64 hexadecimal digits)"
+    if meta.get("step") is not None and not _integer(meta["step"], 0, 2**63 - 1):
+        return f"step {meta['step']!r} is not a training step"
+    head = meta.get("head")
+    if head is not None:
+        if not isinstance(head, dict):
+            return f"head is a {type(head).__name__}, not the head's dimensions"
+        for key, high in HEAD_LIMITS.items():
+            if not _integer(head.get(key), 1, high):
+                return f"head {key} {head.get(key)!r} is not a whole number in 1..{high}"
+        if "sha256" in head and not (isinstance(head["sha256"], str) and _SHA256.match(head["sha256"])):
+            return f"head sha256 {head['sha256']!r} is not a SHA-256 (64 hexadecimal digits)"
+    return ""
+
+
+def head_bytes(dims: dict[str, int]) -> int:
+    """float32 bytes of a DINO head of these dimensions (its MLP and its prototypes)."""
+    widths = [dims["in_dim"]] + [dims["hidden_dim"]] * (dims["layers"] - 1) + [dims["bottleneck_dim"]]
+    weights = sum(a * b + b for a, b in zip(widths, widths[1:])) + dims["bottleneck_dim"] * dims["out_dim"]
+    return 4 * weights
+
+
 def read_export_meta(run: Path) -> dict[str, Any]:
-    """The checked metadata of the export in ``run`` (format, required keys), without loading weights."""
+    """The checked metadata of the export in ``run``, without loading weights: the format, then the type and range of
+    every value a loader uses (the input size, 3 positive stds, head dimensions bounded, the head's size by what this
+    machine can hold). The JSON is input like any file: a damaged or edited one is refused in one line naming it."""
     run = Path(run)
     meta_path, weights_path = run / META_FILE, run / BACKBONE_FILE
     if not meta_path.is_file() or not weights_path.is_file():
@@ -81,6 +140,11 @@ def read_export_meta(run: Path) -> dict[str, Any]:
     missing = [key for key in ("backbone", "input_size", "mean", "std") if key not in meta]
     if missing:
         raise BonyError(f"{meta_path}: incomplete export metadata (no {', '.join(missing)})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise BonyError(f"{meta_path}: {one_line(problem, 300)}; export again (bony pretrain, bony import-dino)")
+    if meta.get("head") is not None:
+        check_fits(head_bytes(meta["head"]), f"{meta_path}: a DINO head of {meta['head']['out_dim']} prototypes")
     return meta
 
 
@@ -97,7 +161,7 @@ def _load_verified(module: nn.Module, path: Path, expected_sha: str | None, what
     try:
         module.load_state_dict(load_file(str(path)))
     except (RuntimeError, OSError, SafetensorError) as exc:
-        raise BonyError(f"{path}: weights do not fit {what} ({str(exc).splitlines()[0]})") from None
+        raise BonyError(f"{path}: weights do not fit {what} ({one_line(exc)})") from None
     return checksum
 
 
@@ -121,10 +185,7 @@ def load_head(run: Path) -> tuple[DINOHead, str]:
                         f"use the backbone output, or export again from the run's checkpoint with a current bony")
     if not head_path.is_file():
         raise BonyError(f"{head_path}: missing (the export's JSON lists a DINO head); restore the file or export again")
-    try:
-        head = DINOHead(head_meta["in_dim"], head_meta["out_dim"], head_meta["hidden_dim"], head_meta["bottleneck_dim"],
-                        layers=head_meta["layers"])
-    except (KeyError, TypeError) as exc:
-        raise BonyError(f"{Path(run) / META_FILE}: incomplete head metadata ({exc!r})") from None
+    head = DINOHead(head_meta["in_dim"], head_meta["out_dim"], head_meta["hidden_dim"], head_meta["bottleneck_dim"],
+                    layers=head_meta["layers"])
     checksum = _load_verified(head, head_path, head_meta.get("sha256"), f"a DINO head {head_meta}")
     return head.eval(), checksum

@@ -32,11 +32,12 @@ from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from bonylib.errors import BonyError, ConfigError
-from bonylib.files import sha256_file
+from bonylib.errors import BonyError, ConfigError, one_line
+from bonylib.files import read_json, sha256_file
 from bonylib.models.backbones import create_backbone
 from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
-from bonylib.models.export import load_backbone, load_head
+from bonylib.models.export import INPUT_SIZES, load_backbone, load_head
+from bonylib.runtime import check_fits
 
 Triple = tuple[float, float, float]
 
@@ -54,12 +55,6 @@ HISTOENCODER_MODELS: dict[str, str] = {"prostate_small": "xcit_small_12_p16_224"
 TIMM_URL = "the model's page on https://huggingface.co/timm (model.safetensors) or its authors' release"
 
 
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    """An exception's message on one line (load_state_dict lists keys over many lines), cut to ``limit`` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _existing_file(path: Path, expected: str, source: str) -> Path:
     """``path`` if it is a file, else the one-line error that says what belongs there and where to get it."""
     path = Path(path)
@@ -74,7 +69,7 @@ def _read_state_dict(path: Path, expected: str, source: str) -> dict[str, torch.
         state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                       weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise BonyError(f"{path}: not readable as {expected} ({_one_line(exc, 200)}); get it from {source}") from None
+        raise BonyError(f"{path}: not readable as {expected} ({one_line(exc, 200)}); get it from {source}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BonyError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors (expected {expected}; "
                         f"get it from {source})")
@@ -91,7 +86,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, e
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
-        raise BonyError(f"{path}: weights do not fit {expected} ({_one_line(exc)}); get them from {source}") from None
+        raise BonyError(f"{path}: weights do not fit {expected} ({one_line(exc)}); get them from {source}") from None
     return model.float().eval()
 
 
@@ -151,7 +146,7 @@ def from_timm(name: str, weights_file: Path, pretrained_cfg: dict[str, Any] | No
     try:
         state = timm.models.load_state_dict(str(path))
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise BonyError(f"{path}: not readable as {name} weights ({_one_line(exc, 200)}); get them from {TIMM_URL}") \
+        raise BonyError(f"{path}: not readable as {name} weights ({one_line(exc, 200)}); get them from {TIMM_URL}") \
             from None
     default_cfg = timm.models.get_pretrained_cfg(name)
     classifier = default_cfg.classifier if default_cfg is not None else None
@@ -164,7 +159,7 @@ def from_timm(name: str, weights_file: Path, pretrained_cfg: dict[str, Any] | No
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0)
     except RuntimeError as exc:
-        raise BonyError(f"{path}: weights do not fit {name} ({_one_line(exc)}); get them from {TIMM_URL}") from None
+        raise BonyError(f"{path}: weights do not fit {name} ({one_line(exc)}); get them from {TIMM_URL}") from None
     cfg = model.pretrained_cfg
     return from_backbone(model, f"timm:{name}", int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]),
                          {"kind": "timm", "model": name, "sha256": sha256_file(path)})
@@ -173,28 +168,84 @@ def from_timm(name: str, weights_file: Path, pretrained_cfg: dict[str, Any] | No
 # ---- Hibou-B ------------------------------------------------------------------------------------
 
 
+DINOV2_LIMITS = {"hidden_size": 8192, "num_hidden_layers": 128, "num_attention_heads": 256,
+                 "num_register_tokens": 64}
+"""Upper bounds of a Hugging Face DINOv2 config's sizes (Hibou-L, the largest, has 1024, 24, 16 and 4; DINOv2-g
+1536, 40, 24): a network is built from these numbers before any weight is read."""
+
+
+def _whole(config: dict[str, Any], key: str, low: int, high: int, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{key} {value!r} is not a whole number in {low}..{high}")
+    return value
+
+
+def _real(config: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+        raise ValueError(f"{key} {value!r} is not a number in ({low}, {high}]")
+    return float(value)
+
+
+def read_dinov2_config(path: Path) -> dict[str, Any]:
+    """A Hugging Face DINOv2 ``config.json`` (Hibou's), checked before a network is built from it: a JSON object
+    of ``model_type`` dinov2, every size a whole number in its range (:data:`DINOV2_LIMITS`; heads dividing the
+    width, patches fitting the image), the flags booleans, and the parameters it describes within what this
+    machine can hold. Returns the values :func:`_hibou_vit` reads, defaults filled in; a bad file raises
+    :class:`BonyError` naming it and the key."""
+    config = read_json(path)
+    try:
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+            raise ValueError(f"model_type {config.get('model_type')!r}, not dinov2")
+        checked: dict[str, Any] = {key: _whole(config, key, 1 if key != "num_register_tokens" else 0, high,
+                                               0 if key == "num_register_tokens" else None)
+                                   for key, high in DINOV2_LIMITS.items()}
+        checked["image_size"] = _whole(config, "image_size", *INPUT_SIZES)
+        checked["patch_size"] = _whole(config, "patch_size", 1, checked["image_size"])
+        if checked["hidden_size"] % checked["num_attention_heads"]:
+            raise ValueError(f"hidden_size {checked['hidden_size']} is not a multiple of num_attention_heads "
+                             f"{checked['num_attention_heads']}")
+        checked["mlp_ratio"] = _real(config, "mlp_ratio", 0, 64, 4)
+        checked["layer_norm_eps"] = _real(config, "layer_norm_eps", 0, 1, 1e-6)
+        for key, default in (("use_swiglu_ffn", False), ("qkv_bias", True)):
+            checked[key] = config.get(key, default)
+            if not isinstance(checked[key], bool):
+                raise ValueError(f"{key} {checked[key]!r} is not true or false")
+        checked["hidden_act"] = config.get("hidden_act", "gelu")
+        if not checked["use_swiglu_ffn"] and checked["hidden_act"] != "gelu":
+            raise ValueError(f"hidden_act {checked['hidden_act']!r} is not supported (gelu, or use_swiglu_ffn)")
+    except ValueError as exc:
+        raise BonyError(f"{path}: not a DINOv2 config ({one_line(exc, 200)}); get it from {HIBOU_URL}") from None
+    dim = checked["hidden_size"]
+    per_block = 4 * dim * dim + 2 * dim * int(dim * checked["mlp_ratio"])
+    check_fits(4 * checked["num_hidden_layers"] * per_block,
+               f"{path}: a DINOv2 of {checked['num_hidden_layers']} layers of width {dim}")
+    return checked
+
+
 def _hibou_vit(config: dict[str, Any]) -> nn.Module:
-    """The timm DINOv2-with-registers ViT that a Hugging Face DINOv2 config describes, on the meta device.
+    """The timm DINOv2-with-registers ViT that a checked Hugging Face DINOv2 config (:func:`read_dinov2_config`)
+    describes, on the meta device.
 
     Hibou-B is ``vit_base_patch14_reg4_dinov2`` with SwiGLU feed-forward layers: Hugging Face's
     SwiGLU keeps 2/3 of the MLP width rounded up to a multiple of 8, and timm's packed SwiGLU takes
     the width of its fused input projection (twice that).
     """
-    dim, ratio = int(config["hidden_size"]), float(config.get("mlp_ratio", 4))
-    if config.get("use_swiglu_ffn", False):
+    dim, ratio = config["hidden_size"], config["mlp_ratio"]
+    if config["use_swiglu_ffn"]:
         hidden = (int(int(dim * ratio) * 2 / 3) + 7) // 8 * 8
         mlp = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": (2 * hidden + 0.5) / dim}
-    elif config.get("hidden_act", "gelu") == "gelu":
-        mlp = {"mlp_ratio": ratio}
     else:
-        raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (gelu, or use_swiglu_ffn)")
+        mlp = {"mlp_ratio": ratio}
     with torch.device("meta"):
         return timm.create_model(
-            "vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=int(config["image_size"]),
-            patch_size=int(config["patch_size"]), embed_dim=dim, depth=int(config["num_hidden_layers"]),
-            num_heads=int(config["num_attention_heads"]), reg_tokens=int(config.get("num_register_tokens", 0)),
-            qkv_bias=bool(config.get("qkv_bias", True)),
-            norm_layer=partial(nn.LayerNorm, eps=float(config.get("layer_norm_eps", 1e-6))), **mlp)
+            "vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=config["image_size"],
+            patch_size=config["patch_size"], embed_dim=dim, depth=config["num_hidden_layers"],
+            num_heads=config["num_attention_heads"], reg_tokens=config["num_register_tokens"],
+            qkv_bias=config["qkv_bias"], norm_layer=partial(nn.LayerNorm, eps=config["layer_norm_eps"]), **mlp)
 
 
 _HIBOU_RENAMES: tuple[tuple[str, str], ...] = (
@@ -240,14 +291,8 @@ def hibou(model_dir: Path, name: str = "Hibou-B") -> Encoder:
     if weights is None:
         raise BonyError(f"{folder}: no model.safetensors or pytorch_model.bin (expected {layout}; "
                         f"get them from {HIBOU_URL})")
-    try:
-        config = json.loads(config_path.read_text())
-        if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(f"model_type {config.get('model_type')!r}, not dinov2")
-        model = _hibou_vit(config)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise BonyError(f"{config_path}: not a DINOv2 config ({_one_line(exc, 200)}); get it from {HIBOU_URL}") \
-            from None
+    config = read_dinov2_config(config_path)
+    model = _hibou_vit(config)
     expected = f"{name} ({config['hidden_size']}-d, {config['num_hidden_layers']} layers, as {config_path.name} says)"
     try:
         state = _hibou_state(_read_state_dict(weights, expected, HIBOU_URL), len(model.blocks))
@@ -255,7 +300,7 @@ def hibou(model_dir: Path, name: str = "Hibou-B") -> Encoder:
         raise BonyError(f"{weights}: weights do not fit {expected} (no {exc.args[0]}); get them from {HIBOU_URL}") \
             from None
     model = _load_strict(model, state, weights, expected, HIBOU_URL)
-    return from_backbone(model, name, int(config["image_size"]), HIBOU_MEAN, HIBOU_STD,
+    return from_backbone(model, name, config["image_size"], HIBOU_MEAN, HIBOU_STD,
                          {"kind": "hibou", "model": name, "sha256": sha256_file(weights)})
 
 

@@ -32,10 +32,14 @@ class EncoderKind:
     arguments: Callable[[list[str]], tuple[Any, ...]]
 
 
+SEEDS = (0, 2**63 - 1)
+"""The seeds a random initialisation takes: what torch's generator holds (a larger one was an overflow traceback)."""
+
+
 def _arch_and_seed(fields: list[str]) -> tuple[Any, ...]:
     arch, _, seed = ":".join(fields).rpartition(":")
-    if not arch or not seed.lstrip("-").isdigit():
-        raise ValueError("expected <timm architecture>:<integer seed>")
+    if not arch or not seed.isdigit() or not SEEDS[0] <= int(seed) <= SEEDS[1]:
+        raise ValueError(f"expected <timm architecture>:<integer seed in {SEEDS[0]}..2^63-1>")
     return arch, int(seed)
 
 
