@@ -312,6 +312,43 @@ def test_report_config_parameters_and_cell_timeout_are_checked(tmp_path: Path, c
     assert (run / "who.txt").read_text() == "3"
 
 
+# 3. wrong numbers with exit status 0
+
+
+def test_a_panda_manifest_of_one_class_is_refused_not_scored(bench: dict[str, Path], tmp_path: Path) -> None:
+    from bonylib.evaluation.benchmarks.panda import PandaConfig, PandaTiles
+
+    one_class = tmp_path / "manifest.parquet"
+    pd.read_parquet(bench["panda"]).assign(label_name="benign").to_parquet(one_class)
+    cfg = load_config(PandaConfig, None, [f"manifest={one_class}", f"data={bench['panda-data']}",
+                                          "fractions=[0.5,0.25,0.25]", "runs=1"])
+    with pytest.raises(BonyError) as caught:
+        PandaTiles(cfg, tmp_path / "selections")
+    one_line(str(caught.value), str(one_class), "1 class (benign)", "cannot be wrong")
+
+
+@pytest.mark.parametrize("temperature", ["0", "-0.07", "nan", "inf"])
+def test_a_knn_temperature_that_is_not_positive_is_refused(temperature: str) -> None:
+    from bonylib.evaluation.evaluate import EvaluateConfig
+
+    with pytest.raises(ConfigError, match=r"probe.knn_temperature must be a positive number") as caught:
+        load_config(EvaluateConfig, None, [f"panda.probe.knn_temperature={temperature}", "benchmarks=[panda]",
+                                           "panda.manifest=m", "panda.data=d", "encoders=[{name: a, specs: [x]}]"])
+    one_line(str(caught.value))
+
+
+def test_a_small_knn_temperature_still_votes_for_the_nearest_neighbours() -> None:
+    """exp(s / T) overflowed to infinity for T = 1e-3 and every vote tied (class 0 won); the vote of a small T is the
+    nearest neighbour's class."""
+    from bonylib.evaluation.knn import weighted_knn
+
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.9, 0.12], [0.9, 0.14], [0.0, 1.0]])
+    labels = torch.tensor([1, 0, 0, 0, 0])
+    test = torch.tensor([[1.0, 0.01]])  # nearest: the single class-1 row; three class-0 rows a little farther
+    assert weighted_knn(train, labels, test, 2, k=4, temperature=1e-3).tolist() == [1]
+    assert weighted_knn(train, labels, test, 2, k=4, temperature=10.0).tolist() == [0]  # a flat vote: the majority
+
+
 @pytest.fixture(scope="module")
 def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import timm

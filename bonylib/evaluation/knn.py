@@ -11,6 +11,7 @@ memory because the weights change every epoch; the trainer receives it as a call
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +49,18 @@ class KnnConfig:
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ConfigError(f"knn.folds must be at least 2, got {self.folds}")
+        check_vote("knn.k", self.k, "knn.temperature", self.temperature)
         if self.label_policy not in POLICIES:
             raise ConfigError(f"knn.label_policy must be one of {', '.join(POLICIES)}, got '{self.label_policy}'")
+
+
+def check_vote(k_key: str, k: int, temperature_key: str, temperature: float) -> None:
+    """Refuse a k-NN vote that cannot be cast: fewer than one neighbour, or a temperature that is not a positive
+    finite number (0 divides by zero, a negative one makes the farthest neighbour count most)."""
+    if k < 1:
+        raise ConfigError(f"{k_key} must be at least 1, got {k}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"{temperature_key} must be a positive number (DINO: 0.07), got {temperature}")
 
 
 @torch.no_grad()
@@ -63,7 +74,10 @@ def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     for start in range(0, len(test), chunk):
         similarity = test[start : start + chunk] @ train.T
         top, index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_labels[index], (top / temperature).exp())
+        # exp((s - s_max) / T): each row's weights scaled by one factor, so the vote is the same, and a small T
+        # cannot overflow to infinity (exp(1 / 0.001) is beyond float32, and inf votes tie)
+        weights = ((top - top[:, :1]) / temperature).exp()
+        votes = torch.zeros(len(top), num_classes, device=top.device).scatter_add_(1, train_labels[index], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 

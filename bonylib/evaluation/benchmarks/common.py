@@ -286,6 +286,21 @@ def check_parts(parts: np.ndarray, groups: np.ndarray, where: str) -> None:
         raise BonyError(f"{where}: slide {shared.index[shared > 1][0]!r} is in two parts")
 
 
+def check_classes(targets: np.ndarray, parts: np.ndarray, classes: Sequence[str], where: str) -> None:
+    """Refuse a classification task that a head cannot get wrong: fewer than two classes among the training rows, and
+    no other class among the test rows. A head trained on one class predicts it everywhere, and a test part of that
+    class then scores 1.000 on every metric (a PANDA manifest of one class did, with exit status 0). A test part with
+    a class the training rows lack is scored: the head is wrong on it, which the scores show."""
+    targets, parts = np.asarray(targets), np.asarray(parts)
+    trained = sorted({int(t) for t in targets[(parts == "train") & (targets >= 0)]})
+    tested = {int(t) for t in targets[(parts == "test") & (targets >= 0)]}
+    if len(trained) < 2 and tested <= set(trained):
+        names = ", ".join(str(classes[i]) for i in trained) or "none"
+        raise BonyError(f"{where}: the training and test parts hold {len(trained)} class ({names}); a head trained on "
+                        f"fewer than two classes cannot be wrong on them, so every score would be 1.000 (give it rows "
+                        f"of two or more classes)")
+
+
 def class_targets(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """Index of each label in ``classes`` (-1 where it is not one of them)."""
     lookup = {name: i for i, name in enumerate(classes)}

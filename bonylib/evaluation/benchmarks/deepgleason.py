@@ -31,8 +31,8 @@ from bonylib.data.slides import open_slide
 from bonylib.data.sources import list_jobs
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_parts, ladder_size,
-                                                  benchmark_tiles, check_heads, settings_of)
+from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, check_parts,
+                                                  ladder_size, benchmark_tiles, check_heads, settings_of)
 from bonylib.evaluation.benchmarks.heads import DecoderConfig, fit_and_decode
 from bonylib.evaluation.splits import split_by_slide
 
@@ -149,8 +149,14 @@ class DeepGleasonMasks:
 
     @cached_property
     def masks(self) -> np.ndarray:
-        """Every tile's class map at tile resolution, read once (only when a run is due)."""
-        return read_masks(self.frame, Path(self.cfg.data), str(self.source))
+        """Every tile's class map at tile resolution, read once (only when a run is due); masks whose training tiles
+        and test tiles hold one class are refused (a decoder trained on them cannot be wrong)."""
+        masks = read_masks(self.frame, Path(self.cfg.data), str(self.source))
+        present = {part: np.unique(masks[self.parts == part]) for part in ("train", "test")}
+        check_classes(np.concatenate(list(present.values())),
+                      np.repeat(list(present), [len(v) for v in present.values()]), self._classes,
+                      f"{self.source}: deepgleason mask classes")
+        return masks
 
     def settings(self, head: str) -> dict[str, Any]:
         return settings_of(self.cfg, self.manifest)

@@ -22,7 +22,7 @@ from bonylib.config import option
 from bonylib.errors import ConfigError
 from bonylib.evaluation.benchmarks.common import curve_of
 from bonylib.evaluation.decoders import Decoder, decode, fit_decoder
-from bonylib.evaluation.knn import weighted_knn
+from bonylib.evaluation.knn import check_vote, weighted_knn
 from bonylib.evaluation.probes import SEED_MLP_HIDDEN, fit_classifier, predict_logits, seed_mlp
 
 CLASSIFIERS = ("mlp", "linear", "knn")
@@ -47,8 +47,11 @@ class ProbeConfig:
     knn_temperature: float = option(0.07, "weighted k-NN vote temperature (DINO: 0.07)")
 
     def __post_init__(self) -> None:
-        if min(self.batch_size, self.max_steps, self.eval_every, self.patience, self.knn_k) < 1 or self.lr <= 0:
-            raise ConfigError("probe lr, batch_size, max_steps, eval_every, patience and knn_k must be positive")
+        if min(self.batch_size, self.max_steps, self.eval_every, self.patience) < 1 or not self.lr > 0:
+            raise ConfigError("probe lr, batch_size, max_steps, eval_every and patience must be positive")
+        if any(width < 1 for width in self.mlp_hidden):
+            raise ConfigError(f"probe mlp_hidden widths must be at least 1, got {self.mlp_hidden}")
+        check_vote("probe.knn_k", self.knn_k, "probe.knn_temperature", self.knn_temperature)
 
 
 @dataclass

@@ -18,8 +18,8 @@ import torch
 from bonylib.config import option
 from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, curve_of, label_scores,
-                                                  benchmark_tiles, settings_of)
+from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, curve_of,
+                                                  label_scores, benchmark_tiles, settings_of)
 from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split, read_isup, slide_parts
 from bonylib.evaluation.probes import GatedAttentionMIL, fit_abmil, predict_logits
@@ -67,6 +67,7 @@ class SlideIsup:
         self.bag_rows = np.split(by_slide, np.cumsum(np.bincount(slide_of_tile))[:-1])
         self.parts = tile_parts[[rows[0] for rows in self.bag_rows]]
         self.grades = grades.loc[self.slides].to_numpy().astype(np.int64)
+        check_classes(self.grades, self.parts, ISUP_GRADES, f"{source}: slide ISUP grades")
         self.heads = {"abmil": Head("abmil", "cls", tuple(("test", s) for s in range(cfg.runs)))}
         self.columns = [Column("abmil", m, ("test",), f"{self.title} ABMIL {METRIC_NAMES[m]}") for m in SLIDE_METRICS]
 

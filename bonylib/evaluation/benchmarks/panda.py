@@ -20,8 +20,8 @@ from bonylib.config import option, section
 from bonylib.data.labels import LABEL_NAMES
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_parts, class_targets,
-                                                  benchmark_tiles, check_heads, label_scores, settings_of)
+from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, check_parts,
+                                                  class_targets, benchmark_tiles, check_heads, label_scores, settings_of)
 from bonylib.evaluation.benchmarks.heads import CLASSIFIERS, UNUSED_PROBE_KEYS, ProbeConfig, classify
 from bonylib.evaluation.splits import split_by_slide
 
@@ -110,6 +110,7 @@ class PandaTiles:
                                                               of_classes)
         self.targets = class_targets(self.frame["label_name"], self._classes)
         self.parts = slide_parts(self.frame, read_isup(Path(cfg.data)), cfg.fractions, cfg.split_seed, str(source))
+        check_classes(self.targets, self.parts, self._classes, f"{source}: panda tile classes")
         self.heads = {h: Head(h, "cls", (("test", 0),) if h == "knn" else tuple(("test", s) for s in range(cfg.runs)))
                       for h in cfg.heads}
         self.columns = [Column(h, m, ("test",), f"{self.title} {h} {METRIC_NAMES[m]}") for h in cfg.heads

@@ -32,8 +32,9 @@ from bonylib.config import option, section
 from bonylib.data.datasets import TileDataset
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, RunOutput, label_scores,
-                                                  benchmark_tiles, check_heads, settings_of, with_validation)
+from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, RunOutput, check_classes,
+                                                  label_scores, benchmark_tiles, check_heads, settings_of,
+                                                  with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
 
 HEADS = ("reconstruction", "patches")
@@ -127,6 +128,9 @@ class Sicapv2:
             parts[used] = with_validation(parts[used].astype(str), self.patients[used], cfg.val_fraction,
                                           cfg.split_seed)
             self.patch_parts[partition] = parts.astype(str)
+            if "patches" in cfg.heads:
+                check_classes(self.labels[used], parts[used], PATCH_CLASSES,
+                              f"{Path(cfg.data) / 'partition'}: {partition} patch classes")
         runs = tuple((p, s) for p in cfg.partitions for s in range(cfg.runs))
         self.heads = {h: Head(h, "cls", tuple((RECONSTRUCTION_PARTITION, s) for s in range(cfg.runs))
                               if h == "reconstruction" else runs) for h in cfg.heads}
