@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from typing import Any
 from bonylib.errors import BonyError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+"""numpy's ``tofile`` (hence ``np.save`` of a large array) on a full disk: an OSError with no errno, only this text."""
 
 
 class DiskFullError(BonyError):
@@ -54,11 +58,14 @@ def _umask() -> int:
 
 def _is_full_disk(exc: BaseException) -> bool:
     """Whether ``exc``, or an error it was raised from, is a full disk or quota. Writers that wrap the
-    OSError (torch.save's "unexpected pos" RuntimeError) keep it as ``__cause__`` or ``__context__``."""
+    OSError (torch.save's "unexpected pos" RuntimeError) keep it as ``__cause__`` or ``__context__``; numpy's
+    ``tofile`` reports a short write without an errno (:data:`_SHORT_WRITE`), which on a local or network disk
+    is the disk or quota running out."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in FULL_DISK:
+        if isinstance(current, OSError) and (current.errno in FULL_DISK or current.errno is None
+                                             and _SHORT_WRITE.match(str(current))):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
@@ -114,25 +121,62 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     The temporary name keeps ``dest``'s suffix so that writers that choose a format by suffix
     (pandas, PIL, tifffile) behave as for the final name. On error the temporary file is removed
     and ``dest`` is untouched. The file gets the permissions of an ordinary new file (0666 less the umask), not
-    ``mkstemp``'s private 0600: on a shared cluster colleagues read the manifests and checkpoints. A write
-    that runs out of space raises :class:`DiskFullError` naming the folder.
+    ``mkstemp``'s private 0600: on a shared cluster colleagues read the manifests and checkpoints. They are set
+    again before the rename, because some writers replace the file they are given (safetensors' ``save_file``
+    does, and its file was 0600). A write that runs out of space raises :class:`DiskFullError` naming the folder.
     """
     dest = Path(dest)
     ensure_writable_dir(dest.parent)
+    mode = 0o666 & ~_umask()
     with reporting_full_disk(dest.parent, dest.name):
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
     try:
         with contextlib.suppress(OSError):  # some network and FUSE filesystems refuse chmod: keep their default
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
     tmp = Path(tmp_name)
     try:
         with reporting_full_disk(dest.parent, dest.name):
             yield tmp
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, mode)
             os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def reserve(path: Path) -> None:
+    """Allocate the disk blocks of a sparse file now (a memory-mapped array made by ``np.lib.format.open_memmap``):
+    a full disk then fails here, as an OSError that :func:`atomic_path` reports, instead of killing the process with
+    SIGBUS when a page of the map is written later."""
+    with reporting_full_disk(Path(path).parent, Path(path).name), open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size:
+            os.posix_fallocate(handle.fileno(), 0, size)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the block, waiting for another holder to release it;
+    yields whether the lock is held. Writers of one folder take it around what another process must not see half-done
+    (a chunk and its checksum; removing the temporaries that killed writers left). Locks are advisory (``flock``,
+    which Linux maps onto NFS locks); on a filesystem that refuses them, the block runs unlocked and yields False,
+    so the caller can skip what is only safe under the lock.
+    """
+    with reporting_full_disk(Path(path).parent, Path(path).name):
+        handle = open(path, "a")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held = True
+        except OSError:
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def append_line(dest: Path, line: str) -> None:

@@ -312,6 +312,22 @@ def test_report_config_parameters_and_cell_timeout_are_checked(tmp_path: Path, c
     assert (run / "who.txt").read_text() == "3"
 
 
+# 2. exported weights get the umask's permissions (safetensors replaced the temporary file atomic_path had set)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o007, 0o660)])
+def test_exported_weights_get_the_permissions_of_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    backbone = create_backbone(NANO, seed=0)
+    old = os.umask(umask)
+    try:
+        export_encoder(backbone, DINOHead(backbone.num_features, 16, hidden_dim=16, bottleneck_dim=8), name=NANO,
+                       input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=tmp_path, step=0)
+    finally:
+        os.umask(old)
+    for name in (BACKBONE_FILE, HEAD_FILE, META_FILE):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
 # 3. wrong numbers with exit status 0
 
 
@@ -369,6 +385,26 @@ def test_a_cnns_feature_map_is_not_read_as_patch_tokens(bench: dict[str, Path], 
     assert not out.exists() or not list(out.rglob("*.npy"))
     assert main(["embed", str(bench["deepgleason"]), "--encoder", f"timm:test_resnet:{cnn_weights}", "--out", str(out),
                  "device=cpu", "workers=0", "precision=fp32", "batch_size=64"]) == 0  # its pooled feature is fine
+
+
+# 4. a full disk in numpy's form (an OSError without errno) is a full disk
+
+
+def full_disk_save(file, array, *args, **kwargs) -> None:  # noqa: ANN001 - np.save's signature
+    """np.save on a disk that fills up: numpy's own tofile error, "N requested and 0 written", with no errno."""
+    np.asarray(array).tofile("/dev/full")
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+
+
+@needs_dev_full
+def test_numpys_short_write_is_reported_as_a_full_disk(tmp_path: Path) -> None:
+    from bonylib.files import DiskFullError, reporting_full_disk
+
+    with pytest.raises(DiskFullError, match=rf"{tmp_path}: the output disk is full"):
+        with reporting_full_disk(tmp_path, "an array"):
+            np.zeros(10**6).tofile("/dev/full")
 
 
 # 5 and 9. one bad encoder is a row that says why; bony evaluate's exit status says so too
