@@ -24,7 +24,7 @@ log = logging.getLogger("bonylib")
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 3
-"""Some items (slides) failed and were recorded; the rest of the run completed."""
+"""Some items (slides, encoders) failed and were recorded; the rest of the run completed."""
 EXIT_PREEMPTED = 143
 """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint (128 + SIGTERM), so SLURM can requeue."""
 

@@ -366,6 +366,40 @@ def test_a_small_knn_temperature_still_votes_for_the_nearest_neighbours() -> Non
 
 
 @pytest.fixture(scope="module")
+def store(bench: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished store of XCiT-nano CLS features of the DeepGleason tiles."""
+    return embed(bench["deepgleason"], nano_encoder(), tmp_path_factory.mktemp("store"), "cls", TINY_EMBED).store
+
+
+def test_nan_or_edited_bytes_in_an_embedding_store_are_refused_when_read(store: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    chunk = copy / "chunks" / "000001.npy"
+    values = np.load(chunk)
+    values[3, 5] = np.nan
+    np.save(chunk, values)
+    with pytest.raises(BonyError) as caught:
+        load_embeddings(copy)
+    one_line(str(caught.value), str(chunk), "do not match 000001.npy.sha256")
+    (copy / "chunks" / "000001.npy.sha256").write_text(hashlib.sha256(chunk.read_bytes()).hexdigest() + "\n")
+    with pytest.raises(BonyError) as caught:
+        load_embeddings(copy)
+    one_line(str(caught.value), str(chunk), "manifest row 11 has values that are not finite")
+
+
+@pytest.mark.parametrize(("change", "needle"), [({"chunk_rows": 0}, "chunk_rows 0"), ({"rows": "42"}, "rows '42'"),
+                                                ({"row_shape": [10**12]}, "needs"), ({"dtype": "object"}, "stored as")])
+def test_a_damaged_store_meta_is_one_line(store: Path, tmp_path: Path, change: dict, needle: str) -> None:
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(BonyError) as caught:
+        load_embeddings(copy)
+    one_line(str(caught.value), needle)
+
+
+@pytest.fixture(scope="module")
 def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import timm
     from safetensors.torch import save_file
@@ -405,6 +439,34 @@ def test_numpys_short_write_is_reported_as_a_full_disk(tmp_path: Path) -> None:
     with pytest.raises(DiskFullError, match=rf"{tmp_path}: the output disk is full"):
         with reporting_full_disk(tmp_path, "an array"):
             np.zeros(10**6).tofile("/dev/full")
+
+
+@needs_dev_full
+def test_a_full_disk_in_embed_and_attention_is_one_line_and_keeps_finished_work(
+        bench: dict[str, Path], nano_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "embeddings"
+    manifest = str(bench["deepgleason"])
+    args = ["embed", manifest, "--encoder", f"bony:{nano_export}", "--out", str(out), "device=cpu", "workers=0",
+            "precision=fp32", "chunk_rows=8"]
+    real_save = np.save
+    calls = []
+
+    def fills_after_two_chunks(file, array, *a, **k) -> None:  # noqa: ANN001
+        calls.append(1)
+        (full_disk_save if len(calls) > 4 else real_save)(file, array, *a, **k)
+
+    monkeypatch.setattr(np, "save", fills_after_two_chunks)
+    assert main(args) == 2
+    one_line(error_line(capsys.readouterr().err), "chunks: the output disk is full")
+    monkeypatch.setattr(np, "save", real_save)
+    assert main(args) == 0
+    assert "4 chunks computed, 2 already done" in capsys.readouterr().out, "the two finished chunks were kept"
+    image = tmp_path / "tile.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(image)
+    monkeypatch.setattr(np, "save", full_disk_save)
+    assert main(["attention", str(nano_export), str(image), "--out", str(tmp_path / "maps"), "device=cpu"]) == 2
+    one_line(error_line(capsys.readouterr().err), "maps: the output disk is full")
 
 
 # 5 and 9. one bad encoder is a row that says why; bony evaluate's exit status says so too
@@ -495,6 +557,50 @@ def test_bad_encoders_get_rows_that_say_why_and_a_failing_exit_status(
         one_line(error_line(capsys.readouterr().err), "the output disk is full")
 
 
+# 6. an unreadable tile read by a DataLoader worker is the reader's one line, not the worker's traceback
+
+
+def test_an_unreadable_tile_in_a_worker_is_one_line(bench: dict[str, Path], tmp_path: Path) -> None:
+    frame = pd.read_parquet(bench["deepgleason"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(frame.loc[0, "path"]).read_bytes()[:300])  # a JPEG cut short
+    manifest = tmp_path / "manifest.parquet"
+    frame.assign(path=np.where(frame.slide_id == frame.loc[0, "slide_id"], str(broken), frame.path)).to_parquet(manifest)
+    for workers in (0, 1):
+        with pytest.raises(BonyError) as caught:
+            embed(manifest, nano_encoder(), tmp_path / f"out{workers}", "cls",
+                  EmbedConfig(batch_size=8, device="cpu", precision="fp32", workers=workers, chunk_rows=8))
+        one_line(str(caught.value), str(broken))
+
+
+# 7. two runs on one store: neither removes the other's temporary file
+
+
+def test_a_run_does_not_remove_the_temporary_file_another_run_is_writing(bench: dict[str, Path], tmp_path: Path) -> None:
+    encoder = nano_encoder()
+    store = store_path(tmp_path / "embeddings", encoder, "cls")
+    (store / "chunks").mkdir(parents=True)
+    ready = tmp_path / "ready"
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, pathlib, time
+        store = pathlib.Path({str(store)!r})
+        with open(store / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a run writing chunk 0, as bony embed writes one
+            tmp = store / "chunks" / ".000000.abcdefgh.tmp.npy"
+            tmp.write_bytes(b"half a chunk")
+            pathlib.Path({str(ready)!r}).touch()
+            time.sleep(3)
+            os.replace(tmp, store / "written-by-the-other-run")
+        """)])
+    deadline = time.monotonic() + 60
+    while not ready.exists() and other.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = embed(bench["deepgleason"], encoder, tmp_path / "embeddings", "cls", TINY_EMBED)
+    assert other.wait(timeout=60) == 0, "the other run's temporary file was removed under it"
+    assert (store / "written-by-the-other-run").read_bytes() == b"half a chunk"
+    assert result.missing == 0 and len(load_embeddings(result.store)[0]) == len(pd.read_parquet(bench["deepgleason"]))
+
+
 # 8. the export's JSON is input: types and ranges checked before a network is built from it
 
 
@@ -537,6 +643,60 @@ def test_weights_that_do_not_fit_name_the_keys(nano_export: Path, tmp_path: Path
     one_line(str(caught.value), str(run / BACKBONE_FILE), "size mismatch for cls_token")
 
 
+# 10. sizes read from files are bounded by what the machine can hold
+
+
+def test_a_manifest_tile_size_beyond_memory_is_refused(bench: dict[str, Path], nano_export: Path, tmp_path: Path) -> None:
+    from bonylib.attention.command import AttentionConfig, attention
+
+    frame = pd.read_parquet(bench["panda"])
+    slide = Path(frame.loc[0, "path"])
+    manifest = tmp_path / "manifest.parquet"
+    frame[frame.path == str(slide)].assign(size=1_000_000).to_parquet(manifest)
+    with pytest.raises(BonyError) as caught:
+        attention(str(nano_export), slide, tmp_path / "maps", AttentionConfig(device="cpu"), manifest=manifest)
+    one_line(str(caught.value), str(manifest), "a tile of size 1000000 px needs")
+    frame.assign(level=-1).to_parquet(manifest)  # python's negative index picked the last level silently
+    with pytest.raises(BonyError, match="level -1 is negative"):
+        embed(manifest, nano_encoder(), tmp_path / "out", "cls", TINY_EMBED)
+
+
+def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size_for_a_small_tile(nano_export: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    from bonylib.attention.command import AttentionConfig, attention
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (6000, 6000), (200, 120, 160)).save(big, quality=50)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):  # noqa: ANN001, ANN202 - PIL's signature
+        result = real_load(self)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    written = attention(str(nano_export), big, tmp_path / "maps", AttentionConfig(device="cpu", figures=False))
+    assert (tmp_path / "maps" / "big.cls.npy") in written
+    assert decoded and max(max(size) for size in decoded) <= 6000 // 8, decoded
+
+
+# probes of the closing note that broke
+
+
+def test_a_folder_given_as_the_manifest_is_one_line(bench: dict[str, Path], tmp_path: Path) -> None:
+    """Found by probing: pyarrow read a folder holding a manifest.parquet as the manifest, and hashing it for the
+    store's meta was an IsADirectoryError traceback."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    shutil.copy(bench["panda"], folder / "manifest.parquet")
+    with pytest.raises(BonyError) as caught:
+        embed(folder, nano_encoder(), tmp_path / "out", "cls", TINY_EMBED)
+    one_line(str(caught.value), str(folder), "a folder, not a manifest file")
+
+
 # 12. smaller ones
 
 
@@ -545,3 +705,23 @@ def test_a_random_seed_beyond_64_bits_is_one_line(seed: str) -> None:
     with pytest.raises(ConfigError) as caught:
         encoder_from_spec(f"random:{NANO}:{seed}")
     one_line(str(caught.value), "integer seed in 0..2^63-1")
+
+
+def test_attention_retiles_a_slide_when_asked_to_as_its_error_says(bench: dict[str, Path], nano_export: Path,
+                                                                   tmp_path: Path) -> None:
+    from bonylib.attention.command import AttentionConfig, attention
+
+    slide = Path(pd.read_parquet(bench["panda"]).loc[0, "path"])
+    out = tmp_path / "maps"
+
+    def cfg(tile_px: int) -> AttentionConfig:
+        return load_config(AttentionConfig, None, ["device=cpu", "figures=false", f"tile.tile_px={tile_px}",
+                                                   "tile.mpp=2.0"])
+
+    attention(str(nano_export), slide, out, cfg(64))
+    with pytest.raises(BonyError, match="--overwrite") as caught:
+        attention(str(nano_export), slide, out, cfg(96))
+    one_line(str(caught.value))
+    assert "--overwrite" in build_parser()._subparsers._group_actions[0].choices["attention"].format_help()  # type: ignore[union-attr]
+    attention(str(nano_export), slide, out, cfg(96), overwrite=True)
+    assert set(pd.read_parquet(out / "tiles" / "manifest.parquet")["size"]) != set()

@@ -55,14 +55,14 @@ from bonylib.attention.maps import (
     top_mass_mask,
 )
 from bonylib.config import option, section
-from bonylib.data.datasets import TileDataset
+from bonylib.data.datasets import TileDataset, read_batches
 from bonylib.data.heatmaps import Heatmap, pca_colours, read_thumbnail, thumbnail_size
 from bonylib.data.manifest import row_ids
 from bonylib.data.slides import TILE_IMAGE_SUFFIXES, ImageSlide, open_slide
 from bonylib.data.sources import id_problem
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
-from bonylib.files import atomic_path, ensure_writable_dir, read_json, write_text_atomic
+from bonylib.files import atomic_path, ensure_writable_dir, read_json, reserve, write_text_atomic
 from bonylib.models.encoders import Encoder
 from bonylib.models.registry import load_encoder
 from bonylib.runtime import resolve_device
@@ -93,12 +93,13 @@ class AttentionConfig:
 
 
 def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, block: int = -1,
-              threshold: float | None = None, manifest: Path | None = None) -> list[Path]:
+              threshold: float | None = None, manifest: Path | None = None, overwrite: bool = False) -> list[Path]:
     """Write the maps of ``source`` (an image, a folder of images, or a slide) under ``out``; return the files
     written.
 
     ``block`` picks the blocks whose CLS maps are drawn (negative from the end); ``threshold`` keeps each map's
-    top attention mass as DINO's visualisation does (0.6: the fewest patches holding 60 % of it).
+    top attention mass as DINO's visualisation does (0.6: the fewest patches holding 60 % of it); ``overwrite``
+    tiles a slide again into ``out/tiles`` when that folder was tiled with another tiling config.
     """
     if threshold is not None:
         check_threshold(threshold)
@@ -111,7 +112,7 @@ def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, blo
         encoder, block = _prepared(reference, cfg, block, device)
         if isinstance(slide, ImageSlide) and manifest is None:
             return _image(encoder, source, slide, out, block, threshold, device, cfg.figures)
-    slide_id, rows = _slide_tiles(source, out, cfg, manifest)
+    slide_id, rows = _slide_tiles(source, out, cfg, manifest, overwrite)
     return _slide(encoder, source, slide_id, rows, out, cfg, block, threshold, device)
 
 
@@ -121,6 +122,7 @@ def _prepared(reference: str, cfg: AttentionConfig, block: int, device: torch.de
     if cfg.input_size:
         encoder = dataclasses.replace(encoder, input_size=cfg.input_size)
     architecture, modules = cls_attention_modules(encoder.module)
+    encoder.embedding_shape("cls")  # it takes tiles of this size (a ViT built for 224 px asserts on others)
     return encoder, select_block(len(modules), block, BLOCK_NAMES[architecture])
 
 
@@ -190,8 +192,9 @@ def _save_array(dest: Path, array: np.ndarray) -> Path:
 
 
 def _view(slide: ImageSlide, size: int) -> Image.Image:
-    """An image tile as the encoder sees it: resized to its input side (its eval transform would do the same)."""
-    return Image.fromarray(slide.read_level(0)).resize((size, size), Image.Resampling.BILINEAR)
+    """An image tile as the encoder sees it: resized to its input side (its eval transform would do the same), read
+    at a reduced scale where the format allows (:meth:`ImageSlide.view`)."""
+    return slide.view(size)
 
 
 def _image(encoder: Encoder, source: Path, slide: ImageSlide, out: Path, block: int, threshold: float | None,
@@ -219,11 +222,13 @@ def _image(encoder: Encoder, source: Path, slide: ImageSlide, out: Path, block: 
     return [*written, out / f"{name}.json"]
 
 
-def _slide_tiles(source: Path, out: Path, cfg: AttentionConfig, manifest: Path | None) -> tuple[str, pd.DataFrame]:
+def _slide_tiles(source: Path, out: Path, cfg: AttentionConfig, manifest: Path | None,
+                 overwrite: bool = False) -> tuple[str, pd.DataFrame]:
     """The slide id and tiles of ``source``: from ``manifest`` (its rows whose ``path`` is this file, checked as
-    ``bony embed`` checks manifests), or from tiling it into ``out/tiles`` (resumable like ``bony tile``)."""
+    ``bony embed`` checks manifests: ids, levels, tile sizes bounded by what the machine holds), or from tiling it
+    into ``out/tiles`` (resumable like ``bony tile``, and tiled again with ``overwrite``)."""
     if manifest is None:
-        result = tile("slides", [source], out / "tiles", cfg.tile)
+        result = tile("slides", [source], out / "tiles", cfg.tile, overwrite=overwrite)
         if len(result.failures):
             raise BonyError(str(result.failures["error"].iloc[0]))
         assert result.manifest is not None
@@ -266,12 +271,15 @@ def _slide(encoder: Encoder, source: Path, name: str, rows: pd.DataFrame, out: P
     start = 0
     cls_path, embeddings_path = out / f"{name}.tiles.cls.npy", out / f"{name}.tiles.embeddings.npy"
     with atomic_path(cls_path) as cls_tmp, atomic_path(embeddings_path) as embeddings_tmp:
-        for batch, _ in tqdm(DataLoader(dataset, batch_size=cfg.batch_size), desc=f"attention {name}", unit="batch"):
+        loader = read_batches(DataLoader(dataset, batch_size=cfg.batch_size))
+        for batch, _ in tqdm(loader, total=-(-len(rows) // cfg.batch_size), desc=f"attention {name}", unit="batch"):
             features, maps = encode(encoder, batch.to(device))
             if not stores:
                 stores["cls"] = np.lib.format.open_memmap(cls_tmp, "w+", np.float32, (len(rows), *maps.cls.shape[2:]))
                 stores["embeddings"] = np.lib.format.open_memmap(embeddings_tmp, "w+", np.float32,
                                                                  (len(rows), features.shape[1]))
+                reserve(cls_tmp)
+                reserve(embeddings_tmp)
             stop = start + len(batch)
             stores["cls"][start:stop] = maps.cls[:, block]
             stores["embeddings"][start:stop] = features.cpu().numpy()

@@ -10,7 +10,7 @@ level than the target resolution are resized).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from bonylib.data.labels import LABEL_NAMES
 from bonylib.data.slides import Slide, open_slide
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, one_line
 from bonylib.files import path_inside
 
 
@@ -78,17 +78,27 @@ class TileDataset(torch.utils.data.Dataset):
         return len(self.frame)
 
     def read(self, index: int) -> Image.Image:
-        """Tile ``index`` as an RGB image of ``tile_px`` pixels, before the transform."""
+        """Tile ``index`` as an RGB image of ``tile_px`` pixels, before the transform. A tile that cannot be read (a
+        missing or damaged shard, a slide region the reader refuses) raises :class:`BonyError` naming the file and row."""
         row = self.frame.iloc[index]
         if self.source == "shards":
             assert self.root is not None
-            with open(self.root / row["shard"], "rb") as handle:
-                handle.seek(int(row["shard_offset"]))
-                image = Image.open(io.BytesIO(handle.read(int(row["shard_length"])))).convert("RGB")
+            shard = self.root / row["shard"]
+            try:
+                with open(shard, "rb") as handle:
+                    handle.seek(int(row["shard_offset"]))
+                    image = Image.open(io.BytesIO(handle.read(int(row["shard_length"])))).convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise BonyError(f"{shard}: tile of manifest row {index} unreadable ({one_line(exc, 200)})") from None
         else:
             slide = self._slide(row["path"])
             size = int(row["size"])
-            image = Image.fromarray(slide.read_region((int(row["x"]), int(row["y"])), int(row["level"]), (size, size)))
+            try:
+                pixels = slide.read_region((int(row["x"]), int(row["y"])), int(row["level"]), (size, size))
+            except (OSError, ValueError, RuntimeError, IndexError) as exc:  # a decoder's error on a damaged slide
+                raise BonyError(f"{row['path']}: tile of manifest row {index} unreadable ({one_line(exc, 200)})") \
+                    from None
+            image = Image.fromarray(pixels)
         if image.size != (self.tile_px, self.tile_px):
             image = image.resize((self.tile_px, self.tile_px), Image.Resampling.BILINEAR)
         return image
@@ -115,3 +125,27 @@ class TileDataset(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_slides"] = {}  # open file handles do not cross into worker processes
         return state
+
+
+def _raised_message(exc: BaseException) -> str:
+    """The message a DataLoader worker's exception was raised with: torch re-raises it in the main process with the
+    worker's whole traceback as its message ("Caught BonyError in DataLoader worker process 0. Original Traceback
+    ..."), whose last line is ``<module>.<class>: <message>``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    kind = type(exc)
+    for line in reversed(text.splitlines()):
+        for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+            if line.startswith(prefix):
+                return line[len(prefix):]
+    return one_line(text)
+
+
+def read_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of a DataLoader over tiles, a tile that cannot be read failing in the one line its reader gave
+    (:class:`BonyError`), whether it was read in a worker process or in this one."""
+    try:
+        yield from loader
+    except BonyError as exc:
+        raise type(exc)(_raised_message(exc)) from None

@@ -21,7 +21,8 @@ import openslide
 import tifffile
 from PIL import Image
 
-from bonylib.errors import BonyError
+from bonylib.errors import BonyError, one_line
+from bonylib.runtime import check_fits
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs"})
@@ -121,7 +122,11 @@ class OpenSlideSlide(Slide):
         return list(self._slide.level_downsamples)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        region = self._slide.read_region(location, level, size)
+        try:
+            region = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{self.path}: unreadable region at {location}, level {level} ({one_line(exc, 200)})") \
+                from None
         return _over_white(np.asarray(region))
 
     def close(self) -> None:
@@ -236,25 +241,65 @@ def _tiff_mpp(page: tifffile.TiffPage) -> float | None:
     return per_unit * den / num if per_unit else None
 
 
+IMAGE_MODES = frozenset({"RGB", "L", "RGBA", "LA", "P"})
+"""PIL modes read as RGB (transparent pixels over white)."""
+
+
 class ImageSlide(Slide):
-    """A plain image (JPEG, PNG, single-page TIFF) as a one-level slide; no resolution unless given."""
+    """A plain image (JPEG, PNG, single-page TIFF) as a one-level slide; no resolution unless given.
+
+    Opening reads the header only, and refuses an image whose pixels this machine could not hold; the pixels are
+    decoded on the first read. :meth:`view` gives the image at a small side without decoding all of it where the
+    format allows (JPEG decodes at 1/2, 1/4 or 1/8 of its size).
+    """
 
     def __init__(self, path: Path, mpp: float | None = None) -> None:
         try:
             with Image.open(path) as image:
-                image.load()
-                self._rgb = np.asarray(_image_rgb(image))
+                size, mode = image.size, image.mode
         except (OSError, Image.DecompressionBombError) as exc:
             raise SlideError(f"{path}: cannot read image ({exc})") from None
+        if mode not in IMAGE_MODES:
+            raise SlideError(f"{path}: unsupported image mode {mode} (need RGB)")
+        try:
+            check_fits(2 * 4 * size[0] * size[1], f"an image of {size[0]} x {size[1]} px")  # decoded, then as RGB
+        except BonyError as exc:
+            raise SlideError(f"{path}: {exc}") from None
         super().__init__(path, mpp)
-        self.level_dimensions = [(self._rgb.shape[1], self._rgb.shape[0])]
+        self.level_dimensions = [size]
+        self._rgb: np.ndarray | None = None
+
+    def _pixels(self) -> np.ndarray:
+        if self._rgb is None:
+            try:
+                with Image.open(self.path) as image:
+                    image.load()
+                    self._rgb = np.asarray(_image_rgb(image))
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise SlideError(f"{self.path}: cannot read image ({exc})") from None
+        return self._rgb
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         if level != 0:
             raise SlideError(f"{self.path}: a plain image has only level 0")
         out = np.full((size[1], size[0], 3), 255, np.uint8)
-        _paste(out, self._rgb, 0, 0, *location)
+        _paste(out, self._pixels(), 0, 0, *location)
         return out
+
+    def view(self, side: int) -> Image.Image:
+        """The whole image resized to ``side`` x ``side`` (bilinear), as an encoder's eval transform sees a tile: a JPEG
+        is decoded at the smallest scale that still has ``side`` pixels (a 12,000-px JPEG mapped at 96 px decodes
+        1,500 px), other formats whole."""
+        if self._rgb is not None:
+            image = Image.fromarray(self._rgb)
+        else:
+            try:
+                with Image.open(self.path) as source:
+                    source.draft(None, (side, side))
+                    image = _image_rgb(source)
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise SlideError(f"{self.path}: cannot read image ({exc})") from None
+        return image.resize((side, side), Image.Resampling.BILINEAR)
 
 
 def _image_rgb(image: Image.Image) -> Image.Image:

@@ -8,12 +8,19 @@ encoder over a manifest is written to a *store*, a folder named by the encoder's
         meta.json            encoder name, identity and fingerprint, output, row shape and dtype, manifest path and
                              SHA-256, row count, rows per chunk, the precision the rows were computed in
         chunks/000012.ids.npy  row ids of chunk 12 (manifest rows 12 * chunk_rows ... 13 * chunk_rows - 1)
+        chunks/000012.npy.sha256  the SHA-256 of the embeddings file, as checkpoints have theirs
         chunks/000012.npy      their embeddings: (rows, D) float32, or (rows, N, D) float16 patch tokens
 
-A chunk is written atomically, ids first and embeddings last, so a chunk is complete exactly when its
-``.npy`` exists: a kill loses at most the chunk in progress, and a rerun computes only missing chunks.
-Patch tokens are stored as float16 to bound the size (PANDA's 2.85 M tiles x 196 tokens x 768 is 860 GB
-even so); a token outside float16's range is refused rather than stored as infinity.
+A chunk is written atomically, ids first, its checksum, and embeddings last, so a chunk is complete exactly when
+its ``.npy`` and its checksum exist: a kill loses at most the chunk in progress, and a rerun computes only missing
+chunks. Reading a chunk checks its bytes against the checksum and its values for NaN and infinity, so a damaged
+or edited chunk is refused by name instead of being scored. Patch tokens are stored as float16 to bound the size
+(PANDA's 2.85 M tiles x 196 tokens x 768 is 860 GB even so); a token outside float16's range is refused rather
+than stored as infinity.
+
+Several runs may write one store at once (the tasks of an array, a rerun started beside one still running): a
+chunk is written under the store's lock (``.lock``), and skipped if another run finished it meanwhile; the
+temporary files of killed runs are removed under the same lock, so no run removes the file another is writing.
 
 A store holds one encoder (fingerprint: weights, output, input size, normalisation) over one manifest
 (its SHA-256): a run that finds other meta in the folder stops with an error naming both, so embeddings
@@ -28,7 +35,6 @@ manifest whose rows could name files outside it or repeat a tile) before anythin
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import math
@@ -45,12 +51,12 @@ from tqdm import tqdm
 
 from bonylib import __version__
 from bonylib.config import option
-from bonylib.data.datasets import TileDataset
+from bonylib.data.datasets import TileDataset, read_batches
 from bonylib.data.manifest import read_manifest
-from bonylib.errors import BonyError, ConfigError
-from bonylib.models.encoders import Encoder
-from bonylib.files import atomic_path, ensure_writable_dir, read_json, sha256_file, write_text_atomic
-from bonylib.runtime import PRECISIONS, plan_threads, resolve_device, resolve_precision
+from bonylib.errors import BonyError, ConfigError, one_line
+from bonylib.models.encoders import OUTPUTS, Encoder
+from bonylib.files import atomic_path, ensure_writable_dir, locked, read_json, sha256_file, write_text_atomic
+from bonylib.runtime import PRECISIONS, check_fits, plan_threads, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ STORED_DTYPES = {"cls": "float32", "cls+mean": "float32", "patch": "float16"}
 META_KEYS = ("encoder", "fingerprint", "output", "row_shape", "dtype", "rows", "chunk_rows", "manifest", "precision",
              "precision_reason")
 """What the code reads from a store's meta.json (besides its format)."""
+CHECKSUM_SUFFIX = ".sha256"
+LOCK = ".lock"
 
 
 @dataclass
@@ -86,12 +94,7 @@ class EmbedConfig:
 # ---- batched inference (the one code path of the store and the k-NN monitor) -----------------
 
 
-def _device_of(encoder: Encoder) -> torch.device:
-    parameter = next(encoder.module.parameters(), None) if encoder.module is not None else None
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _batches(encoder: Encoder, tiles: pd.DataFrame, root: Path | None, batches: Sequence[list[int]], output: str,
+def _batches(encoder: Encoder, tiles: pd.DataFrame, root: Path | None, rows: Sequence[list[int]], output: str,
              workers: int, progress: tqdm | None = None) -> Iterator[torch.Tensor]:
     """Embeddings (float32, on the CPU) of each batch of row positions of ``tiles``, in order.
 
@@ -99,12 +102,12 @@ def _batches(encoder: Encoder, tiles: pd.DataFrame, root: Path | None, batches: 
     normalised by its own transform; ``encoder.embed`` runs under ``inference_mode`` in the encoder's
     precision on the device its weights are on.
     """
-    if not batches:
+    if not rows:
         return  # starting worker processes for nothing costs seconds
-    device = _device_of(encoder)
+    device = encoder.device
     dataset = TileDataset(tiles, root=root, tile_px=encoder.input_size, transform=encoder.transform)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
-    for images, _ in loader:
+    loader = DataLoader(dataset, batch_sampler=rows, num_workers=workers, pin_memory=device.type == "cuda")
+    for images, _ in read_batches(loader):
         yield encoder.embed(images.to(device, non_blocking=True), output).cpu()
         if progress is not None:
             progress.update(len(images))
@@ -150,6 +153,17 @@ def _chunk_paths(store: Path, chunk: int) -> tuple[Path, Path]:
     return store / "chunks" / f"{chunk:06d}.ids.npy", store / "chunks" / f"{chunk:06d}.npy"
 
 
+def _checksum_path(values_path: Path) -> Path:
+    return values_path.with_name(values_path.name + CHECKSUM_SUFFIX)
+
+
+def _complete(store: Path, chunk: int) -> bool:
+    """Whether chunk ``chunk`` was written whole: its embeddings and their checksum are there (a chunk of a store
+    written before chunks had checksums counts as missing, and is computed again)."""
+    values_path = _chunk_paths(store, chunk)[1]
+    return values_path.is_file() and _checksum_path(values_path).is_file()
+
+
 def _chunk_rows(meta: dict[str, Any], chunk: int) -> range:
     start = chunk * meta["chunk_rows"]
     return range(start, min(start + meta["chunk_rows"], meta["rows"]))
@@ -159,7 +173,31 @@ def _chunk_count(meta: dict[str, Any]) -> int:
     return math.ceil(meta["rows"] / meta["chunk_rows"])
 
 
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What is wrong with the values of a store's meta.json that the store's code computes with, or ""."""
+    if not all(isinstance(meta[key], str) for key in ("encoder", "fingerprint", "precision", "precision_reason")):
+        return "encoder, fingerprint and precision are not text"
+    if meta["output"] not in OUTPUTS or meta["dtype"] != STORED_DTYPES[meta["output"]]:
+        return f"output {meta['output']!r} stored as {meta['dtype']!r} is not one of {STORED_DTYPES}"
+    if not _whole(meta["rows"], 1) or not _whole(meta["chunk_rows"], 1):
+        return f"rows {meta['rows']!r} and chunk_rows {meta['chunk_rows']!r} are not whole numbers >= 1"
+    shape = meta["row_shape"]
+    if not isinstance(shape, list) or len(shape) != (2 if meta["output"] == "patch" else 1) \
+            or not all(_whole(n, 1) for n in shape):
+        return f"row_shape {shape!r} is not the shape of one {meta['output']} embedding"
+    manifest = meta["manifest"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str) \
+            or not isinstance(manifest.get("path"), str):
+        return "manifest is not {path, sha256}"
+    return ""
+
+
 def _read_meta(store: Path) -> dict[str, Any]:
+    """A store's checked meta.json: its format, the keys the code reads, and their types and ranges."""
     path = store / "meta.json"
     if not path.is_file():
         raise BonyError(f"{store}: not an embedding store (no meta.json); run bony embed first")
@@ -167,9 +205,9 @@ def _read_meta(store: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BonyError(f"{path}: not a {FORMAT} store")
     missing = [key for key in META_KEYS if key not in meta]
-    if missing or not isinstance(meta["manifest"], dict) or "sha256" not in meta["manifest"]:
-        raise BonyError(f"{path}: incomplete store metadata (no {', '.join(missing) or 'manifest.sha256'}); delete the folder "
-                        f"to recompute")
+    problem = f"no {', '.join(missing)}" if missing else _meta_problem(meta)
+    if problem:
+        raise BonyError(f"{path}: incomplete or damaged store metadata ({problem}); delete the folder to recompute")
     return meta
 
 
@@ -204,19 +242,24 @@ def _open_store(store: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _remove_stale_temporaries(store: Path, chunks: Sequence[int]) -> None:
-    """Delete half-written chunk files of ``chunks`` left by a killed run (only this task's chunks: other
-    array tasks may be writing theirs)."""
-    for chunk in chunks:
-        # temporary names are ".<stem>.<8 random characters>.tmp<suffix>" (files.atomic_path)
-        for stem in (f"{chunk:06d}", f"{chunk:06d}.ids"):
-            for path in (store / "chunks").glob(f".{glob.escape(stem)}.{'?' * 8}.tmp.npy"):
-                log.info("removing %s, left by an interrupted run", path)
-                path.unlink(missing_ok=True)
+def _remove_stale_temporaries(store: Path) -> None:
+    """Delete the half-written chunk files that killed runs left. Under the store's lock: a run holds it for as long
+    as its temporaries exist (:func:`_write_chunk`), so every temporary seen while holding it is a dead run's. Where
+    the filesystem refuses locks nothing is deleted (the files are hidden and ignored; delete them once no run is
+    writing)."""
+    with locked(store / LOCK) as held:
+        if not held:
+            log.warning("%s: the filesystem refuses file locks: left-over temporary files are not removed", store)
+            return
+        # temporary names are ".<name>.<8 random characters>.tmp<suffix>" (files.atomic_path)
+        for path in (store / "chunks").glob(".[0-9]*.tmp.*"):
+            log.info("removing %s, left by an interrupted run", path)
+            path.unlink(missing_ok=True)
 
 
 def _write_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray, embeddings: torch.Tensor) -> None:
-    """Write one chunk: its ids, then its embeddings in the store's dtype (the file that marks it complete)."""
+    """Write one chunk: its ids, its checksum, then its embeddings in the store's dtype (with the checksum, what marks
+    it complete), all under the store's lock; a chunk another run completed meanwhile is left as it is."""
     rows = _chunk_rows(meta, chunk)
     with np.errstate(over="ignore"):  # an overflow is reported below, with the rows
         values = embeddings.numpy().astype(meta["dtype"])
@@ -224,34 +267,49 @@ def _write_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray,
         raise BonyError(f"{store}: rows {rows.start}-{rows.stop - 1} embed to values that are not finite in "
                         f"{meta['dtype']} (NaN weights, or patch tokens beyond float16's 65504); nothing written for them")
     ids_path, values_path = _chunk_paths(store, chunk)
-    for path, array in ((ids_path, ids[rows.start : rows.stop]), (values_path, values)):
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+    with locked(store / LOCK):
+        if _complete(store, chunk):
+            return
+        with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, ids[rows.start : rows.stop], allow_pickle=False)
+        with atomic_path(values_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, values, allow_pickle=False)
+            write_text_atomic(_checksum_path(values_path), sha256_file(tmp) + "\n")
 
 
 def _read_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) -> np.ndarray:
-    """Chunk ``chunk``'s embeddings (memory-mapped), after checking its ids against the manifest's and its
-    shape and dtype against the meta; a damaged or foreign chunk raises :class:`BonyError` naming the file."""
+    """Chunk ``chunk``'s embeddings (memory-mapped), after checking its bytes against its checksum, its ids against the
+    manifest's, its shape and dtype against the meta and its values for NaN and infinity; a damaged, edited or
+    foreign chunk raises :class:`BonyError` naming the file."""
     rows = _chunk_rows(meta, chunk)
     ids_path, values_path = _chunk_paths(store, chunk)
+    again = "delete it and rerun bony embed to recompute it"
     try:
+        expected = _checksum_path(values_path).read_text().strip()
+        if sha256_file(values_path) != expected:
+            raise BonyError(f"{values_path}: its bytes do not match {_checksum_path(values_path).name} (damaged or "
+                            f"changed after it was written); {again}")
         stored_ids = np.load(ids_path, allow_pickle=False)
         values = np.load(values_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BonyError(f"{values_path}: unreadable chunk ({str(exc).splitlines()[0]}); delete it and rerun bony embed "
-                        f"to recompute it") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise BonyError(f"{values_path}: unreadable chunk ({one_line(exc, 200)}); {again}") from None
     expected_shape = (len(rows), *meta["row_shape"])
     if values.shape != expected_shape or values.dtype != np.dtype(meta["dtype"]):
         raise BonyError(f"{values_path}: shape {values.shape} {values.dtype}, expected {expected_shape} {meta['dtype']}; "
-                        f"delete it and rerun bony embed to recompute it")
+                        f"{again}")
     if stored_ids.shape != (len(rows),) or not np.array_equal(stored_ids, ids[rows.start : rows.stop]):
         raise BonyError(f"{ids_path}: row ids differ from manifest rows {rows.start}-{rows.stop - 1}; delete the chunk "
                         f"and rerun bony embed to recompute it")
+    finite = np.isfinite(values).reshape(len(rows), -1).all(axis=1)
+    if not finite.all():
+        row = rows.start + int(np.argmin(finite))
+        raise BonyError(f"{values_path}: manifest row {row} has values that are not finite (NaN or infinity); {again}")
     return values
 
 
 def _missing_chunks(store: Path, meta: dict[str, Any]) -> list[int]:
-    return [c for c in range(_chunk_count(meta)) if not _chunk_paths(store, c)[1].is_file()]
+    return [c for c in range(_chunk_count(meta)) if not _complete(store, c)]
 
 
 def _chunk_batches(meta: dict[str, Any], chunks: Sequence[int], batch_size: int) -> tuple[list[list[int]], list[int | None]]:
@@ -290,17 +348,16 @@ def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg:
     threads = plan_threads(cfg.workers, gpu=device.type == "cuda")
     threads.apply()
     store = store_path(out, encoder, output)
-    probe = encoder.embed(torch.zeros(1, 3, encoder.input_size, encoder.input_size, device=device), output)
     wanted = {
         "format": FORMAT, "encoder": encoder.name, "fingerprint": encoder.fingerprint(output),
-        "identity": encoder.identity, "output": output, "row_shape": list(probe.shape[1:]),
+        "identity": encoder.identity, "output": output, "row_shape": list(encoder.embedding_shape(output)),
         "dtype": STORED_DTYPES[output], "rows": len(ids), "chunk_rows": cfg.chunk_rows,
         "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
         "precision": encoder.precision.name, "precision_reason": encoder.precision.reason, "bony": __version__,
     }
     meta = _open_store(store, wanted)
     mine = range(index, _chunk_count(meta), count)
-    pending = [c for c in mine if not _chunk_paths(store, c)[1].is_file()]
+    pending = [c for c in mine if not _complete(store, c)]
     if pending and meta["precision"] != encoder.precision.name:
         raise BonyError(f"{store}: its rows were computed in {meta['precision']} ({meta['precision_reason']}); this run "
                         f"resolves {encoder.precision.name} ({encoder.precision.reason}): run it on the same kind of "
@@ -308,7 +365,7 @@ def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg:
     log.info("%s: %d chunks of %d rows for shard %d/%d, %d already done, %d to compute on %s in %s with %d workers",
              store, len(mine), meta["chunk_rows"], index, count, len(mine) - len(pending), len(pending), device,
              encoder.precision.name, threads.workers)
-    _remove_stale_temporaries(store, pending)
+    _remove_stale_temporaries(store)
     batches, ends = _chunk_batches(meta, pending, cfg.batch_size)
     parts: list[torch.Tensor] = []
     with tqdm(total=sum(len(b) for b in batches), desc="embedding", unit="tile") as progress:
@@ -348,6 +405,8 @@ def load_embeddings(store: Path, manifest: Path | None = None) -> tuple[np.ndarr
     if missing:
         raise BonyError(f"{store}: {len(missing)} of {_chunk_count(meta)} chunks missing (first: {missing[0]}); "
                         f"run bony embed without --shard to compute them")
+    check_fits(meta["rows"] * math.prod(meta["row_shape"]) * np.dtype(meta["dtype"]).itemsize,
+               f"{store}: {meta['rows']} embeddings of shape {tuple(meta['row_shape'])}")
     values = np.empty((meta["rows"], *meta["row_shape"]), dtype=meta["dtype"])
     for chunk in range(_chunk_count(meta)):
         rows = _chunk_rows(meta, chunk)
