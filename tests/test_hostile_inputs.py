@@ -697,6 +697,104 @@ def test_a_folder_given_as_the_manifest_is_one_line(bench: dict[str, Path], tmp_
     one_line(str(caught.value), str(folder), "a folder, not a manifest file")
 
 
+# 11. SLURM arrays that are not contiguous, scripts without arguments, list lines that are not one notebook
+
+
+def run_script(repo: Path, tmp_path: Path, script: str, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``bash slurm/<script> args`` with SLURM's array variables ``env`` and a stand-in ``python`` that prints its
+    arguments, so what the script would run is visible without running it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text("#!/bin/bash\necho \"python $*\"\n")
+    (bin_dir / "python").chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "BONY_IMAGE"}
+    environment |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(repo), **env}
+    return subprocess.run(["bash", str(repo / "slurm" / script), *args], env=environment, capture_output=True,
+                          text=True, timeout=60)
+
+
+def array_env(ids: list[int], task: int, step: int | None = None) -> dict[str, str]:
+    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(min(ids)),
+           "SLURM_ARRAY_TASK_MAX": str(max(ids)), "SLURM_ARRAY_TASK_COUNT": str(len(ids)), "SLURM_CPUS_PER_TASK": "2"}
+    return env | ({"SLURM_ARRAY_TASK_STEP": str(step)} if step is not None else {})
+
+
+@pytest.mark.parametrize(("ids", "step"), [([0, 2, 4, 6], 2), ([1, 5, 9], 1), ([1, 5, 9], None), ([3, 4, 5], 1),
+                                           ([7], 1)])
+@pytest.mark.parametrize("script", ["embed_array.sbatch", "tile_array.sbatch"])
+def test_every_task_of_an_evenly_spaced_array_gets_its_own_shard(repo: Path, tmp_path: Path, ids: list[int],
+                                                                  step: int | None, script: str) -> None:
+    shards = []
+    for task in ids:
+        done = run_script(repo, tmp_path, script, ["in", "out", "fmt"], **array_env(ids, task, step))
+        assert done.returncode == 0, done.stderr
+        shards.append(done.stdout.split("--shard ")[1].split()[0])
+    assert shards == [f"{i}/{len(ids)}" for i in range(len(ids))]
+
+
+def test_an_array_whose_ids_are_not_evenly_spaced_is_refused(repo: Path, tmp_path: Path) -> None:
+    done = run_script(repo, tmp_path, "embed_array.sbatch", ["m", "o", "e"], **array_env([1, 2, 9], 2, 1))
+    assert done.returncode == 2 and "python" not in done.stdout
+    one_line(done.stderr, "are not evenly spaced", "--array=0-2")
+    done = run_script(repo, tmp_path, "tile_array.sbatch", ["in", "out", "fmt"])
+    assert done.returncode == 2
+    one_line(done.stderr, "not an array job")
+
+
+@pytest.mark.parametrize(("ids", "task", "count"), [([0, 1, 2, 3], 9, None), ([4, 5, 6, 7], 1, None), ([0], 0, 0)])
+def test_an_array_task_outside_its_arrays_ids_is_refused(repo: Path, tmp_path: Path, ids: list[int], task: int,
+                                                         count: int | None) -> None:
+    """Found by probing: such a task computed shard 9/4 or -3/4, and a count of 0 was called "not evenly spaced"."""
+    env = array_env(ids, task, 1) | ({"SLURM_ARRAY_TASK_COUNT": str(count)} if count is not None else {})
+    done = run_script(repo, tmp_path, "embed_array.sbatch", ["m", "o", "e"], **env)
+    assert done.returncode == 2 and "python" not in done.stdout, done.stdout
+    one_line(done.stderr, f"array task {task} is not one of its array's ids")
+
+
+def test_array_ids_are_read_in_base_10(repo: Path, tmp_path: Path) -> None:
+    """Found by probing: a task id 08 was read as octal by bash's arithmetic, and the script died of "unbound
+    variable"."""
+    done = run_script(repo, tmp_path, "tile_array.sbatch", ["in", "out", "fmt"],
+                      **(array_env(list(range(10)), 8, 1) | {"SLURM_ARRAY_TASK_ID": "08"}))
+    assert done.returncode == 0, done.stderr
+    assert "--shard 8/10" in done.stdout
+
+
+def test_a_notebook_list_of_comments_only_says_it_has_no_line(repo: Path, tmp_path: Path) -> None:
+    """Found by probing: grep found no line, pipefail ended the script with status 1 and no message."""
+    listing = tmp_path / "notebooks.txt"
+    listing.write_text("# nothing yet\n\n")
+    done = run_script(repo, tmp_path, "notebook.sbatch", ["runs/x", str(listing)], **array_env([0], 0))
+    assert done.returncode == 2 and "python" not in done.stdout
+    one_line(done.stderr, str(listing), "no line 1 for array task 0")
+
+
+@pytest.mark.parametrize(("script", "usage"), [("embed_array.sbatch", "MANIFEST OUT ENCODER"),
+                                               ("tile_array.sbatch", "INPUT OUT FORMAT"), ("notebook.sbatch", "RUN LIST"),
+                                               ("pretrain.sbatch", "CONFIG OUT"), ("report.sbatch", "RUN")])
+def test_a_script_without_its_arguments_prints_its_usage(repo: Path, tmp_path: Path, script: str, usage: str) -> None:
+    done = run_script(repo, tmp_path, script, [])
+    assert done.returncode == 2 and not done.stdout
+    one_line(done.stderr, f"usage: sbatch", usage)
+    assert "unbound variable" not in done.stderr
+
+
+@pytest.mark.parametrize(("line", "needle"), [("01_datasets,04_pretraining\n", "not one numbered notebook stem"),
+                                              ("01_datasets params.yaml\r\n", "carriage return"),
+                                              ("01_datasets\r\n", "carriage return"),
+                                              ("../01_x\n", "not one numbered notebook stem")])
+def test_a_notebook_list_line_that_is_not_one_notebook_is_refused(repo: Path, tmp_path: Path, line: str,
+                                                                  needle: str) -> None:
+    listing = tmp_path / "notebooks.txt"
+    listing.write_text(line)
+    done = run_script(repo, tmp_path, "notebook.sbatch", ["runs/x", str(listing)], **array_env([0], 0))
+    assert done.returncode == 2 and "python" not in done.stdout, done.stdout
+    one_line(done.stderr, str(listing), needle)
+    listing.write_text("# chapters\n01_datasets  params/01.yaml\n")
+    done = run_script(repo, tmp_path, "notebook.sbatch", ["runs/x", str(listing)], **array_env([0], 0))
+    assert done.returncode == 0 and "--parameters params/01.yaml notebooks=[01_datasets]" in done.stdout
+
+
 # 12. smaller ones
 
 
