@@ -435,7 +435,7 @@ def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,
     assert main(["attention", str(export), str(tile_png), "--out", str(out), "--block", "2"]) == 2
     assert "the model has 2 class-attention blocks" in capsys.readouterr().err
     assert main(["attention", str(export), str(tile_png), "--out", str(out), "input_size=8"]) == 2
-    assert "input_size must be 0 (the encoder's own) or at least 16" in capsys.readouterr().err
+    assert "input_size (0: the encoder's own) must be a side in 16..4096 px, got 8" in capsys.readouterr().err
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame({"slide_id": ["../escape"], "x": [0], "y": [0], "level": [0], "size": [64],
                   "path": [str(tile_png)]}).to_parquet(manifest)

@@ -697,6 +697,23 @@ def test_a_folder_given_as_the_manifest_is_one_line(bench: dict[str, Path], tmp_
     one_line(str(caught.value), str(folder), "a folder, not a manifest file")
 
 
+@pytest.mark.parametrize("size", ["100000", "8"])
+def test_an_input_size_setting_beyond_any_tile_is_one_line(bench: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str], size: str) -> None:
+    """Found by probing: ``bony attention ... input_size=100000`` allocated one blank tile of 120 GB (a traceback);
+    an evaluate entry's input_size had no upper bound either."""
+    image = tmp_path / "tile.png"
+    Image.new("RGB", (64, 64), (200, 100, 150)).save(image)
+    assert main(["attention", f"random:{NANO}:0", str(image), "--out", str(tmp_path / "maps"), "device=cpu",
+                 f"input_size={size}"]) == 2
+    one_line(error_line(capsys.readouterr().err), "input_size", "16..4096 px", size)
+    config = evaluate_config(tmp_path / "eval.json", bench, [{"name": "big", "specs": [f"random:{NANO}:0"],
+                                                             "input_size": int(size)}], tmp_path)
+    assert main(["evaluate", "--config", str(config), "--out", str(tmp_path / "eval")]) == 2
+    one_line(error_line(capsys.readouterr().err), "big.input_size", "16..4096 px")
+    assert not (tmp_path / "eval").exists()
+
+
 # 11. SLURM arrays that are not contiguous, scripts without arguments, list lines that are not one notebook
 
 

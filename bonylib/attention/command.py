@@ -63,7 +63,7 @@ from bonylib.data.sources import id_problem
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
 from bonylib.files import atomic_path, ensure_writable_dir, read_json, reserve, write_text_atomic
-from bonylib.models.encoders import Encoder
+from bonylib.models.encoders import Encoder, check_input_size
 from bonylib.models.registry import load_encoder
 from bonylib.runtime import resolve_device
 
@@ -88,8 +88,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.thumbnail_px < 16:
             raise ConfigError("batch_size must be at least 1 and thumbnail_px at least 16")
-        if self.input_size and self.input_size < 16:
-            raise ConfigError("input_size must be 0 (the encoder's own) or at least 16")
+        if self.input_size:
+            check_input_size("input_size (0: the encoder's own)", self.input_size)
 
 
 def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, block: int = -1,

@@ -52,7 +52,7 @@ from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
 from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings
 from bonylib.evaluation.results import Row, write_results
 from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
-from bonylib.models.encoders import Encoder
+from bonylib.models.encoders import Encoder, check_input_size
 from bonylib.models.registry import encoder_from_spec, rooted_spec, spec_forms
 from bonylib.runtime import resolve_device
 
@@ -111,8 +111,8 @@ class EvaluateConfig:
                                   f"'_', '-', not starting with '.' or '-', at most 64)")
             if not entry.specs:
                 raise ConfigError(f"encoders: {entry.name} has no specs")
-            if entry.input_size is not None and entry.input_size < 16:
-                raise ConfigError(f"encoders: {entry.name}.input_size must be at least 16")
+            if entry.input_size is not None:
+                check_input_size(f"encoders: {entry.name}.input_size", entry.input_size)
         names = [entry.name for entry in self.encoders]
         if len(set(names)) != len(names):
             raise ConfigError(f"encoders: name {next(n for n in names if names.count(n) > 1)!r} is used twice")

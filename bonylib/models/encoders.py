@@ -31,6 +31,18 @@ OUTPUTS: tuple[str, ...] = ("cls", "cls+mean", "patch")
 """What :meth:`Encoder.embed` returns: the pooled (CLS) feature, CLS concatenated with the mean
 patch token (timm/DINOv2's linear-probe input), or the patch tokens (B, N, D) for the decoders."""
 
+INPUT_SIZES = (16, 4096)
+"""The tile sides an encoder may be fed, from an export's JSON, a Hugging Face config or an ``input_size`` key: a
+96-px crop up to a 4096-px tile (ViT's attention over 65,536 tokens is already more than a GPU holds); anything
+beyond is a damaged or hostile file, not a model (``input_size=100000`` asked for 120 GB for one blank tile)."""
+
+
+def check_input_size(key: str, value: int) -> None:
+    """Refuse an ``input_size`` setting outside :data:`INPUT_SIZES` (:class:`ConfigError` naming ``key``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not INPUT_SIZES[0] <= value <= INPUT_SIZES[1]:
+        raise ConfigError(f"{key} must be a side in {INPUT_SIZES[0]}..{INPUT_SIZES[1]} px, got {value!r}")
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -28,6 +28,7 @@ from torch import nn
 from bonylib.errors import BonyError, one_line
 from bonylib.files import atomic_path, read_json, sha256_file, write_text_atomic
 from bonylib.models.backbones import BACKBONES, backbone_stem, create_backbone, timm_model
+from bonylib.models.encoders import INPUT_SIZES
 from bonylib.models.head import DINOHead
 from bonylib.models.stems import STEMS
 from bonylib.runtime import check_fits
@@ -36,9 +37,6 @@ FORMAT = "bony-dino-teacher-1"
 BACKBONE_FILE = "teacher_backbone.safetensors"
 HEAD_FILE = "teacher_head.safetensors"
 META_FILE = "teacher_backbone.json"
-INPUT_SIZES = (16, 4096)
-"""The input sides an export may declare: a 96-px crop up to a 4096-px tile (ViT's attention over 65,536 tokens is
-already more than a GPU holds); anything beyond is a damaged or hostile file, not a model."""
 HEAD_LIMITS = {"in_dim": 16384, "out_dim": 1 << 20, "hidden_dim": 65536, "bottleneck_dim": 65536, "layers": 16}
 """Upper bounds of a DINO head's dimensions (DINO: 65,536 prototypes, 2048 hidden, 256 bottleneck, 3 layers):
 the head is allocated from these numbers before any weight is read."""

@@ -35,8 +35,8 @@ from torch import nn
 from bonylib.errors import BonyError, ConfigError, one_line
 from bonylib.files import read_json, sha256_file
 from bonylib.models.backbones import create_backbone
-from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
-from bonylib.models.export import INPUT_SIZES, load_backbone, load_head
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZES, Encoder, from_backbone
+from bonylib.models.export import load_backbone, load_head
 from bonylib.runtime import check_fits
 
 Triple = tuple[float, float, float]
