@@ -361,3 +361,16 @@ def xcit_views(rgb: np.ndarray, token_norms: np.ndarray, channel_attention: np.n
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def token_colour_tiles(tiles: Sequence[np.ndarray], names: Sequence[str], rows: dict[str, np.ndarray]) -> Figure:
+    """Tiles in the top row and under them one row per encoder of its patch tokens' colours ((tiles, grid, grid, 3) in
+    [0, 1]: :func:`bonylib.attention.tokens.token_colours` of these tiles), each token drawn as a block (matplotlib
+    upsamples a small image by nearest neighbour)."""
+    panels, titles = list(tiles), [name[:14] for name in names]
+    for label, colours in rows.items():
+        if len(colours) != len(tiles):
+            raise ValueError(f"token_colour_tiles: {label} has colours for {len(colours)} tiles, not {len(tiles)}")
+        panels += list(colours)
+        titles += [label] + [""] * (len(tiles) - 1)
+    return image_grid(panels, titles, ncols=len(tiles), size=1.9)
