@@ -159,7 +159,7 @@ class Sicapv2:
         self.slide_grades = np.array([isup_grade(None if p == 0 else (p, s))
                                       for p, s in zip(rows["primary"], rows["secondary"])])
         self.slide_patients = rows["patient"].to_numpy()
-        self.test_slides = {}
+        self.test_slides: dict[str, np.ndarray] = {}
         for partition in self.cfg.partitions:
             names = read_sheet(partition_folder(data, partition) / "Test.xlsx")["image_name"]
             self.test_slides[partition] = np.isin(self.slides, [slide_of(name) for name in names])
