@@ -47,7 +47,8 @@ def _gpu_peak_mb() -> float | None:
 
 
 def _encoder(spec: str, device: str):  # noqa: ANN202 - an Encoder, imported late on purpose
-    from bonylib.evaluation.embeddings import encoder_from_spec, resolve_device
+    from bonylib.models.registry import encoder_from_spec
+    from bonylib.runtime import resolve_device
 
     return encoder_from_spec(spec).to(resolve_device(device))
 
@@ -99,8 +100,7 @@ def model_limit(manifest: Path, spec: str, device: str, batch_size: int) -> dict
     import pandas as pd
     import torch
 
-    from bonylib.evaluation.embeddings import resolve_device
-    from bonylib.runtime import plan_threads, resolve_precision
+    from bonylib.runtime import plan_threads, resolve_device, resolve_precision
 
     target = resolve_device(device)
     plan_threads("auto", gpu=target.type == "cuda").apply()

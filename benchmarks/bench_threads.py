@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.runtime import describe_machine, machine_record, plan_threads
-from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
 
@@ -49,7 +49,7 @@ def _split(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="bench-threads-run-"))
     cfg = load_config(PretrainConfig, RECIPE, [source, f"data.workers={workers}", f"max_steps={args.steps}",
                                                "log_every=5", "tensorboard=false", "checkpoint_every=100000"])
-    trainer = Trainer(cfg, out)
+    trainer = build_trainer(cfg, out)
     if threads != "auto":
         torch.set_num_threads(int(threads))
     trainer.train()

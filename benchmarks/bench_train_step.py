@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.runtime import describe_machine, machine_record, matmul_rate
-from bonylib.ssl.trainer import PretrainConfig, Trainer
+from bonylib.ssl.data import Batch
+from bonylib.ssl.trainer import Trainer
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -60,7 +62,7 @@ def _trainer(args: argparse.Namespace, precision: str) -> Trainer:
         f"crops.local_size={args.local_size}", f"optim.batch_size={args.batch}", f"optim.precision={precision}",
         f"data.images={folder}", "data.workers=0", "optim.epochs=1000", "optim.warmup_epochs=0",
     ])
-    return Trainer(cfg, folder / "run")
+    return build_trainer(cfg, folder / "run")
 
 
 def _crops(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
@@ -71,22 +73,24 @@ def _crops(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]
 
 def bony_step(trainer: Trainer, crops: list[torch.Tensor]) -> None:
     trainer._set_schedules(trainer.step)
-    trainer._forward_backward(crops, epoch=1, sync=True)
+    trainer._forward_backward(Batch(crops), epoch=1, sync=True, metrics=None)
     trainer._optimizer_step(epoch=1)
     trainer.step += 1
 
 
 def naive_step(trainer: Trainer, crops: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
     """Algorithm 1 of the paper, literally: crop by crop, fp32, python loops."""
-    student, teacher, loss_fn = trainer._student_module, trainer.teacher, trainer.loss
+    student, teacher = trainer.model.student_network, trainer.model.teacher
+    loss_fn = trainer.model.objectives["dino"]
+    center = loss_fn.centering.center
     n_global = trainer.cfg.crops.global_crops
-    student_out = [student(c) for c in crops]
+    student_out = [student.head(student.backbone(c)) for c in crops]
     with torch.no_grad():
-        teacher_out = [teacher(c) for c in crops[:n_global]]
+        teacher_out = [teacher.head(teacher.backbone(c)) for c in crops[:n_global]]
     temp = loss_fn.teacher_temperature(1)
     total, pairs = 0.0, 0
     for t, t_out in enumerate(teacher_out):
-        p_t = F.softmax((t_out - loss_fn.center) / temp, dim=-1)
+        p_t = F.softmax((t_out - center) / temp, dim=-1)
         for s, s_out in enumerate(student_out):
             if s == t and n_global > 1:
                 continue
@@ -97,7 +101,7 @@ def naive_step(trainer: Trainer, crops: list[torch.Tensor], optimizer: torch.opt
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        loss_fn.center.mul_(0.9).add_(torch.cat(teacher_out).mean(0, keepdim=True), alpha=0.1)
+        center.mul_(0.9).add_(torch.cat(teacher_out).mean(0, keepdim=True), alpha=0.1)
         for ps, pt in zip(student.parameters(), teacher.parameters()):
             pt.data = 0.996 * pt.data + 0.004 * ps.data
 
@@ -188,9 +192,9 @@ def _apply_trial(trainer: Trainer, trial: str) -> None:
     crops back in contiguous memory format (what ``model.channels_last=false`` runs)."""
     if trial == "contiguous":
         trainer.cfg.model.channels_last = False
-    for model in (trainer._student_module, trainer.teacher):
+    for model in (trainer.model.student_network, trainer.model.teacher):
         if trial == "compile":
-            model.backbone = torch.compile(model.backbone)
+            model.backbone.forward_features = torch.compile(model.backbone.forward_features)
         else:
             model.to(memory_format=torch.contiguous_format)
 
@@ -211,7 +215,7 @@ def _variant(args: argparse.Namespace) -> dict[str, Any]:
                               "threads": trainer.threads.torch_threads}
     if args.variant == "naive":
         _apply_trial(trainer, "contiguous")  # the pseudo-code as written: default memory format
-        optimizer = torch.optim.AdamW(trainer._student_module.parameters(), lr=1e-4, foreach=False)
+        optimizer = torch.optim.AdamW(trainer.model.student_network.parameters(), lr=1e-4, foreach=False)
         result["images_per_s"] = _rate(lambda: naive_step(trainer, crops, optimizer), args.warmup, args.steps,
                                        args.batch, device)
     else:

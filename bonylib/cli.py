@@ -104,10 +104,11 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.ssl.trainer import Preempted, Trainer
+    from bonylib.compose.pretrain import build_trainer
+    from bonylib.ssl.trainer import Preempted
 
     try:
-        print(Trainer(cfg, args.out).train())
+        print(build_trainer(cfg, args.out).train())
     except Preempted as exc:
         print(f"bony pretrain: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -115,12 +116,11 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
-    from bonylib.evaluation.embeddings import ENCODER_SPECS
-    from bonylib.evaluation.encoders import OUTPUTS
+    from bonylib.models.encoders import OUTPUTS
+    from bonylib.models.registry import spec_forms
 
-    forms = ", ".join(form for _, form, _ in ENCODER_SPECS.values())
     parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="tile manifest.parquet written by bony tile")
-    parser.add_argument("--encoder", required=True, metavar="SPEC", help=f"the frozen encoder: {forms}")
+    parser.add_argument("--encoder", required=True, metavar="SPEC", help=f"the frozen encoder: {spec_forms()}")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder of stores: the embeddings go to OUT/<encoder fingerprint[:16]>/ (printed); "
                         "rerun to resume")
@@ -133,7 +133,8 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _embed_run(args: argparse.Namespace, cfg: Any) -> int:
-    from bonylib.evaluation.embeddings import embed, encoder_from_spec
+    from bonylib.evaluation.embeddings import embed
+    from bonylib.models.registry import encoder_from_spec
 
     result = embed(args.manifest, encoder_from_spec(args.encoder), args.out, args.output, cfg, shard=args.shard)
     print(f"{result.store}: {result.computed} chunks computed, {result.skipped} already done, "
@@ -182,11 +183,33 @@ def _attention_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _import_dino_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                        help="a facebookresearch/dino checkpoint.pth (main_dino.py's, e.g. the seed's checkpoint_4096.pth) "
+                        "or a released dino_*_pretrain.pth backbone")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the Bony export (teacher_backbone.safetensors, teacher_head.safetensors, .json): "
+                        "then bony:<out> and bony-head:<out> name it")
+
+
+def _import_dino_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.models.dino_checkpoints import export_dino
+
+    print(export_dino(args.checkpoint, args.out, cfg.network))
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
     parser.add_argument("--parameters", type=Path, metavar="FILE",
                         help="YAML mapping of papermill parameters for every notebook this call runs (over the config's)")
+    parser.add_argument("--only", action="append", default=[], metavar="NN",
+                        help="run only this notebook (its number, e.g. 05, or its stem; repeat or comma-separate for "
+                        "several), even if up to date, then build the book from every executed copy")
+    parser.add_argument("--force", action="store_true",
+                        help="run every notebook, even those whose notebook, parameters and run files are unchanged "
+                        "(after a change to bonylib itself)")
 
 
 def _report_run(args: argparse.Namespace, cfg: Any) -> int:
@@ -197,19 +220,21 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
         extra = read_mapping(args.parameters)
         for source in notebook_paths(args.book.resolve(), list(cfg.notebooks)):
             cfg.parameters[source.stem] = {**cfg.parameters.get(source.stem, {}), **extra}
-    index = build_report(args.book, args.run, cfg)
+    only = [name.strip() for names in args.only for name in names.split(",") if name.strip()]
+    index = build_report(args.book, args.run, cfg, only=only, force=args.force)
     print(index)
     return 0
 
 
 def _commands() -> list[Command]:
     from bonylib.attention.command import AttentionConfig
+    from bonylib.compose.pretrain import PretrainConfig
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
     from bonylib.evaluation.evaluate import EvaluateConfig
+    from bonylib.models.dino_checkpoints import DinoImportConfig
     from bonylib.report import ReportConfig
-    from bonylib.ssl.trainer import PretrainConfig
 
     return [
         Command("synth", "write synthetic PANDA / SICAPv2 / DeepGleason datasets in their real on-disk formats",
@@ -224,6 +249,8 @@ def _commands() -> list[Command]:
                 EvaluateConfig, _evaluate_arguments, _evaluate_run),
         Command("attention", "attention maps of an encoder (ViT, XCiT) over an image, or heatmaps over a slide",
                 AttentionConfig, _attention_arguments, _attention_run),
+        Command("import-dino", "convert a facebookresearch/dino checkpoint (the seed's models) into a Bony export",
+                DinoImportConfig, _import_dino_arguments, _import_dino_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]

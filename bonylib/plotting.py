@@ -1,28 +1,24 @@
-"""Figures for the notebooks: slides with their label masks, patch grids per class.
+"""Drawing, from arrays and tables only: slides with their label masks, tile grids, heatmaps over thumbnails,
+training curves.
 
-One colour per class across the whole report (benign green, Gleason 3 yellow, 4 orange, 5 red,
-Karolinska cancer purple), so a reader learns the legend once.
+Every figure of the report is drawn with these, so it has one look: one colour per class across the whole
+report (benign green, Gleason 3 yellow, 4 orange, 5 red, Karolinska cancer purple), so a reader learns the legend
+once. Nothing here opens a file or a slide (the import contract in ``pyproject.toml`` keeps it so): the chapters'
+figures that read data first are in :mod:`bonylib.compose.figures`, those of a stage's own outputs beside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
-import openslide
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from PIL import Image
+from matplotlib.patches import Patch, Rectangle
 
-from bonylib.data.labels import snap_codes
 from bonylib.files import atomic_path
-
-if TYPE_CHECKING:
-    from bonylib.attention.command import TileMaps
 
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "background": (255, 255, 255),
@@ -57,33 +53,6 @@ def legend(ax: plt.Axes, names: Sequence[str]) -> None:
     ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
 
 
-def read_level(path: Path, level: int) -> np.ndarray:
-    """A whole pyramid level of a slide as RGB (OpenSlide; the level must fit in memory)."""
-    with openslide.OpenSlide(str(path)) as slide:
-        level = min(level, slide.level_count - 1)
-        region = slide.read_region((0, 0), level, slide.level_dimensions[level])
-    return np.asarray(region.convert("RGB"))
-
-
-def panda_overview(root: Path, max_slides: int = 4) -> Figure:
-    """Slides of a PANDA-format folder at the lowest level, each beside its mask overlay."""
-    table = pd.read_csv(Path(root) / "train.csv").head(max_slides)
-    fig, axes = plt.subplots(len(table), 2, figsize=(12, 2.6 * len(table)), squeeze=False)
-    for (_, row), (ax_img, ax_mask) in zip(table.iterrows(), axes, strict=True):
-        image = read_level(Path(root) / "train_images" / f"{row.image_id}.tiff", 2)
-        mask = read_level(Path(root) / "train_label_masks" / f"{row.image_id}_mask.tiff", 2)[..., 0]
-        names = RADBOUD_NAMES if row.data_provider == "radboud" else KAROLINSKA_NAMES
-        ax_img.imshow(image)
-        ax_img.set_title(f"{row.image_id[:8]}…  {row.data_provider}", fontsize=9)
-        ax_mask.imshow(overlay(image, mask, names))
-        ax_mask.set_title(f"mask: ISUP {row.isup_grade}, Gleason {row.gleason_score}", fontsize=9)
-        legend(ax_mask, list(names.values()))
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig
-
-
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 6, size: float = 2.0) -> Figure:
     """Images in a grid with a title each."""
     nrows = max(1, -(-len(images) // ncols))
@@ -97,103 +66,68 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int =
     return fig
 
 
-def sicapv2_grid(root: Path, per_class: int = 4) -> Figure:
-    """SICAPv2 patches by class (from the test-partition spreadsheets), mask drawn over each."""
-    root = Path(root)
-    table = pd.concat([pd.read_excel(root / "partition" / "Test" / f"{s}.xlsx") for s in ("Train", "Test")])
-    images, titles = [], []
-    for label in ("NC", "G3", "G4", "G5"):
-        for name in table.loc[table[label] == 1, "image_name"].head(per_class):
-            rgb = np.asarray(Image.open(root / "images" / name).convert("RGB"))
-            grades = np.asarray(Image.open(root / "masks" / name).convert("L"))
-            images.append(overlay(rgb, snap_codes(grades, "sicapv2"), GLEASON_NAMES, alpha=0.3))
-            cribriform = " (G4C)" if int(table.loc[table.image_name == name, "G4C"].iloc[0]) else ""
-            titles.append(f"{label}{cribriform}")
-    return image_grid(images, titles, ncols=per_class)
-
-
-def deepgleason_grid(root: Path, n: int = 8) -> Figure:
-    """DeepGleason-style tiles beside their class masks."""
-    root = Path(root)
-    table = pd.read_csv(root / "tiles.csv").head(n)
-    images, titles = [], []
-    for row in table.itertuples():
-        rgb = np.asarray(Image.open(root / row.image).convert("RGB"))
-        mask = np.asarray(Image.open(root / row.mask))
-        present = ", ".join(DEEPGLEASON_NAMES[c] for c in np.unique(mask) if c)
-        images += [rgb, overlay(rgb, mask, DEEPGLEASON_NAMES, alpha=0.5)]
-        titles += [f"{row.slide_id} ({row.split})", present or "background"]
-    return image_grid(images, titles, ncols=4, size=2.6)
-
-
-def thumbnail(path: Path, max_px: int = 768) -> np.ndarray:
-    """A small RGB view of a slide (OpenSlide formats) or a plain image, longest side ``max_px``."""
-    path = Path(path)
-    try:
-        with openslide.OpenSlide(str(path)) as slide:
-            image = slide.get_thumbnail((max_px, max_px))
-    except openslide.OpenSlideUnsupportedFormatError:
-        image = Image.open(path)
-        image.thumbnail((max_px, max_px))
-    return np.asarray(image.convert("RGB"))
-
-
 REASON_COLOURS: dict[str, str] = {
     "": "#2ca02c", "background": "#7f7f7f", "pen": "#1f77b4", "blur": "#9467bd", "edges": "#ff7f0e", "homogeneity": "#d62728",
 }
 
 
-def tiles_on_slide(path: Path, tiles: pd.DataFrame, max_px: int = 1024) -> Figure:
-    """A slide thumbnail with every measured tile outlined: kept in green, dropped in the colour of its reason."""
-    from matplotlib.patches import Rectangle
-
-    from bonylib.data.slides import open_slide
-
-    with open_slide(Path(path)) as slide:
-        level = int(np.argmin([abs(max(d) - max_px) for d in slide.level_dimensions]))
-        image = slide.read_level(level)
-        ds = slide.level_downsamples[level]
-        read_ds = slide.level_downsamples[int(tiles.level.iloc[0])] if len(tiles) else 1.0
+def tiles_on_slide(image: np.ndarray, downsample: float, tiles: pd.DataFrame, read_downsample: float, title: str) -> Figure:
+    """A slide image (a level of downsample ``downsample``) with every measured tile outlined: kept in green,
+    dropped in the colour of its reason; tiles were read at a level of downsample ``read_downsample``."""
     fig, ax = plt.subplots(figsize=(10, 10 * image.shape[0] / image.shape[1] + 0.5))
     ax.imshow(image)
     for row in tiles.itertuples():
-        side = row.size * read_ds / ds
-        ax.add_patch(Rectangle((row.x / ds, row.y / ds), side, side, fill=False, lw=0.8,
+        side = row.size * read_downsample / downsample
+        ax.add_patch(Rectangle((row.x / downsample, row.y / downsample), side, side, fill=False, lw=0.8,
                                edgecolor=REASON_COLOURS.get(row.reason, "black")))
     counts = tiles.reason.replace("", "kept").value_counts()
     handles = [Patch(edgecolor=REASON_COLOURS.get("" if r == "kept" else r, "black"), fill=False, label=f"{r} ({n})")
                for r, n in counts.items()]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
-    ax.set_title(Path(path).name, fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.set_axis_off()
     fig.tight_layout()
     return fig
 
 
-def read_tiles(tiles: pd.DataFrame) -> list[np.ndarray]:
-    """The tiles of manifest rows, read from their slides, as RGB arrays."""
-    from bonylib.data.datasets import TileDataset
+def slides_with_masks(images: Sequence[np.ndarray], overlays: Sequence[np.ndarray], titles: Sequence[tuple[str, str]],
+                      legends: Sequence[Sequence[str]]) -> Figure:
+    """Slides in rows, each beside its mask drawn over it (:func:`overlay`), with a legend of the mask's classes."""
+    fig, axes = plt.subplots(len(images), 2, figsize=(12, 2.6 * len(images)), squeeze=False)
+    for image, masked, (title, mask_title), names, (ax_img, ax_mask) in zip(images, overlays, titles, legends, axes,
+                                                                          strict=True):
+        ax_img.imshow(image)
+        ax_img.set_title(title, fontsize=9)
+        ax_mask.imshow(masked)
+        ax_mask.set_title(mask_title, fontsize=9)
+        legend(ax_mask, list(names))
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
 
-    data = TileDataset(tiles.assign(label_name=""), source="slides")
-    return [np.asarray(data.read(i)) for i in range(len(data))]
+
+def value_examples(images: Sequence[np.ndarray], values: Sequence[float], reasons: Sequence[str], measure: str) -> Figure:
+    """Tiles in a row with the value of one quality measure each, and the reason when the measure dropped it."""
+    titles = [f"{measure}={v:.3g}" + ("" if r == "" else f"\n(dropped: {r})") for v, r in zip(values, reasons)]
+    return image_grid(images, titles, ncols=len(images), size=1.9)
 
 
-def measure_examples(tiles: pd.DataFrame, measure: str, n: int = 6) -> Figure:
-    """Tiles spread over the range of one quality measure (lowest to highest), read from their slides."""
-    ordered = tiles.sort_values(measure).reset_index(drop=True)
-    picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, n).round().astype(int))]
-    images = read_tiles(picks)
-    titles = [f"{measure}={v:.3g}" + ("" if r == "" else f"\n(dropped: {r})") for v, r in zip(picks[measure], picks.reason)]
-    return image_grid(images, titles, ncols=n, size=1.9)
-
-
-def class_grid(manifest: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figure:
-    """A few kept tiles of each class in the manifest."""
-    picks = [group.sample(min(per_class, len(group)), random_state=seed)
-             for _, group in manifest[manifest.label_name != ""].groupby("label_name", sort=False)]
-    chosen = pd.concat(picks).reset_index(drop=True) if picks else manifest.head(0)
-    images = read_tiles(chosen)
-    return image_grid(images, [f"{row.label_name} ({row.provider})" for row in chosen.itertuples()], ncols=per_class, size=1.9)
+def haar_bands(rgb: np.ndarray, approx: np.ndarray, details: Sequence[np.ndarray]) -> Figure:
+    """A tile and its one-level Haar bands as the wavelet stem computes them (:func:`bonylib.models.stems.haar_dwt2`):
+    the approximation ``approx`` (h/2, w/2, 3; the 2x2 block sum) shown halved, and the three detail bands
+    ``details`` (h/2, w/2, 3 each) as their magnitude averaged over RGB, each on its own scale (the details are
+    small next to the approximation)."""
+    panels = [rgb, np.clip(approx / 2, 0, 1), *(np.abs(band).mean(axis=-1) for band in details)]
+    titles = ["tile", "cA: approximation / 2", "|cH|: horizontal detail", "|cV|: vertical detail",
+              "|cD|: diagonal detail"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2))
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel, cmap="magma" if panel.ndim == 2 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
 
 
 def save_figure(fig: Figure, dest: Path, dpi: int = 150) -> Path:
@@ -265,49 +199,28 @@ def draw_heat(ax: plt.Axes, thumbnail: np.ndarray, heat: np.ndarray, title: str,
     ax.set_axis_off()
 
 
-def haar_bands(rgb: np.ndarray) -> Figure:
-    """A tile and its one-level Haar bands as the wavelet stem computes them: the approximation (the 2x2 block
-    mean, at half resolution) and the three detail bands (their magnitude, averaged over RGB, each on its own
-    scale: the details are small next to the approximation)."""
-    import torch
-
-    from bonylib.models.stems import haar_dwt2
-
-    x = torch.from_numpy(np.array(rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2]))  # a writable copy
-    approx, details = haar_dwt2(x.permute(2, 0, 1)[None].double() / 255)
-    panels = [rgb, np.clip(approx[0].permute(1, 2, 0).numpy() / 2, 0, 1)]
-    panels += [band[0].abs().mean(dim=0).numpy() for band in details]
-    titles = ["tile", "cA: approximation / 2", "|cH|: horizontal detail", "|cV|: vertical detail",
-              "|cD|: diagonal detail"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2))
-    for ax, panel, title in zip(axes, panels, titles):
-        ax.imshow(panel, cmap="magma" if panel.ndim == 2 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig
-
-
 def training_comparison(logs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> Figure:
-    """Pretraining runs side by side, from their logs (:func:`bonylib.ssl.runs.training_log`): the DINO loss
-    with ln K dashed, the teacher's per-image entropy, images/s, and the k-NN balanced accuracy at each epoch
-    end (both tasks, when the runs had a monitor)."""
+    """Pretraining runs side by side (or one run), from their logs (:func:`bonylib.ssl.runs.training_log`): the
+    loss with ln K dashed, the teacher's per-image entropy, the spread of its normalised outputs (near 0: every
+    image gets the same output), images/s, and the k-NN balanced accuracy at each epoch end (both tasks, when the
+    runs had a monitor)."""
     if not logs:
         raise ValueError("training_comparison: no runs to compare")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     for i, (label, (steps, knn)) in enumerate(logs.items()):
         colour = f"C{i}"
         axes[0].plot(steps["step"], steps["loss"], color=colour, label=label)
         axes[1].plot(steps["step"], steps["teacher_entropy"], color=colour)
-        axes[2].plot(steps["step"], steps["images_per_s"], color=colour)
+        axes[2].plot(steps["step"], steps["feature_std"], color=colour)
+        axes[3].plot(steps["step"], steps["images_per_s"], color=colour)
         if not knn.empty:
-            axes[3].plot(knn["step"], knn["knn_balanced_accuracy"], "o-", color=colour)
+            axes[4].plot(knn["step"], knn["knn_balanced_accuracy"], "o-", color=colour)
             if "knn_balanced_accuracy_cancer" in knn:
-                axes[3].plot(knn["step"], knn["knn_balanced_accuracy_cancer"], "s--", color=colour)
+                axes[4].plot(knn["step"], knn["knn_balanced_accuracy_cancer"], "s--", color=colour)
     steps = next(iter(logs.values()))[0]
     for ax in axes[:2]:
         ax.axhline(steps["collapse_entropy"].iloc[0], color="grey", ls="--", lw=0.8)
-    titles = ["DINO loss (dashed: ln K)", "teacher entropy per image", "images / s",
+    titles = ["loss (dashed: ln K)", "teacher entropy per image", "std of normalised teacher outputs", "images / s",
               "k-NN balanced accuracy (o: grades, s: cancer)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
@@ -317,48 +230,159 @@ def training_comparison(logs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> F
     return fig
 
 
-def attention_tiles(rows: dict[str, TileMaps], threshold: float | None = None) -> Figure:
-    """Tiles in the top row and under them one row per encoder of its map over each tile
-    (:func:`bonylib.attention.command.tile_maps` of the same images), upsampled to the tile; with ``threshold``
-    only each map's top attention mass is coloured, as in DINO's figures."""
-    from bonylib.attention.heatmaps import resize_nearest
-    from bonylib.attention.maps import top_mass_mask
-
-    first = next(iter(rows.values()))
-    for label, found in rows.items():
-        if found.names != first.names:
-            raise ValueError(f"attention_tiles: the maps of {label} are of other images than the first row's")
-    panels, titles = list(first.tiles), [name[:14] for name in first.names]
-    for label, found in rows.items():
-        for i, (rgb, heat) in enumerate(zip(first.tiles, found.maps)):
-            size = rgb.shape[:2]
-            mask = None if threshold is None else resize_nearest(top_mass_mask(heat, threshold), size)
-            panels.append(attention_overlay(rgb, resize_nearest(heat, size), mask))
-            titles.append(label if i == 0 else "")
-    return image_grid(panels, titles, ncols=len(first.tiles), size=1.9)
+def step_panels(steps: pd.DataFrame, columns: Sequence[str]) -> Figure:
+    """One panel per log column against the step (the schedules of a run: lr, wd, momentum, teacher temperature)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.75 * len(columns), 3), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        ax.plot(steps["step"], steps[column])
+        ax.set_title(column)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig
 
 
-def xcit_views(rgb: np.ndarray, token_norms: np.ndarray, channel_attention: np.ndarray,
-               blocks: Sequence[int] = ()) -> Figure:
-    """The seed's XCiT views of one tile, compact enough for a page: each head's token-norm map over the tile for
-    a few XCA ``blocks`` (default: the first, a middle and the last), then each head's d x d cross-covariance
-    attention of the last block. ``token_norms`` (blocks, heads, gh, gw) and ``channel_attention`` (blocks,
-    heads, d, d) as ``bony attention`` writes them."""
-    from bonylib.attention.heatmaps import resize_nearest
+def growth_curves(table: pd.DataFrame, exponents: pd.DataFrame, labels: dict[str, str], quantities: dict[str, str],
+                  patch: int = 16) -> Figure:
+    """Measured cost against tokens on log-log axes (:mod:`bonylib.models.attention_cost`): one panel per quantity
+    (column of ``table``, axis label in ``quantities``), one line per ``mechanism`` (named by ``labels``), with the
+    fitted power law (``exponents``: mechanism, quantity, exponent, prefactor, min_tokens) dashed over the range
+    it was fitted on and its exponent in the legend; the top axis gives the tile side at ``patch`` px per token."""
+    fig, axes = plt.subplots(1, len(quantities), figsize=(5.5 * len(quantities), 4.2), layout="constrained")
+    for ax, (quantity, label) in zip(axes, quantities.items()):
+        for i, (mechanism, group) in enumerate(table.groupby("mechanism", sort=False)):
+            colour = f"C{i}"
+            fit = exponents[(exponents["mechanism"] == mechanism) & (exponents["quantity"] == quantity)].iloc[0]
+            ax.plot(group["tokens"], group[quantity], "o-", color=colour,
+                    label=f"{labels.get(mechanism, mechanism)}: $\\propto N^{{{fit['exponent']:.2f}}}$")
+            fitted = group["tokens"][group["tokens"] >= fit["min_tokens"]].to_numpy(dtype=float)
+            ax.plot(fitted, fit["prefactor"] * fitted ** fit["exponent"], "--", color=colour, alpha=0.6)
+        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label)
+        top = ax.secondary_xaxis("top", functions=(lambda n: patch * np.sqrt(n), lambda s: (s / patch) ** 2))
+        top.set_xlabel(f"tile side (px, patch {patch})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
 
-    count, heads = token_norms.shape[:2]
-    blocks = list(blocks) or sorted({0, count // 2, count - 1})
-    fig, axes = plt.subplots(len(blocks) + 1, heads, figsize=(2.2 * heads, 2.3 * (len(blocks) + 1)), squeeze=False)
-    for row, block in enumerate(blocks):
-        for head in range(heads):
-            axes[row, head].imshow(attention_overlay(rgb, resize_nearest(token_norms[block, head], rgb.shape[:2])))
-            axes[row, head].set_title(f"XCA block {block}, head {head}: token norms", fontsize=7)
-    for head in range(heads):
-        axes[-1, head].imshow(channel_attention[-1, head], cmap="viridis")
-        axes[-1, head].set_title(f"block {count - 1}, head {head}: A_XC ({channel_attention.shape[-1]} channels)",
-                                 fontsize=7)
-    for ax in axes.ravel():
-        ax.set_axis_off()
+
+def learning_curves(runs: dict[str, list[tuple[pd.DataFrame, int]]], title: str) -> Figure:
+    """Training loss and the validation score a head was early-stopped on, per step, one colour per row label and a
+    line per run; each run's kept step dotted. ``runs``: per label, each run's curve (``step``, ``train_loss`` and
+    the score's column) and its best step."""
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 3.4))
+    for colour, (label, group) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+        for i, (curve, best_step) in enumerate(group):
+            score = next(c for c in curve.columns if c not in ("step", "train_loss"))
+            loss_ax.plot(curve.step, curve.train_loss, color=colour, alpha=0.6, label=label if i == 0 else None)
+            val_ax.plot(curve.step, curve[score], color=colour, alpha=0.6)
+            val_ax.axvline(best_step, color=colour, lw=0.6, ls=":")
+            val_ax.set_ylabel(f"validation {score.replace('_', ' ')}")
+    loss_ax.set_ylabel("training loss")
+    for ax in (loss_ax, val_ax):
+        ax.set_xlabel("step")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(matrices: dict[str, tuple[np.ndarray, Sequence[str], int]]) -> Figure:
+    """One panel per row label: its confusion matrix as shares of each true class (rows), its class names, and the
+    number of runs it sums."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    for ax, (label, (shares, classes, runs)) in zip(axes[0], matrices.items()):
+        ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), value in np.ndenumerate(shares):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{label}\n({runs} runs)", fontsize=9)
+    axes[0][0].set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+def _show_decoded(ax: plt.Axes, image: np.ndarray) -> None:
+    """An RGB reconstruction (3, h, w), a one-channel target in [0, 1] (1, h, w), or a class map (h, w)."""
+    if image.ndim == 3 and image.shape[0] == 3:
+        ax.imshow(np.clip(np.transpose(image, (1, 2, 0)), 0, 1))
+    elif image.ndim == 3:
+        ax.imshow(image[0], cmap="magma", vmin=0, vmax=1)
+    else:
+        ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def decoded_examples(targets: Sequence[np.ndarray], outputs: dict[str, Sequence[np.ndarray]],
+                     classes: Sequence[str] = ()) -> Figure:
+    """The targets in the top row and each row label's decoded outputs of the same examples below; class maps get a
+    caption naming the classes' codes."""
+    count = len(targets)
+    fig, axes = plt.subplots(1 + len(outputs), count, figsize=(1.7 * count, 1.8 * (1 + len(outputs))), squeeze=False)
+    for j, target in enumerate(targets):
+        _show_decoded(axes[0][j], target)
+    axes[0][0].set_ylabel("target", fontsize=8)
+    for i, (label, images) in enumerate(outputs.items(), start=1):
+        for j, image in enumerate(images):
+            _show_decoded(axes[i][j], image)
+        axes[i][0].set_ylabel(label, fontsize=8)
+    if classes and targets[0].ndim == 2:
+        fig.suptitle("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(classes)), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def heats_side_by_side(thumbnail: np.ndarray, heats: Sequence[tuple[np.ndarray, str]], names: Sequence[str] = ()) -> Figure:
+    """Several colour maps (h, w, 3) over one thumbnail, side by side, each with its title (:func:`draw_heat`)."""
+    aspect = thumbnail.shape[0] / thumbnail.shape[1]
+    fig, axes = plt.subplots(1, len(heats), figsize=(6.5 * len(heats), 6.5 * aspect + 0.8), squeeze=False)
+    for ax, (colours, title) in zip(axes[0], heats):
+        draw_heat(ax, thumbnail, colours, title, names=names)
+    fig.tight_layout()
+    return fig
+
+
+def interval_dots(cells: pd.DataFrame, titles: dict[str, str], formats: dict[str, str],
+                  shared_reasons: dict[str, str]) -> Figure:
+    """Every row on every column: the mean as a dot and its interval as a whisker (solid: ``interval ==
+    "bootstrap"``; dashed: another, e.g. the range over folds); a cell without an interval shows its dot hollow
+    with its ``interval_note``, or, when a column's every such cell gives one reason (``shared_reasons``), the
+    reason once under the title; a row with no mean says it was not evaluated.
+
+    ``cells``: a row per (column, label) with ``mean``, ``ci_low``, ``ci_high``, ``interval``, ``interval_note``;
+    ``titles`` and ``formats`` (format specs) per column."""
+    columns = list(dict.fromkeys(cells["column"]))
+    labels = list(dict.fromkeys(cells["label"]))
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.55 * len(labels) + 1.4), sharey=True,
+                             squeeze=False)
+    y = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
+    for ax, column in zip(axes[0], columns):
+        part = cells[cells["column"] == column]
+        shared, fmt = shared_reasons.get(column, ""), formats[column]
+        finite = part[np.isfinite(part["mean"])]
+        span = np.concatenate([finite["mean"], finite["ci_low"].dropna(), finite["ci_high"].dropna()])
+        left = float(span.min()) if span.size else 0.0
+        for _, cell in part.iterrows():
+            row = y[cell["label"]]
+            if not np.isfinite(cell["mean"]):
+                ax.annotate("not evaluated", (left, row), fontsize=7, color="grey", va="center")
+                continue
+            if cell["interval"]:
+                ax.plot([cell["ci_low"], cell["ci_high"]], [row, row], color="C0", lw=1.6,
+                        ls="-" if cell["interval"] == "bootstrap" else "--")
+                ax.plot(cell["mean"], row, "o", color="C0")
+            else:
+                ax.plot(cell["mean"], row, "o", mfc="white", color="C0")
+                if not shared:
+                    ax.annotate(f"no CI: {cell['interval_note']}", (cell["mean"], row), xytext=(0, -9),
+                                textcoords="offset points", fontsize=6.5, color="grey", ha="center", va="top")
+        ax.set_title(titles[column] + (f"\nno CI: {shared}" if shared else ""), fontsize=9)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _, fmt=fmt: format(value, fmt)))
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15, y=0.12)
+    axes[0][0].set_yticks(list(y.values()), list(y))
     fig.tight_layout()
     return fig
 

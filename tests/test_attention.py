@@ -22,12 +22,12 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.xcit import Xcit
 from torch import nn
 
-from bonylib.attention import heatmaps
 from bonylib.attention.command import AttentionConfig
-from bonylib.attention.heatmaps import Heatmap, pca_colours, read_thumbnail
 from bonylib.attention.maps import capture_attention, top_mass_mask
 from bonylib.cli import build_parser, main
 from bonylib.config import describe
+from bonylib.data import heatmaps
+from bonylib.data.heatmaps import Heatmap, pca_colours, read_thumbnail
 from bonylib.data.slides import open_slide
 from bonylib.errors import ConfigError
 from bonylib.models.backbones import create_backbone
@@ -399,8 +399,8 @@ def test_cli_on_a_folder_maps_each_image_and_names_the_ones_it_cannot(tmp_path: 
 
 
 def test_tile_maps_are_the_written_maps_of_the_images_as_the_encoder_saw_them(tmp_path: Path, export: Path) -> None:
-    from bonylib import plotting
     from bonylib.attention.command import AttentionConfig, tile_maps
+    from bonylib.attention.figures import attention_tiles
 
     folder = tmp_path / "tiles"
     folder.mkdir()
@@ -415,11 +415,11 @@ def test_tile_maps_are_the_written_maps_of_the_images_as_the_encoder_saw_them(tm
         np.testing.assert_allclose(heat, np.load(tmp_path / "out" / f"{name}.cls.npy")[0].mean(axis=0))
         assert heat.shape == (6, 6) and np.isclose(heat.sum(), 1.0, atol=1e-5)
     assert not list((tmp_path / "out").glob("*.png")), "arrays only"
-    figure = plotting.attention_tiles({"teacher": found, "again": found}, threshold=0.6)
+    figure = attention_tiles({"teacher": found, "again": found}, threshold=0.6)
     assert len([ax for ax in figure.axes if ax.images]) == 6  # the tiles, then a row per encoder
     other = dataclasses.replace(found, names=["a", "c"])
     with pytest.raises(ValueError, match="maps of other are of other images"):
-        plotting.attention_tiles({"teacher": found, "other": other})
+        attention_tiles({"teacher": found, "other": other})
 
 
 def test_cli_refuses_bad_input(tmp_path: Path, tile_png: Path, export: Path,

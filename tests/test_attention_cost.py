@@ -12,8 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from bonylib.models.attention_cost import (MECHANISMS, QUANTITIES, attention_layer, fit_exponents, fit_power_law,
-                                           measure_attention_cost, peak_forward_bytes, plot_attention_cost)
+from bonylib.models.attention_cost import (
+    MECHANISMS,
+    QUANTITIES,
+    attention_layer,
+    fit_exponents,
+    fit_power_law,
+    measure_attention_cost,
+    peak_forward_bytes,
+)
+from bonylib.plotting import growth_curves
 
 matplotlib.use("Agg")
 
@@ -101,7 +109,7 @@ def test_plot_names_each_mechanism_with_its_exponent() -> None:
     rows = [{"mechanism": m, "tokens": n, "time_s": 1e-8 * n ** k, "peak_bytes": 8.0 * n ** k}
             for m, k in (("self_attention", 2.0), ("xca", 1.0)) for n in (196, 1024, 4096)]
     table = pd.DataFrame(rows)
-    fig = plot_attention_cost(table, fit_exponents(table, min_tokens=1024))
+    fig = growth_curves(table, fit_exponents(table, min_tokens=1024), MECHANISMS, QUANTITIES)
     axes = [ax for ax in fig.axes if ax.get_legend() is not None]
     assert len(axes) == len(QUANTITIES)
     labels = [text.get_text() for text in axes[0].get_legend().get_texts()]

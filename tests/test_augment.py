@@ -23,13 +23,15 @@ from bonylib.ssl.augment import (
     HED_FROM_RGB,
     RGB_FROM_HED,
     CropConfig,
+    DINOTransform,
     HEDJitter,
-    MultiCrop,
-    collate_crops,
+    MultiCropTransform,
     crop_box,
     hed_to_rgb,
     rgb_to_hed,
+    views_transform,
 )
+from bonylib.ssl.data import collate_views
 
 # Ruifrok & Johnston's stain optical densities (R, G, B), to two decimals as in scikit-image.
 H = np.array([0.65, 0.70, 0.29])
@@ -109,7 +111,7 @@ def test_config_rejects_bad_values_naming_the_key(override: dict, key: str) -> N
 @pytest.mark.parametrize("n_global, n_local", [(2, 8), (1, 5)])
 def test_crop_count_shapes_dtype_and_range(n_global: int, n_local: int) -> None:
     cfg = CropConfig(global_crops=n_global, local_crops=n_local)
-    transform = MultiCrop(cfg)
+    transform = MultiCropTransform(cfg)
     torch.manual_seed(0)
     for image in (random_image(224, 224), random_image(180, 300, seed=1).convert("RGBA")):
         crops = transform(image)
@@ -123,7 +125,7 @@ def test_crop_count_shapes_dtype_and_range(n_global: int, n_local: int) -> None:
 
 
 def test_same_seed_same_crops_and_only_torch_rng_is_used() -> None:
-    transform = MultiCrop(CropConfig(solarize_p=0.5))
+    transform = MultiCropTransform(CropConfig(solarize_p=0.5))
     image = random_image(200, 200)
 
     def draw(seed: int, other_seed: int) -> list[torch.Tensor]:
@@ -143,7 +145,7 @@ def test_same_seed_same_crops_and_only_torch_rng_is_used() -> None:
 
 def test_dataloader_workers_reproduce_crops_from_the_loader_seed() -> None:
     images = [random_image(64, 64, seed=i) for i in range(6)]
-    transform = MultiCrop(CropConfig(global_size=32, local_size=16))
+    transform = MultiCropTransform(CropConfig(global_size=32, local_size=16))
     dataset = [(image, i) for i, image in enumerate(images)]
 
     class Views(torch.utils.data.Dataset):
@@ -155,9 +157,9 @@ def test_dataloader_workers_reproduce_crops_from_the_loader_seed() -> None:
             return transform(image), target
 
     def run(seed: int) -> list[torch.Tensor]:
-        loader = torch.utils.data.DataLoader(Views(), batch_size=3, num_workers=2, collate_fn=collate_crops,
+        loader = torch.utils.data.DataLoader(Views(), batch_size=3, num_workers=2, collate_fn=collate_views,
                                              generator=torch.Generator().manual_seed(seed))
-        return [crop for crops, _ in loader for crop in crops]
+        return [crop for batch in loader for crop in batch.crops]
 
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -169,7 +171,7 @@ def test_flips_and_rotations_are_the_eight_dihedral_transforms() -> None:
     dihedral = [np.rot90(flipped, k) for flipped in (source, source[:, ::-1]) for k in range(4)]
     cfg = CropConfig(**{**PLAIN, "flip_p": 0.5, "rotate90": True}, global_crops=1, local_crops=0, global_size=40,
                      global_scale=[1.0, 1.0], ratio=[1.0, 1.0])
-    transform = MultiCrop(cfg)
+    transform = MultiCropTransform(cfg)
     seen = set()
     torch.manual_seed(0)
     for _ in range(64):
@@ -179,7 +181,7 @@ def test_flips_and_rotations_are_the_eight_dihedral_transforms() -> None:
         assert len(matches) == 1
         seen.add(matches[0])
     assert seen == set(range(8))
-    plain = MultiCrop(CropConfig(**{**PLAIN, "global_crops": 1, "local_crops": 0, "global_size": 40,
+    plain = MultiCropTransform(CropConfig(**{**PLAIN, "global_crops": 1, "local_crops": 0, "global_size": 40,
                                     "global_scale": [1.0, 1.0], "ratio": [1.0, 1.0]}))
     (crop,) = plain(Image.fromarray(source))
     assert np.array_equal(np.round(crop.permute(1, 2, 0).numpy() * 255).astype(np.uint8), source)
@@ -190,7 +192,7 @@ def test_crops_cover_the_configured_area_fractions() -> None:
     y, x = np.mgrid[0:side, 0:side]
     coords = Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8))
     cfg = CropConfig(**{**PLAIN, "flip_p": 0.5, "rotate90": True})
-    transform = MultiCrop(cfg)
+    transform = MultiCropTransform(cfg)
     torch.manual_seed(0)
     fractions: dict[str, list[float]] = {"global": [], "local": []}
     for _ in range(25):
@@ -240,7 +242,7 @@ def test_hed_jitter_with_strength_zero_is_identity() -> None:
     cfg = CropConfig(**{**PLAIN, "hed_p": 1.0, "hed_jitter": 0.0}, global_crops=1, local_crops=0, global_size=48,
                      global_scale=[1.0, 1.0], ratio=[1.0, 1.0])
     image = random_image(48, 48)
-    (crop,) = MultiCrop(cfg)(image)
+    (crop,) = MultiCropTransform(cfg)(image)
     assert np.abs(crop.permute(1, 2, 0).numpy() - np.asarray(image) / 255).max() < 1 / 255
 
 
@@ -287,7 +289,7 @@ def test_multicrop_draws_its_own_stain_jitter_per_crop_within_strength() -> None
     image = Image.fromarray(np.round(he_image(c_h, c_e) * 255).astype(np.uint8))
     source = deconvolve(np.asarray(image) / 255)  # the uint8 image's own concentrations
     cfg = one_crop_config(hed_p=1.0, hed_jitter=0.05, hed_shift=0.02)
-    transform = MultiCrop(cfg)
+    transform = MultiCropTransform(cfg)
     torch.manual_seed(0)
     fits = []
     for _ in range(30):
@@ -308,7 +310,7 @@ def test_multicrop_draws_its_own_stain_jitter_per_crop_within_strength() -> None
 def test_blur_is_a_gaussian_on_the_first_global_crop_only() -> None:
     image = random_image(40, 40)
     cfg = one_crop_config(blur_p_global1=1.0, blur_p_global2=0.0, blur_sigma=[1.5, 1.5])
-    first, second = MultiCrop(cfg)(image)
+    first, second = MultiCropTransform(cfg)(image)
     source = np.asarray(image) / 255
     expected = np.stack([ndi.gaussian_filter(source[..., c], 1.5, mode="mirror", truncate=3.0) for c in range(3)])
     assert np.abs(first.numpy() - expected).max() < 1e-5
@@ -318,18 +320,18 @@ def test_blur_is_a_gaussian_on_the_first_global_crop_only() -> None:
 def test_solarisation_only_when_configured_and_only_on_the_second_global_crop() -> None:
     image = random_image(40, 40)
     source = np.asarray(image).transpose(2, 0, 1) / 255
-    first, second = MultiCrop(one_crop_config(solarize_p=1.0))(image)
+    first, second = MultiCropTransform(one_crop_config(solarize_p=1.0))(image)
     assert np.abs(first.numpy() - source).max() < 1e-6
     assert np.abs(second.numpy() - np.where(source >= 128 / 255, 1 - source, source)).max() < 1e-6
-    assert all(np.abs(crop.numpy() - source).max() < 1e-6 for crop in MultiCrop(one_crop_config())(image))
+    assert all(np.abs(crop.numpy() - source).max() < 1e-6 for crop in MultiCropTransform(one_crop_config())(image))
 
 
 def test_brightness_and_contrast_are_bounded_affine_changes() -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(60, 200, (40, 40, 3), dtype=np.uint8))
     source = np.asarray(image).transpose(2, 0, 1) / 255
     torch.manual_seed(0)
-    bright = MultiCrop(one_crop_config(color_p=1.0, brightness=0.2, contrast=0.0, saturation=0.0))
-    contrast = MultiCrop(one_crop_config(color_p=1.0, brightness=0.0, contrast=0.2, saturation=0.0))
+    bright = MultiCropTransform(one_crop_config(color_p=1.0, brightness=0.2, contrast=0.0, saturation=0.0))
+    contrast = MultiCropTransform(one_crop_config(color_p=1.0, brightness=0.0, contrast=0.2, saturation=0.0))
     factors = []
     for _ in range(20):
         for crop in bright(image):
@@ -348,15 +350,110 @@ def test_brightness_and_contrast_are_bounded_affine_changes() -> None:
 # ------------------------------------------------------------------------------------ collate
 
 
-def test_collate_crops_stacks_by_crop_index() -> None:
-    transform = MultiCrop(CropConfig(global_crops=1, local_crops=5, global_size=32, local_size=16))
+def test_collate_views_stacks_by_crop_index() -> None:
+    transform = MultiCropTransform(CropConfig(global_crops=1, local_crops=5, global_size=32, local_size=16))
     torch.manual_seed(0)
     samples = [(transform(random_image(48, 48, seed=i)), i * 10) for i in range(3)]
-    crops, targets = collate_crops(samples)
-    assert len(crops) == 6 and targets.dtype == torch.long and targets.tolist() == [0, 10, 20]
+    crops = collate_views(samples).crops
+    assert len(crops) == 6
     assert crops[0].shape == (3, 3, 32, 32) and all(c.shape == (3, 3, 16, 16) for c in crops[1:])
     for i, batch in enumerate(crops):
         for b, (sample, _) in enumerate(samples):
             assert torch.equal(batch[b], sample[i])
     with pytest.raises(ValueError, match="different numbers of crops"):
-        collate_crops([samples[0], (samples[1][0][:3], 1)])
+        collate_views([samples[0], (samples[1][0][:3], 1)])
+
+
+# ------------------------------------------------------------------------------------ DINO's own pipeline
+
+
+class ReferenceBlur:
+    """facebookresearch/dino's utils.GaussianBlur, restated."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return img
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+class ReferenceSolarization:
+    """facebookresearch/dino's utils.Solarization, restated."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def reference_dino_augmentation(global_scale, local_scale, local_crops, global_size=224, local_size=96):
+    """DataAugmentationDINO of facebookresearch/dino's main_dino.py, restated from its code with torchvision."""
+    from torchvision import transforms
+
+    flip_and_color_jitter = transforms.Compose([
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ])
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    global1 = transforms.Compose([transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_and_color_jitter, ReferenceBlur(1.0), normalize])
+    global2 = transforms.Compose([transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_and_color_jitter, ReferenceBlur(0.1), ReferenceSolarization(0.2), normalize])
+    local = transforms.Compose([transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic),
+                                flip_and_color_jitter, ReferenceBlur(p=0.5), normalize])
+    return lambda image: [global1(image), global2(image)] + [local(image) for _ in range(local_crops)]
+
+
+def test_the_dino_pipeline_equals_dinos_own_augmentation_under_the_same_seeds() -> None:
+    cfg = CropConfig(pipeline="dino", global_crops=2, local_crops=8, global_size=224, local_size=96)
+    ours, reference = views_transform(cfg), reference_dino_augmentation((0.4, 1.0), (0.05, 0.4), 8)
+    assert isinstance(ours, DINOTransform)
+    for seed in range(6):
+        image = random_image(300, 260, seed=seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        expected = reference(image)
+        assert len(got) == 10 and [c.shape[-1] for c in got] == [224] * 2 + [96] * 8
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_dino_pipeline_greys_a_fifth_of_the_crops() -> None:
+    """On a uniform pink that colour jitter never makes grey nor saturates, a grey crop (three equal channels before
+    the normalisation) comes from DINO's grayscale: 20 % of the crops."""
+    cfg = CropConfig(pipeline="dino", global_crops=2, local_crops=2, global_size=64, local_size=32)
+    transform = views_transform(cfg)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    pink = Image.fromarray(np.tile(np.array([180, 120, 160], np.uint8), (96, 96, 1)))
+    grey = []
+    for seed in range(400):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        pixels = [c * std + mean for c in transform(pink)]
+        grey += [bool((p[0] - p[1]).abs().max() < 1e-5 and (p[1] - p[2]).abs().max() < 1e-5) for p in pixels]
+    assert 0.16 < np.mean(grey) < 0.24
+
+
+def test_seeded_views_seed_pythons_random_per_sample_and_leave_it_as_it_was() -> None:
+    from bonylib.ssl.data import SeededViews
+
+    cfg = CropConfig(pipeline="dino", global_crops=1, local_crops=2, global_size=64, local_size=32)
+    views = SeededViews([(random_image(80, 80, seed=i), 0) for i in range(3)], views_transform(cfg), seed=5)
+    random.seed(123)
+    state = random.getstate()
+    first = views[1][0]
+    assert random.getstate() == state
+    random.seed(999)  # whatever the caller's state, the sample's crops are the same
+    assert all(torch.equal(a, b) for a, b in zip(first, views[1][0]))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bonylib.models.backbones import create_backbone, no_weight_decay, parameter_groups
-from bonylib.models.head import DINOHead, MultiCrop
+from bonylib.models.head import DINOHead, MultiCropWrapper
 from bonylib.ssl.ema import update_teacher
-from bonylib.ssl.loss import DINOLoss, crop_pairs
+from bonylib.ssl.losses.dino import DINOLoss, crop_pairs
 from bonylib.ssl.schedules import cosine_schedule, teacher_temperature_schedule
 
 
@@ -46,13 +46,13 @@ def test_loss_matches_the_paper(n_global: int, n_crops: int) -> None:
     loss = DINOLoss(k, n_global, n_crops, epochs=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
                     warmup_teacher_temp_epochs=5)
     center = rng.normal(size=(1, k)).astype(np.float32)
-    loss.center.copy_(torch.from_numpy(center))
-    got = loss(torch.from_numpy(student), torch.from_numpy(teacher), epoch=2).item()
+    loss.centering.center.copy_(torch.from_numpy(center))
+    got = loss.distill(torch.from_numpy(student), torch.from_numpy(teacher), epoch=2).item()
     tau_t = 0.04 + (0.07 - 0.04) * 2 / 4  # linspace(0.04, 0.07, 5)[2]
     assert got == pytest.approx(paper_loss(student, teacher, center, 0.1, tau_t, n_global, n_crops), rel=1e-5)
     # the center moved towards this batch's teacher mean by (1 - 0.9)
     expected_center = 0.9 * center + 0.1 * teacher.mean(axis=0, keepdims=True)
-    np.testing.assert_allclose(loss.center.numpy(), expected_center, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss.centering.center.numpy(), expected_center, rtol=1e-5, atol=1e-6)
 
 
 def test_pairs() -> None:
@@ -64,7 +64,7 @@ def test_collapse_to_uniform_costs_log_k() -> None:
     k = 4096
     loss = DINOLoss(k, 2, 4, epochs=1)
     same = torch.zeros(4 * 3, k)
-    assert loss(same, torch.zeros(2 * 3, k), 0).item() == pytest.approx(math.log(k), rel=1e-6), "ln(4096) = 8.318"
+    assert loss.distill(same, torch.zeros(2 * 3, k), 0).item() == pytest.approx(math.log(k), rel=1e-6), "ln(4096) = 8.318"
 
 
 def test_cosine_schedule_values() -> None:
@@ -111,14 +111,14 @@ def test_head_shapes_and_frozen_norm() -> None:
 def test_one_backbone_pass_per_resolution(name: str) -> None:
     torch.manual_seed(0)
     backbone = create_backbone(name).eval()
-    model = MultiCrop(backbone, DINOHead(backbone.num_features, 64, hidden_dim=32, bottleneck_dim=16)).eval()
+    model = MultiCropWrapper(backbone, DINOHead(backbone.num_features, 64, hidden_dim=32, bottleneck_dim=16)).eval()
     crops = [torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224), torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96)]
     calls = []
-    handle = backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    handle = backbone.patch_embed.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     with torch.no_grad():
-        together = model(crops)
+        together = model(crops).head
         handle.remove()
-        one_by_one = torch.cat([model(c) for c in crops])
+        one_by_one = torch.cat([model(c).head for c in crops])
     assert calls == [4, 4], "two passes: the global crops, then the local crops"
     torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-4)
 

@@ -21,10 +21,11 @@ from bonylib.config import load_config
 from bonylib.data.datasets import TileDataset
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.embeddings import (EmbedConfig, embed, encoder_from_spec, load_embeddings, read_manifest,
-                                           rooted_spec, row_ids, store_path)
-from bonylib.evaluation.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
+from bonylib.data.manifest import read_manifest, row_ids
+from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings, store_path
 from bonylib.models.backbones import create_backbone
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
+from bonylib.models.registry import encoder_from_spec, rooted_spec
 
 ARCH = "xcit_nano_12_p16_224"
 CFG = EmbedConfig(batch_size=6, device="cpu", precision="fp32", workers=0, chunk_rows=6)

@@ -22,16 +22,28 @@ from skimage.color import rgb2hed
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation import loaders
-from bonylib.evaluation.loaders import (HANDCRAFTED, HIBOU_MEAN, HIBOU_STD, HIBOU_URL, HISTOENCODER_URL, from_export,
-                                        from_timm, handcrafted, handcrafted_dim, hibou, histoencoder, random_init)
 from bonylib.files import sha256_file
+from bonylib.models import loaders
 from bonylib.models.backbones import create_backbone
-from bonylib.models.head import DINOHead, MultiCrop
+from bonylib.models.head import DINOHead, MultiCropWrapper
+from bonylib.models.loaders import (
+    HANDCRAFTED,
+    HIBOU_MEAN,
+    HIBOU_STD,
+    HIBOU_URL,
+    HISTOENCODER_URL,
+    from_export,
+    from_timm,
+    handcrafted,
+    handcrafted_dim,
+    hibou,
+    histoencoder,
+    random_init,
+)
 from bonylib.runtime import Precision
-from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 
 def one_line_error(call, *needles: str) -> str:  # noqa: ANN001 - any loader call
@@ -71,20 +83,20 @@ def random_model(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.n
 def run(repo: Path, smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml",
                       [f"data.images={smoke_data / 'deepgleason' / 'tiles'}", "max_steps=1"])
-    return Trainer(cfg, tmp_path_factory.mktemp("pretrain") / "run").train()
+    return build_trainer(cfg, tmp_path_factory.mktemp("pretrain") / "run").train()
 
 
 def test_export_backbone_and_head_equal_the_trained_teacher(run: Path) -> None:
     cfg = load_config(PretrainConfig, run / "config.yaml").model
     network = create_backbone(cfg.backbone)
-    teacher = MultiCrop(network, DINOHead(network.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim))
+    teacher = MultiCropWrapper(network, DINOHead(network.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim))
     teacher.load_state_dict(torch.load(run / "checkpoint.pth", weights_only=True)["teacher"])
     teacher.eval()
     batch = torch.randn(3, 3, 32, 32)
     backbone, head = from_export(run), from_export(run, "head")
     with torch.no_grad():
         torch.testing.assert_close(backbone.embed(batch), teacher.backbone(batch))
-        torch.testing.assert_close(head.embed(batch), teacher(batch))
+        torch.testing.assert_close(head.embed(batch), teacher(batch).head)
     assert (backbone.input_size, backbone.dim(), backbone.patch_size) == (32, 192, 16)
     assert (head.dim(), head.patch_size) == (cfg.out_dim, None)
     assert backbone.identity["sha256"] == sha256_file(run / "teacher_backbone.safetensors")

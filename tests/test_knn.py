@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.data.tiling import TileConfig, tile
-from bonylib.evaluation.knn import accuracy, balanced_accuracy, cross_validated_knn, knn_accuracy, slide_folds, weighted_knn
-from bonylib.ssl.trainer import PretrainConfig, Trainer
+from bonylib.evaluation.knn import cross_validated_knn, slide_folds, weighted_knn
+from bonylib.evaluation.metrics import accuracy, balanced_accuracy
 
 
 def numpy_knn(train: np.ndarray, labels: np.ndarray, test: np.ndarray, classes: int, k: int, t: float) -> np.ndarray:
@@ -28,6 +29,12 @@ def numpy_knn(train: np.ndarray, labels: np.ndarray, test: np.ndarray, classes: 
             votes[labels[j]] += np.exp(sim[j] / t)
         out.append(int(np.argmax(votes)))
     return np.array(out)
+
+
+def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor) -> float:
+    """Accuracy of one train/test split's weighted k-NN (k = 20, T = 0.07)."""
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return accuracy(test_labels, weighted_knn(train, train_labels, test, classes))
 
 
 def test_weighted_knn_matches_numpy() -> None:
@@ -67,7 +74,7 @@ def test_cross_validation_equals_fold_by_fold_knn() -> None:
     for f in range(4):  # independent computation: knn_accuracy on each split, weighted by its size
         test, train = torch.from_numpy(fold == f), torch.from_numpy(fold != f)
         correct += knn_accuracy(features[train], labels[train], features[test], labels[test]) * int(test.sum())
-    assert accuracy(cross_validated_knn(features, labels, groups, folds=4), labels) == pytest.approx(correct / 300)
+    assert accuracy(labels, cross_validated_knn(features, labels, groups, folds=4)) == pytest.approx(correct / 300)
 
 
 def test_cross_validation_does_not_reward_slide_memory() -> None:
@@ -81,7 +88,7 @@ def test_cross_validation_does_not_reward_slide_memory() -> None:
                             dtype=torch.float32)
     mixed = torch.from_numpy(rng.random(600) < 0.5)
     assert knn_accuracy(features[mixed], labels[mixed], features[~mixed], labels[~mixed]) > 0.95
-    assert abs(accuracy(cross_validated_knn(features, labels, groups), labels) - 0.5) < 0.12
+    assert abs(accuracy(labels, cross_validated_knn(features, labels, groups)) - 0.5) < 0.12
 
 
 def test_cross_validation_leaves_out_classes_no_training_fold_has() -> None:
@@ -91,8 +98,8 @@ def test_cross_validation_leaves_out_classes_no_training_fold_has() -> None:
     features[:, 0] += torch.tensor([1.0] * 20 + [-1.0] * 10)  # a, b alike; c far away
     # counted, slide c's tiles could only be predicted as class 0 (wrong): the score would be 20/30
     predicted = cross_validated_knn(features, labels, groups, folds=3)
-    assert (predicted[20:] == -1).all() and accuracy(predicted, labels) == 1.0, "slide c is not counted"
-    assert np.isnan(accuracy(cross_validated_knn(features, labels, pd.Series(["a"] * 30)), labels))
+    assert (predicted[20:] == -1).all() and accuracy(labels, predicted) == 1.0, "slide c is not counted"
+    assert np.isnan(accuracy(labels, cross_validated_knn(features, labels, pd.Series(["a"] * 30))))
 
 
 def test_balanced_accuracy_matches_sklearn_and_sees_through_a_majority_class() -> None:
@@ -102,17 +109,17 @@ def test_balanced_accuracy_matches_sklearn_and_sees_through_a_majority_class() -
     labels = torch.tensor(rng.choice(4, 500, p=[0.7, 0.1, 0.1, 0.1]))
     predicted = torch.where(torch.from_numpy(rng.random(500) < 0.6), labels, torch.tensor(rng.integers(0, 4, 500)))
     predicted[:40] = -1  # not predictable: left out of both scores
-    assert balanced_accuracy(predicted, labels) == pytest.approx(balanced_accuracy_score(labels[40:], predicted[40:]))
-    assert accuracy(predicted, labels) == pytest.approx(float((predicted[40:] == labels[40:]).float().mean()))
+    assert balanced_accuracy(labels, predicted) == pytest.approx(balanced_accuracy_score(labels[40:], predicted[40:]))
+    assert accuracy(labels, predicted) == pytest.approx(float((predicted[40:] == labels[40:]).float().mean()))
     always_majority = torch.zeros_like(labels)
-    assert accuracy(always_majority, labels) > 0.6 and balanced_accuracy(always_majority, labels) == 0.25
+    assert accuracy(labels, always_majority) > 0.6 and balanced_accuracy(labels, always_majority) == 0.25
 
 
 def test_knn_is_logged_during_pretraining(repo: Path, smoke_data: Path, tmp_path: Path) -> None:
     tiles = tile("deepgleason", [smoke_data / "deepgleason"], tmp_path / "tiles", load_config(TileConfig, None, ["tile_px=64"]))
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [
         f"data.manifest={tiles.manifest}", "data.tile_px=64", f"knn.manifest={tiles.manifest}"])
-    out = Trainer(cfg, tmp_path / "run").train()
+    out = build_trainer(cfg, tmp_path / "run").train()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_accuracy" in r]
     assert [r["epoch"] for r in knn] == [0, 1]

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.models.backbones import create_backbone
-from bonylib.ssl.trainer import STOPPED, PretrainConfig, Trainer
+from bonylib.ssl.trainer import STOPPED
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,10 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def test_resumed_run_logs_the_same_losses(repo: Path, images: Path, tmp_path: Path) -> None:
-    Trainer(config(repo, images), tmp_path / "whole").train()
-    Trainer(config(repo, images, "max_steps=4"), tmp_path / "split").train()  # stops mid-epoch 1
+    build_trainer(config(repo, images), tmp_path / "whole").train()
+    build_trainer(config(repo, images, "max_steps=4"), tmp_path / "split").train()  # stops mid-epoch 1
     assert max(losses(tmp_path / "split")) == 4
-    Trainer(config(repo, images), tmp_path / "split").train()
+    build_trainer(config(repo, images), tmp_path / "split").train()
     whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert sorted(whole) == sorted(split) == list(range(1, 7))
     for step in whole:
@@ -48,8 +49,20 @@ def test_resumed_run_logs_the_same_losses(repo: Path, images: Path, tmp_path: Pa
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_dinos_own_augmentations_resume_exactly(repo: Path, images: Path, tmp_path: Path) -> None:
+    """DINO's pipeline draws its blur and solarisation from Python's random: seeded per sample too, so a resumed run
+    sees the crops an uninterrupted one sees."""
+    build_trainer(config(repo, images, "crops.pipeline=dino"), tmp_path / "whole").train()
+    build_trainer(config(repo, images, "crops.pipeline=dino", "max_steps=3"), tmp_path / "split").train()
+    build_trainer(config(repo, images, "crops.pipeline=dino"), tmp_path / "split").train()
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(whole) == sorted(split) == list(range(1, 7))
+    for step in whole:
+        assert split[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+
+
 def test_export_loads_into_a_fresh_backbone(repo: Path, images: Path, tmp_path: Path) -> None:
-    out = Trainer(config(repo, images, "max_steps=1"), tmp_path / "run").train()
+    out = build_trainer(config(repo, images, "max_steps=1"), tmp_path / "run").train()
     meta = json.loads((out / "teacher_backbone.json").read_text())
     assert meta["backbone"] == "vit_tiny_patch16_224" and meta["embed_dim"] == 192 and meta["step"] == 1
     backbone = create_backbone(meta["backbone"])
@@ -62,12 +75,12 @@ def test_export_loads_into_a_fresh_backbone(repo: Path, images: Path, tmp_path: 
 
 def test_corrupt_latest_checkpoint_falls_back(repo: Path, images: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "run"
-    Trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
+    build_trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
     numbered = sorted(out.glob("checkpoint-*.pth"))
     assert [p.name for p in numbered] == ["checkpoint-00000002.pth", "checkpoint-00000003.pth", "checkpoint-00000004.pth"]
     (out / "checkpoint.pth").write_bytes(b"truncated")
     numbered[-1].write_bytes(numbered[-1].read_bytes()[:100])
-    trainer = Trainer(config(repo, images), out)
+    trainer = build_trainer(config(repo, images), out)
     assert trainer.resume() and trainer.step == 3
     assert "unusable checkpoint" in caplog.text
 
@@ -75,10 +88,11 @@ def test_corrupt_latest_checkpoint_falls_back(repo: Path, images: Path, tmp_path
 def test_non_finite_loss_stops_with_a_clear_error(repo: Path, images: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    Trainer(config(repo, images, "max_steps=2"), out).train()
+    build_trainer(config(repo, images, "max_steps=2"), out).train()
     before = (out / "checkpoint.pth").read_bytes()
-    trainer = Trainer(config(repo, images), out)
-    monkeypatch.setattr(trainer.loss, "forward", lambda student, teacher, epoch: student.sum() * float("nan"))
+    trainer = build_trainer(config(repo, images), out)
+    monkeypatch.setattr(trainer.model.objectives["dino"], "forward",
+                        lambda student, teacher, batch, epoch: student.head.sum() * float("nan"))
     with pytest.raises(BonyError, match="loss is nan at step 2"):
         trainer.train()
     assert (out / "checkpoint.pth").read_bytes() == before, "the last good checkpoint is kept"
@@ -99,8 +113,8 @@ def test_a_warning_during_start_up_stops_before_the_first_step_and_resumes_exact
     stopped = json.loads((out / STOPPED).read_text())
     assert (stopped["signal"], stopped["step"]) == ("SIGUSR1", 0), "stopped before any step"
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 0
-    Trainer(config(repo, images, "max_steps=4"), out).train()
-    Trainer(config(repo, images, "max_steps=4"), tmp_path / "straight").train()
+    build_trainer(config(repo, images, "max_steps=4"), out).train()
+    build_trainer(config(repo, images, "max_steps=4"), tmp_path / "straight").train()
     assert losses(out) == losses(tmp_path / "straight")
 
 
@@ -120,7 +134,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(repo: Path, images: Path, tmp
     assert state["step"] == max(losses(out)), "the checkpoint is at the last finished step"
     stopped = json.loads((out / STOPPED).read_text())
     assert (stopped["step"], stopped["signal"]) == (state["step"], "SIGTERM"), "the batch script's sign to requeue"
-    Trainer(config(repo, images, "optim.epochs=50", "max_steps=" + str(state["step"] + 1)), out).train()
+    build_trainer(config(repo, images, "optim.epochs=50", "max_steps=" + str(state["step"] + 1)), out).train()
     assert not (out / STOPPED).exists(), "a resumed run is no longer a stopped one"
 
 
@@ -128,7 +142,7 @@ def _ddp_worker(rank: int, repo: str, images: str, out: str, port: int, override
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cfg = config(Path(repo), Path(images), *overrides, "max_steps=3")
-    Trainer(cfg, Path(out)).train()
+    build_trainer(cfg, Path(out)).train()
     torch.distributed.destroy_process_group()
 
 
@@ -138,7 +152,7 @@ def _ddp_signal_worker(rank: int, repo: str, images: str, out: str, port: int) -
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = Trainer(config(Path(repo), Path(images), "optim.batch_size=2", "checkpoint_every=100"), Path(out))
+    trainer = build_trainer(config(Path(repo), Path(images), "optim.batch_size=2", "checkpoint_every=100"), Path(out))
     if rank == 1:
         step = trainer._optimizer_step
 
@@ -173,11 +187,11 @@ def test_tensorboard_mirrors_log_jsonl_and_drops_events_past_the_resumed_checkpo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    Trainer(config(repo, images, "tensorboard=true", "max_steps=3"), out).train()  # checkpoints at 2 and 3
+    build_trainer(config(repo, images, "tensorboard=true", "max_steps=3"), out).train()  # checkpoints at 2 and 3
     (out / "checkpoint-00000003.pth").unlink()  # as if killed after logging step 3, before its checkpoint
     (out / "checkpoint.pth").write_bytes((out / "checkpoint-00000002.pth").read_bytes())
     first_step3 = losses(out)[3]
-    Trainer(config(repo, images, "tensorboard=true", "loss.student_temp=0.2", "resume.allow_changes=[loss.student_temp]"),
+    build_trainer(config(repo, images, "tensorboard=true", "loss.student_temp=0.2", "resume.allow_changes=[loss.student_temp]"),
             out).train()  # step 3 again, differently
     assert losses(out)[3] != first_step3, "the rerun of step 3 logged a new value"
     events = EventAccumulator(str(out / "tensorboard")).Reload()
@@ -206,11 +220,11 @@ def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, image
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(str(repo), str(images), str(tmp_path / "ddp"), port, per_process),
                                 nprocs=2)
-    Trainer(config(repo, images, *single_process, "max_steps=3"), tmp_path / "single").train()
+    build_trainer(config(repo, images, *single_process, "max_steps=3"), tmp_path / "single").train()
     ddp = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     single = torch.load(tmp_path / "single" / "checkpoint.pth", weights_only=True)
     assert ddp["step"] == single["step"] == 3
-    torch.testing.assert_close(ddp["center"], single["center"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ddp["losses"], single["losses"], rtol=1e-4, atol=1e-6)
     for part in ("student", "teacher"):
         for name, value in single[part].items():
             torch.testing.assert_close(ddp[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
@@ -226,14 +240,14 @@ def test_knn_monitoring_leaves_the_training_trajectory_unchanged(repo: Path, ima
 
     labelled = tile("deepgleason", [smoke_data / "deepgleason"], tmp_path / "tiles", load(TileConfig, None, ["tile_px=128"]))
     xcit = ("model.backbone=xcit_nano_12_p16_224",)
-    monitored = Trainer(config(repo, images, *xcit, f"knn.manifest={labelled.manifest}", "knn.folds=2"),
+    monitored = build_trainer(config(repo, images, *xcit, f"knn.manifest={labelled.manifest}", "knn.folds=2"),
                         tmp_path / "knn").train()
-    plain = Trainer(config(repo, images, *xcit), tmp_path / "plain").train()
+    plain = build_trainer(config(repo, images, *xcit), tmp_path / "plain").train()
     records = [json.loads(line) for line in (monitored / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_accuracy" in r] == [3, 6], "k-NN ran at each epoch end"
     assert {r["step"]: r["loss"] for r in records if "loss" in r} == losses(plain)
     a, b = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (monitored, plain))
-    torch.testing.assert_close(a["center"], b["center"], rtol=0, atol=0)
+    torch.testing.assert_close(a["losses"], b["losses"], rtol=0, atol=0)
     for part in ("student", "teacher"):
         for name, value in a[part].items():
             torch.testing.assert_close(value, b[part][name], rtol=0, atol=0, msg=f"{part}.{name}")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
 from bonylib.errors import BonyError
 from bonylib.files import DiskFullError
-from bonylib.models.export import load_encoder
+from bonylib.models.export import load_backbone
 from bonylib.ssl import checkpoints
-from bonylib.ssl.trainer import PretrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def logged_steps(out: Path) -> list[int]:
 def four_steps(repo: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run stopped after 4 of 6 steps, checkpoints at 2, 3 (epoch end) and 4; copied by each test that damages it."""
     out = tmp_path_factory.mktemp("four") / "run"
-    Trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
+    build_trainer(config(repo, images, "max_steps=4", "checkpoint_every=2"), out).train()
     return out
 
 
@@ -56,10 +56,10 @@ def test_resume_refuses_a_changed_recipe_and_leaves_the_record_alone(repo, image
     out = copy_run(four_steps, tmp_path / "run")
     record = (out / "config.yaml").read_bytes()
     with pytest.raises(BonyError, match=r"optim\.lr: 0\.0005 -> 0\.01.*resume\.allow_changes=\[optim\.lr\]") as caught:
-        Trainer(config(repo, images, "optim.lr=0.01"), out).train()
+        build_trainer(config(repo, images, "optim.lr=0.01"), out).train()
     assert "\n" not in str(caught.value)
     with pytest.raises(BonyError, match=r"model\.backbone: 'vit_tiny_patch16_224' -> 'vit_small_patch16_224'"):
-        Trainer(config(repo, images, "model.backbone=vit_small_patch16_224"), out).train()
+        build_trainer(config(repo, images, "model.backbone=vit_small_patch16_224"), out).train()
     assert (out / "config.yaml").read_bytes() == record, "a refused resume must not rewrite the run's config"
     assert not (out / "config_changes.jsonl").exists()
     assert logged_steps(out) == [1, 2, 3, 4]
@@ -67,7 +67,7 @@ def test_resume_refuses_a_changed_recipe_and_leaves_the_record_alone(repo, image
 
 def test_resume_accepts_run_only_and_allowed_changes_and_records_them(repo, images, four_steps, tmp_path) -> None:
     out = copy_run(four_steps, tmp_path / "run")
-    Trainer(config(repo, images, "optim.lr=0.01", "log_every=2", "resume.allow_changes=[optim.lr]"), out).train()
+    build_trainer(config(repo, images, "optim.lr=0.01", "log_every=2", "resume.allow_changes=[optim.lr]"), out).train()
     changes = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert changes == [{"step": 4, "changes": {"log_every": [1, 2], "optim.lr": [0.0005, 0.01],
                                                "max_steps": [4, 0], "resume.allow_changes": [[], ["optim.lr"]]}}]
@@ -83,8 +83,8 @@ def test_resuming_with_the_saved_config_yaml_or_auto_is_the_same_run(repo, image
     out = copy_run(four_steps, tmp_path / "run")
     saved = out / "config.yaml"
     assert "precision: fp32" in saved.read_text()
-    Trainer(load_config(PretrainConfig, saved, ["max_steps=5"]), out).train()  # the record as a config
-    Trainer(config(repo, images, "optim.precision=auto", "data.workers=auto"), out).train()
+    build_trainer(load_config(PretrainConfig, saved, ["max_steps=5"]), out).train()  # the record as a config
+    build_trainer(config(repo, images, "optim.precision=auto", "data.workers=auto"), out).train()
     assert not (out / "config_changes.jsonl").read_text().count("precision")
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
 
@@ -129,7 +129,7 @@ def test_log_is_trimmed_to_the_checkpoint_on_resume(repo, images, four_steps, tm
     (out / "checkpoint.pth").unlink()
     with open(out / "log.jsonl", "a") as handle:
         handle.write('{"step": 5, "loss": 1.')  # torn by the kill
-    Trainer(config(repo, images), out).train()
+    build_trainer(config(repo, images), out).train()
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
@@ -139,7 +139,7 @@ def test_no_usable_checkpoint_refuses_instead_of_restarting_silently(repo, image
         path.write_bytes(b"garbage")
     before = (out / "log.jsonl").read_bytes()
     with pytest.raises(BonyError, match=r"no usable checkpoint to resume from \(checkpoint-00000004\.pth: .*checkpoint\.pth: "):
-        Trainer(config(repo, images), out).train()
+        build_trainer(config(repo, images), out).train()
     assert (out / "log.jsonl").read_bytes() == before
 
 
@@ -164,7 +164,7 @@ def test_flipped_bytes_are_caught_by_the_checksum(repo, images, four_steps, tmp_
     flip_tensor_bytes(out / "checkpoint.pth")
     torch.load(out / "checkpoint.pth", weights_only=True)  # loads: torch alone would train on the damage
     flip_tensor_bytes(out / "checkpoint-00000004.pth")
-    trainer = Trainer(config(repo, images), out)
+    trainer = build_trainer(config(repo, images), out)
     assert trainer.resume() and trainer.step == 3
     assert "do not match the checksum" in caplog.text
 
@@ -173,7 +173,7 @@ def test_the_newest_sound_checkpoint_wins(repo, images, four_steps, tmp_path) ->
     out = copy_run(four_steps, tmp_path / "run")
     for suffix in ("", ".sha256"):  # killed after writing checkpoint-4 but before copying it to checkpoint.pth
         (out / f"checkpoint.pth{suffix}").write_bytes((out / f"checkpoint-00000003.pth{suffix}").read_bytes())
-    trainer = Trainer(config(repo, images), out)
+    trainer = build_trainer(config(repo, images), out)
     assert trainer.resume() and trainer.step == 4
 
 
@@ -182,7 +182,7 @@ def test_a_foreign_torch_file_is_skipped(repo, images, four_steps, tmp_path, cap
     for path in (out / "checkpoint.pth", out / "checkpoint-00000004.pth"):
         torch.save({"model": torch.zeros(2)}, path)
         (out / f"{path.name}.sha256").write_text(checkpoints.sha256_file(path))
-    trainer = Trainer(config(repo, images), out)
+    trainer = build_trainer(config(repo, images), out)
     assert trainer.resume() and trainer.step == 3
     assert "not a bony pretrain checkpoint (no step, student" in caplog.text
 
@@ -196,7 +196,7 @@ def test_damaged_exports_give_one_clear_line(repo, images, four_steps, tmp_path,
     out = copy_run(four_steps, tmp_path / "run")
     damage(out)
     with pytest.raises(BonyError, match=message) as caught:
-        load_encoder(out)
+        load_backbone(out)
     assert "\n" not in str(caught.value)
 
 
@@ -207,7 +207,7 @@ def test_garbage_weights_without_a_checksum_give_one_clear_line(repo, images, fo
     (out / "teacher_backbone.json").write_text(json.dumps(meta))
     (out / "teacher_backbone.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(BonyError, match="weights do not fit vit_tiny_patch16_224"):
-        load_encoder(out)
+        load_backbone(out)
 
 
 # ---- 8. a full disk ----------------------------------------------------------------------------
@@ -245,10 +245,10 @@ def test_full_disk_while_checkpointing_names_the_folder_and_resumes(repo, images
 
     monkeypatch.setattr(checkpoints, "open", full_open, raising=False)
     with pytest.raises(DiskFullError, match=rf"{out}: the output disk is full"):
-        Trainer(config(repo, images), out).train()
+        build_trainer(config(repo, images), out).train()
     assert not list(out.glob(".*tmp*")), "no half-written file is left"
     monkeypatch.undo()
-    Trainer(config(repo, images), out).train()
+    build_trainer(config(repo, images), out).train()
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
 
 

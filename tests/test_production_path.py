@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bonylib import runtime
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
-from bonylib.ssl.trainer import PretrainConfig, Trainer
+from bonylib.ssl.trainer import Trainer
 
 CLUSTER = ("model.backbone=xcit_nano_12_p16_224", "optim.precision=auto", "optim.accumulate=2", "optim.batch_size=2",
            "optim.freeze_last_layer=1", "optim.clip_grad=0.05", "max_steps=2")
@@ -20,7 +21,7 @@ CLUSTER = ("model.backbone=xcit_nano_12_p16_224", "optim.precision=auto", "optim
 def trainer(repo: Path, smoke_data: Path, out: Path, *overrides: str) -> Trainer:
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml",
                       [f"data.images={smoke_data / 'deepgleason' / 'tiles'}", *CLUSTER, *overrides])
-    return Trainer(cfg, out)
+    return build_trainer(cfg, out)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,18 @@ def production(repo: Path, smoke_data: Path, tmp_path_factory: pytest.TempPathFa
     try:
         run = trainer(repo, smoke_data, tmp_path_factory.mktemp("prod") / "run", "data.workers=2")
         seen: dict = {"dtypes": set(), "grad_norms": [], "last_layer": []}
-        run.student.backbone.blocks[0].attn.qkv.register_forward_hook(
+        run.model.student_network.backbone.blocks[0].attn.qkv.register_forward_hook(
             lambda module, inputs, output: seen["dtypes"].add(output.dtype))
         step = run.scaler.step
 
         def watched_step(optimizer, *args, **kwargs):  # the gradients as the optimizer receives them
-            seen["grad_norms"] += [float(p.grad.norm()) for p in run._student_module.parameters() if p.grad is not None]
-            seen["last_layer_grads"] = [p.grad for p in run._student_module.head.last_layer.parameters()]
+            seen["grad_norms"] += [float(p.grad.norm()) for p in run.model.student_network.parameters() if p.grad is not None]
+            seen["last_layer_grads"] = [p.grad for p in run.model.student_network.head.last_layer.parameters()]
             return step(optimizer, *args, **kwargs)
 
         run.scaler.step = watched_step
-        before = {k: v.clone() for k, v in run._student_module.head.last_layer.state_dict().items()}
-        bn_before = run.teacher.backbone.patch_embed.proj[0][1].running_mean.clone()
+        before = {k: v.clone() for k, v in run.model.student_network.head.last_layer.state_dict().items()}
+        bn_before = run.model.teacher.backbone.patch_embed.proj[0][1].running_mean.clone()
         run.train()
         seen.update(run=run, last_layer_before=before, bn_before=bn_before)
     finally:
@@ -65,15 +66,15 @@ def test_every_gradient_is_clipped_to_clip_grad(production: dict) -> None:
 def test_the_last_layer_is_frozen_in_the_first_epoch(production: dict) -> None:
     run = production["run"]
     assert all(g is None for g in production["last_layer_grads"])
-    for name, value in run._student_module.head.last_layer.state_dict().items():
+    for name, value in run.model.student_network.head.last_layer.state_dict().items():
         torch.testing.assert_close(value, production["last_layer_before"][name], rtol=0, atol=0, msg=name)
-    changed = [name for name, p in run._student_module.backbone.named_parameters()
-               if not torch.equal(p, run.teacher.backbone.state_dict()[name])]
+    changed = [name for name, p in run.model.student_network.backbone.named_parameters()
+               if not torch.equal(p, run.model.teacher.backbone.state_dict()[name])]
     assert changed, "the rest of the student trained (and the teacher follows it only by EMA)"
 
 
 def test_xcit_batchnorm_statistics_move_with_the_teacher(production: dict) -> None:
-    after = production["run"].teacher.backbone.patch_embed.proj[0][1].running_mean
+    after = production["run"].model.teacher.backbone.patch_embed.proj[0][1].running_mean
     assert not torch.equal(after, production["bn_before"]), "the teacher's BatchNorm saw the crops"
 
 

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from bonylib import real_tissue
-from bonylib.attention.command import load_encoder
 from bonylib.attention.tokens import token_colours
+from bonylib.compose import real_tissue
+from bonylib.compose.pretrain import PretrainConfig, build_trainer
 from bonylib.config import load_config
-from bonylib.ssl.trainer import PretrainConfig, Trainer
+from bonylib.models.registry import load_encoder
 
 ARCH = "xcit_nano_12_p16_224"
 pytestmark = pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning",
@@ -67,7 +67,7 @@ def test_the_chapter_steps_run_on_the_real_sets(shared_data: Path, tmp_path: Pat
     cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "real.yaml",
                       [f"data.manifest={tiles.pretrain}", "max_steps=2", "optim.batch_size=4", "data.workers=0",
                        "optim.precision=fp32"])
-    trained = Trainer(cfg, run / "real" / "pretrain").train()
+    trained = build_trainer(cfg, run / "real" / "pretrain").train()
     assert (trained / "teacher_backbone.safetensors").is_file()
 
     out = real_tissue.evaluate_real(repo / "configs" / "evaluate" / "real.yaml", run, sets, [

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bonylib.compose.pretrain import PretrainConfig, require_same_budget, training_differences
 from bonylib.config import dump_config, load_config
 from bonylib.errors import BonyError
-from bonylib.ssl.runs import require_same_budget, training_differences, training_log, training_summary
-from bonylib.ssl.trainer import PretrainConfig
+from bonylib.ssl.runs import training_log, training_summary
 
 
 def _step(step: int, loss: float, speed: float, memory: float = 100.0) -> dict:

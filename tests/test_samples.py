@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bonylib.errors import BonyError
-from bonylib.samples import region_tiles, spread_tiles
+from bonylib.data.samples import region_tiles, spread_tiles
 
 
 def test_region_crops_are_the_image_at_the_coordinates_in_their_names(tmp_path: Path) -> None:

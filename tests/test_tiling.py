@@ -386,7 +386,7 @@ def test_resume_may_change_workers(drawn, tmp_path: Path) -> None:
 
 
 def test_relabel_applies_a_policy_to_the_manifest_fractions(drawn, tmp_path: Path) -> None:
-    from bonylib.data.tiling import relabel
+    from bonylib.data.labels import relabel
 
     root, masks = drawn
     manifest = pd.read_parquet(tile("panda", [root], tmp_path / "out", load_config(TileConfig)).manifest)

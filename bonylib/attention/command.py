@@ -45,23 +45,29 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bonylib.attention.heatmaps import Heatmap, pca_colours, read_thumbnail, resize_nearest, thumbnail_size
-from bonylib.attention.maps import (BLOCK_NAMES, check_threshold, cls_attention_modules, encode, select_block,
-                                   top_mass_mask)
+from bonylib.attention.maps import (
+    BLOCK_NAMES,
+    TileMaps,
+    check_threshold,
+    cls_attention_modules,
+    encode,
+    select_block,
+    top_mass_mask,
+)
 from bonylib.config import option, section
 from bonylib.data.datasets import TileDataset
-from bonylib.data.slides import ImageSlide, open_slide
+from bonylib.data.heatmaps import Heatmap, pca_colours, read_thumbnail, thumbnail_size
+from bonylib.data.manifest import row_ids
+from bonylib.data.slides import ImageSlide, open_slide, tile_images
 from bonylib.data.sources import id_problem
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.embeddings import ENCODER_SPECS, encoder_from_spec, resolve_device, row_ids
-from bonylib.evaluation.encoders import Encoder
 from bonylib.files import atomic_path, ensure_writable_dir, read_json, write_text_atomic
+from bonylib.models.encoders import Encoder
+from bonylib.models.registry import load_encoder
+from bonylib.runtime import resolve_device
 
 TILE_COLUMNS = ("slide_id", "x", "y", "level", "size", "path")
-FOLDER_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
-"""The files of a folder that are mapped as tile images."""
-
 log = logging.getLogger(__name__)
 
 
@@ -84,15 +90,6 @@ class AttentionConfig:
             raise ConfigError("batch_size must be at least 1 and thumbnail_px at least 16")
         if self.input_size and self.input_size < 16:
             raise ConfigError("input_size must be 0 (the encoder's own) or at least 16")
-
-
-def load_encoder(reference: str) -> Encoder:
-    """An encoder spec (``random:<arch>:<seed>``, ``bony:<run>``, as ``bony embed --encoder``) or a run folder."""
-    if reference.partition(":")[0] in ENCODER_SPECS:
-        return encoder_from_spec(reference)
-    from bonylib.evaluation.loaders import from_export  # weight readers: only when an export is named
-
-    return from_export(Path(reference))
 
 
 def attention(reference: str, source: Path, out: Path, cfg: AttentionConfig, block: int = -1,
@@ -135,9 +132,7 @@ def _folder(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block
     if out.resolve() == folder.resolve():
         raise ConfigError(f"{folder}: --out is the folder of images: its PNGs would be mapped as tiles next time; "
                           f"write the maps elsewhere")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
-    if not images:
-        raise BonyError(f"{folder}: no tile images ({', '.join(sorted(FOLDER_SUFFIXES))}) in this folder")
+    images = tile_images(folder)
     stems: dict[str, list[Path]] = {}
     for path in images:
         stems.setdefault(path.stem, []).append(path)
@@ -161,17 +156,6 @@ def _folder(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block
         raise BonyError(f"{folder}: {len(failed)} of {len(images)} images not mapped (the others are in {out}); "
                         f"first: {failed[0]}")
     return written
-
-
-@dataclass(frozen=True)
-class TileMaps:
-    """Images as an encoder saw them and one (gh, gw) map each: what a figure of many tiles draws."""
-
-    names: list[str]
-    tiles: list[np.ndarray]
-    """(input_size, input_size, 3) uint8: each image resized as the encoder's eval transform resized it"""
-    maps: list[np.ndarray]
-    """the mean over heads of the chosen block's CLS attention, summing to 1 over the patches"""
 
 
 def tile_maps(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block: int = -1) -> TileMaps:
@@ -222,41 +206,15 @@ def _image(encoder: Encoder, source: Path, slide: ImageSlide, out: Path, block: 
         arrays.update(token_norms=maps.token_norms[0], channel_attention=maps.channel_attention[0])
     written = [_save_array(out / f"{name}.{view_name}.npy", array) for view_name, array in arrays.items()]
     if figures:
-        written += _image_figures(np.asarray(view), arrays, block, BLOCK_NAMES[maps.architecture][:-1], mass,
+        from bonylib.attention.figures import image_figures  # matplotlib: only when figures are drawn
+
+        written += image_figures(np.asarray(view), arrays, block, BLOCK_NAMES[maps.architecture][:-1], mass,
                                   threshold, out / name)
     meta = {"source": str(source), "kind": "image", "encoder": encoder.name, "architecture": maps.architecture,
             "input_size": size, "grid": list(heads.shape[-2:]), "block": block, "threshold": threshold,
             "cls_patch_mass": [float(m) for m in mass], "files": [p.name for p in written]}
     write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
     return [*written, out / f"{name}.json"]
-
-
-def _image_figures(rgb: np.ndarray, arrays: dict[str, np.ndarray], block: int, block_name: str, mass: np.ndarray,
-                   threshold: float | None, stem: Path) -> list[Path]:
-    """The PNGs of one tile's maps: the chosen block's CLS heads and their mean over the tile; for an XCiT also a
-    panel per block and head of its token norms over the tile and of its d x d channel attention."""
-    from bonylib import plotting  # matplotlib: only when figures are drawn
-
-    size = rgb.shape[:2]
-    heads = arrays["cls"][block]
-    shown = np.concatenate([heads.mean(axis=0, keepdims=True), heads])
-    masks = top_mass_mask(shown, threshold) if threshold is not None else [None] * len(shown)
-    overlays = [plotting.attention_overlay(rgb, resize_nearest(m, size), None if k is None else resize_nearest(k, size))
-                for m, k in zip(shown, masks)]
-    titles = ["tile", f"{block_name} {block}: mean of {len(heads)} heads",
-              *(f"head {h} ({100 * mass[h]:.0f} % on patches)" for h in range(len(heads)))]
-    figure = plotting.image_grid([rgb, *overlays], titles, ncols=min(6, len(titles)), size=2.2)
-    written = [plotting.save_figure(figure, stem.with_name(f"{stem.name}.cls.png"))]
-    if "token_norms" in arrays:
-        norms, channels = arrays["token_norms"], arrays["channel_attention"]
-        labels = [f"block {b} head {h}" for b in range(norms.shape[0]) for h in range(norms.shape[1])]
-        over_tile = [plotting.attention_overlay(rgb, resize_nearest(m, size)) for m in norms.reshape(-1, *norms.shape[2:])]
-        matrices = [(255 * plotting.heat_colours(m, "viridis")[..., :3]).astype(np.uint8)
-                    for m in channels.reshape(-1, *channels.shape[2:])]
-        for view_name, panels in (("token_norms", over_tile), ("channel_attention", matrices)):
-            grid = plotting.image_grid(panels, labels, ncols=norms.shape[1], size=1.6)  # a panel per block and head
-            written.append(plotting.save_figure(grid, stem.with_name(f"{stem.name}.{view_name}.png"), dpi=100))
-    return written
 
 
 def _slide_tiles(source: Path, out: Path, cfg: AttentionConfig, manifest: Path | None) -> tuple[str, pd.DataFrame]:
@@ -334,15 +292,9 @@ def _slide(encoder: Encoder, source: Path, name: str, rows: pd.DataFrame, out: P
     written = [_save_array(out / f"{name}.attention.npy", heat.image()[..., 0]),
                _save_array(out / f"{name}.pca.npy", colours_map.image()), cls_path, embeddings_path, tiles_path]
     if cfg.figures:
-        from bonylib import plotting  # matplotlib: only when figures are drawn
+        from bonylib.attention.figures import slide_figures  # matplotlib: only when figures are drawn
 
-        label = "CLS attention (1 = uniform)" + (f", top {threshold:.0%} of the mass" if threshold is not None else "")
-        pca = f"{name}: first 3 PCA components of the tile embeddings"
-        written += [
-            plotting.save_figure(plotting.slide_heatmap(thumbnail, heat.image(), f"{name}: {label}", label=label),
-                                 out / f"{name}.attention.png"),
-            plotting.save_figure(plotting.slide_heatmap(thumbnail, colours_map.image(), pca), out / f"{name}.pca.png"),
-        ]
+        written += slide_figures(thumbnail, heat.image(), colours_map.image(), name, threshold, out)
     meta: dict[str, Any] = {"source": str(source), "kind": "slide", "slide_id": name, "encoder": encoder.name,
                             "input_size": encoder.input_size, "tiles": len(rows), "block": block,
                             "threshold": threshold, "thumbnail": list(canvas), "files": [p.name for p in written]}

@@ -39,8 +39,8 @@ from timm.models.xcit import XCA, Xcit
 from torch import nn
 
 from bonylib.errors import ConfigError
-from bonylib.evaluation.encoders import Encoder
 from bonylib.models.backbones import timm_model
+from bonylib.models.encoders import Encoder
 
 
 @contextlib.contextmanager
@@ -237,3 +237,14 @@ def top_mass_mask(maps: np.ndarray, fraction: float) -> np.ndarray:
     mask = np.zeros(flat.shape, bool)
     np.put_along_axis(mask, order, keep_sorted, axis=-1)
     return mask.reshape(maps.shape)
+
+
+@dataclass(frozen=True)
+class TileMaps:
+    """Images as an encoder saw them and one (gh, gw) map each: what a figure of many tiles draws."""
+
+    names: list[str]
+    tiles: list[np.ndarray]
+    """(input_size, input_size, 3) uint8: each image resized as the encoder's eval transform resized it"""
+    maps: list[np.ndarray]
+    """the mean over heads of the chosen block's CLS attention, summing to 1 over the patches"""

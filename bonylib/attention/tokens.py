@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bonylib.attention.command import FOLDER_SUFFIXES, load_encoder
-from bonylib.attention.heatmaps import pca_colours
+from bonylib.data.heatmaps import pca_colours
+from bonylib.data.slides import tile_images
 from bonylib.errors import BonyError
+from bonylib.models.registry import load_encoder
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,7 @@ class TokenColours:
 def token_colours(reference: str, folder: Path, input_size: int) -> TokenColours:
     """The PCA colours of the patch tokens of every image in ``folder`` (sorted by name), each resized to
     ``input_size`` as the encoder's eval transform does, for the encoder ``reference`` (a spec or a run folder)."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
-    if not paths:
-        raise BonyError(f"{folder}: no tile images ({', '.join(sorted(FOLDER_SUFFIXES))}) in this folder")
+    paths = tile_images(Path(folder))
     encoder = dataclasses.replace(load_encoder(reference), input_size=input_size)
     if encoder.patch_size is None:
         raise BonyError(f"{reference}: the encoder has no patch tokens to colour")

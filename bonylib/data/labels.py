@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 LABEL_NAMES: tuple[str, ...] = ("background", "benign", "G3", "G4", "G5", "cancer")
+FRACTION_COLUMNS: tuple[str, ...] = tuple(f"frac_{name}" for name in LABEL_NAMES)
+"""Manifest columns holding each class's share of a tile (``LABEL_NAMES`` order): what :func:`relabel` reads."""
 
 # Radboud mask codes: stroma and benign epithelium are both benign tissue.
 RADBOUD_CODES: dict[int, str] = {0: "background", 1: "stroma", 2: "benign epithelium", 3: "G3", 4: "G4", 5: "G5"}
@@ -159,3 +162,12 @@ def tile_labels(fractions: np.ndarray, policy: str, min_fraction: float = 0.05) 
         fallback = np.where(tissue > 0, "benign", "background").astype(object)
         return np.where(graded.any(axis=1), names[best], fallback)
     raise ValueError(f"unknown label policy '{policy}' (choose from {', '.join(POLICIES)})")
+
+
+def relabel(manifest: pd.DataFrame, policy: str, min_fraction: float = 0.05) -> pd.Series:
+    """``label_name`` of every tile under another label policy, from the manifest's class fractions: a manifest
+    keeps the fractions so that labels can be re-derived without reading the slides again (empty where the slide
+    had no mask)."""
+    fractions = manifest[list(FRACTION_COLUMNS)].to_numpy()
+    labels = tile_labels(np.nan_to_num(fractions), policy, min_fraction)
+    return pd.Series(np.where(np.isnan(fractions).any(axis=1), "", labels), index=manifest.index, name="label_name")

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bonylib.config import check_fractions, option, section, to_dict
-from bonylib.data.labels import LABEL_NAMES, POLICIES, class_fractions, tile_labels
+from bonylib.data.labels import FRACTION_COLUMNS, POLICIES, class_fractions, tile_labels
 from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_measures, keep_tiles, tissue_mask
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
@@ -53,7 +53,6 @@ from bonylib.files import DiskFullError, atomic_path, ensure_writable_dir, repor
 
 log = logging.getLogger(__name__)
 
-FRACTION_COLUMNS = tuple(f"frac_{name}" for name in LABEL_NAMES)
 IMAGE_POLICY = "image"
 """``label_policy`` of tiles labelled with their image's class from the dataset's table (a SICAPv2 patch without a
 mask: its partition-spreadsheet class), not from a mask under the configured policy."""
@@ -531,13 +530,6 @@ def assemble(out: Path, slide_ids: list[str]) -> Path:
     with atomic_path(out / "slides.parquet") as tmp:
         pd.DataFrame(summaries).to_parquet(tmp, index=False)
     return out / "manifest.parquet"
-
-
-def relabel(manifest: pd.DataFrame, policy: str, min_fraction: float = 0.05) -> pd.Series:
-    """``label_name`` of every tile under another label policy, from the manifest's class fractions."""
-    fractions = manifest[list(FRACTION_COLUMNS)].to_numpy()
-    labels = tile_labels(np.nan_to_num(fractions), policy, min_fraction)
-    return pd.Series(np.where(np.isnan(fractions).any(axis=1), "", labels), index=manifest.index, name="label_name")
 
 
 def read_part(out: Path, slide_id: str) -> pd.DataFrame:

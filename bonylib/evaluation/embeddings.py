@@ -21,10 +21,8 @@ of two encoders or two versions of a manifest are never mixed. ``--shard i/n`` c
 i, i+n, ... (a SLURM array task each); the unsharded run computes what is left and checks that every
 chunk is there and fits, and :func:`load_embeddings` reads the store back in manifest order.
 
-Row ids are ``<slide_id>:<level>:<x>:<y>``: the manifest contract has no id column, and these four
-values name a tile uniquely (a slide is tiled on one grid at one level). A manifest is input: a slide id
-that is not a plain name (:func:`bonylib.data.sources.id_problem`), a coordinate that is not an integer
-and a repeated id are refused before anything is computed.
+Chunks are keyed by the manifest's row ids (:func:`bonylib.data.manifest.read_manifest`, which refuses a
+manifest whose rows could name files outside it or repeat a tile) before anything is computed.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import glob
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -48,16 +46,15 @@ from tqdm import tqdm
 from bonylib import __version__
 from bonylib.config import option
 from bonylib.data.datasets import TileDataset
-from bonylib.data.sources import id_problem
+from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.encoders import Encoder
+from bonylib.models.encoders import Encoder
 from bonylib.files import atomic_path, ensure_writable_dir, read_json, sha256_file, write_text_atomic
-from bonylib.runtime import PRECISIONS, plan_threads, resolve_precision
+from bonylib.runtime import PRECISIONS, plan_threads, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
 FORMAT = "bony-embeddings-1"
-ID_COLUMNS = ("slide_id", "level", "x", "y")
 STORED_DTYPES = {"cls": "float32", "cls+mean": "float32", "patch": "float16"}
 """dtype of each output on disk: pooled features stay float32 (small); patch tokens are N times larger."""
 META_KEYS = ("encoder", "fingerprint", "output", "row_shape", "dtype", "rows", "chunk_rows", "manifest", "precision",
@@ -84,147 +81,6 @@ class EmbedConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"workers must be auto or a number >= 0, got '{self.workers}'")
-
-
-# ---- encoders by name ------------------------------------------------------------------------
-
-
-def _arch_and_seed(rest: str) -> tuple[Any, ...]:
-    arch, _, seed = rest.rpartition(":")
-    if not arch or not seed.lstrip("-").isdigit():
-        raise ValueError("expected <timm architecture>:<integer seed>")
-    return arch, int(seed)
-
-
-def _run_folder(rest: str) -> tuple[Any, ...]:
-    if not rest:
-        raise ValueError("expected a pretraining run folder")
-    return (Path(rest),)
-
-
-def _head_of_run(rest: str) -> tuple[Any, ...]:
-    return (*_run_folder(rest), "head")
-
-
-def _nothing(rest: str) -> tuple[Any, ...]:
-    if rest:
-        raise ValueError("takes nothing after the kind")
-    return ()
-
-
-def _path(rest: str) -> tuple[Any, ...]:
-    if not rest:
-        raise ValueError("expected a local path")
-    return (Path(rest),)
-
-
-def _name_and_path(rest: str) -> tuple[Any, ...]:
-    name, _, path = rest.partition(":")
-    if not name or not path:
-        raise ValueError("expected <name>:<local weights file>")
-    return name, Path(path)
-
-
-def _histoencoder(rest: str) -> tuple[Any, ...]:
-    model, path = _name_and_path(rest)
-    return path, model
-
-
-ENCODER_SPECS: dict[str, tuple[str, str, Callable[[str], tuple[Any, ...]]]] = {
-    "random": ("random_init", "random:<arch>:<seed>", _arch_and_seed),
-    "bony": ("from_export", "bony:<run folder>", _run_folder),
-    "bony-head": ("from_export", "bony-head:<run folder> (the DINO head's output)", _head_of_run),
-    "timm": ("from_timm", "timm:<timm model name>:<weights file>", _name_and_path),
-    "hibou": ("hibou", "hibou:<Hugging Face folder of Hibou-B>", _path),
-    "histoencoder": ("histoencoder", "histoencoder:<prostate_small|prostate_medium>:<.pth file>", _histoencoder),
-    "handcrafted": ("handcrafted", "handcrafted", _nothing),
-    "scattering": ("scattering", "scattering", _nothing),
-}
-"""``--encoder`` kinds: the builder in :mod:`bonylib.evaluation.loaders` each one calls (a loader added there
-needs one line here), the form users write, and how the text after ``kind:`` becomes the builder's arguments."""
-
-PATH_KINDS = ("bony", "bony-head", "timm", "hibou", "histoencoder")
-"""Kinds whose spec ends in a local path (after its last ``:``): :func:`rooted_spec` resolves it."""
-
-
-def rooted_spec(spec: str, root: Path) -> str:
-    """``spec`` with its path, if it names one, taken relative to ``root`` (absolute paths stay as they are)."""
-    kind, _, rest = spec.partition(":")
-    if kind not in PATH_KINDS or not rest:
-        return spec
-    head, sep, path = rest.rpartition(":")
-    return f"{kind}:{head}{sep}{Path(root) / path}"
-
-
-def encoder_from_spec(spec: str) -> Encoder:
-    """The :class:`Encoder` a ``--encoder`` text names, e.g. ``random:xcit_nano_12_p16_224:0`` or ``bony:runs/demo``."""
-    kind, _, rest = spec.partition(":")
-    if kind not in ENCODER_SPECS:
-        forms = ", ".join(form for _, form, _ in ENCODER_SPECS.values())
-        raise ConfigError(f"--encoder '{spec}': unknown kind '{kind}' (expected one of: {forms})")
-    builder_name, form, parse = ENCODER_SPECS[kind]
-    try:
-        arguments = parse(rest)
-    except ValueError as exc:
-        raise ConfigError(f"--encoder '{spec}': {exc} ({form})") from None
-    from bonylib.evaluation import loaders  # weight readers and scikit-image: only when an encoder is named
-
-    return getattr(loaders, builder_name)(*arguments)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first GPU if torch sees one, else the CPU; an explicit device must exist here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device '{name}' is not a torch device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device '{name}': torch sees {torch.cuda.device_count()} GPUs here")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device '{name}': only cpu and cuda are supported")
-    return device
-
-
-# ---- manifests -------------------------------------------------------------------------------
-
-
-def row_ids(manifest: pd.DataFrame, where: Path) -> np.ndarray:
-    """The id of every manifest row, ``<slide_id>:<level>:<x>:<y>``, checked: raises :class:`BonyError` naming
-    ``where`` and the first bad row for a missing column, an unsafe slide id, a non-integer coordinate or a repeat."""
-    missing = [c for c in ID_COLUMNS if c not in manifest]
-    if missing:
-        raise BonyError(f"{where}: not a tile manifest (no column {', '.join(missing)})")
-    slides = manifest["slide_id"].to_numpy()
-    for slide_id in pd.unique(slides):  # one check per slide, not per tile (PANDA: 2.85 M rows)
-        problem = "slide id is not text" if not isinstance(slide_id, str) else id_problem(slide_id)
-        if problem:
-            raise BonyError(f"{where}: row {int(np.argmax(slides == slide_id))}: {problem}")
-    text = pd.Series(slides, dtype=object).astype(str)
-    for column in ID_COLUMNS[1:]:
-        values = pd.to_numeric(manifest[column], errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
-        if len(bad):
-            raise BonyError(f"{where}: row {bad[0]}: {column} {manifest[column].tolist()[bad[0]]!r} is not an integer")
-        text = text + ":" + pd.Series(values.astype(np.int64)).astype(str)
-    repeated = np.flatnonzero(text.duplicated().to_numpy())
-    if len(repeated):
-        raise BonyError(f"{where}: row {repeated[0]}: row id {text.iloc[repeated[0]]!r} (slide_id:level:x:y) repeats an "
-                        f"earlier row; {len(repeated)} rows repeat earlier tiles")
-    return text.to_numpy(dtype=str)
-
-
-def read_manifest(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """A tile manifest (parquet) and its checked row ids; a file that is not one raises :class:`BonyError` naming it."""
-    path = Path(path)
-    try:
-        frame = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise BonyError(f"{path}: manifest not found") from None
-    except (OSError, ValueError) as exc:
-        raise BonyError(f"{path}: not a readable parquet manifest ({str(exc).splitlines()[0] if str(exc) else exc})") from None
-    return frame.reset_index(drop=True), row_ids(frame, path)
 
 
 # ---- batched inference (the one code path of the store and the k-NN monitor) -----------------

@@ -5,7 +5,8 @@ encoder and benchmark manifest, the embeddings are computed once into the store 
 (a rerun, or another benchmark on the same tiles, reads them back); each head is then fitted on them
 once per run (seed, split), and each run writes::
 
-    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides,
+    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides
+                                                                            (or why none),
                                                                             learning curve, confusion matrix,
                                                                             encoder and settings
     <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.npz    the predictions behind them
@@ -47,11 +48,12 @@ from bonylib.evaluation.benchmarks.images import ImagesConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
-from bonylib.evaluation.embeddings import (ENCODER_SPECS, EmbedConfig, embed, encoder_from_spec, load_embeddings,
-                                           resolve_device, rooted_spec)
-from bonylib.evaluation.encoders import Encoder
+from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings
 from bonylib.evaluation.results import Row, write_results
 from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
+from bonylib.models.encoders import Encoder
+from bonylib.models.registry import encoder_from_spec, rooted_spec, spec_forms
+from bonylib.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class EvaluateConfig:
     """Options of ``bony evaluate``: the encoders (rows) and the benchmarks (columns) with their protocol."""
 
     encoders: list[EncoderEntry] = option([], "rows: a list of {name, specs, label, input_size}; a spec is one of "
-                                          + ", ".join(form for _, form, _ in ENCODER_SPECS.values()))
+                                          + spec_forms())
     benchmarks: list[str] = option(["panda", "deepgleason", "sicapv2", "isup"],
                                    f"benchmarks to run: {', '.join(BENCHMARKS)} (default: the seed's four; images needs "
                                    f"an image folder's manifest)")
@@ -256,12 +258,14 @@ class Evaluation:
         result = bench.fit(head.name, split, seed, features, self.device)
         classes = bench.classes(head.name)
         arrays = {key: np.asarray(value) for key, value in result.arrays.items() if not key.startswith("example_")}
-        intervals = {name: list(bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap))
-                     for name in result.metrics}
+        intervals = {name: bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap,
+                                              bench.group_unit) for name in result.metrics}
         meta = {"format": FORMAT, "benchmark": bench.name, "title": bench.title, "head": head.name, "encoder": row.name,
                 "label": row.label, "member": index, "encoder_name": encoder.name, "encoder_identity": encoder.identity,
                 "fingerprint": encoder.fingerprint(head.output), "output": head.output, "split": split, "seed": seed,
-                "metrics": result.metrics, "ci95": intervals, "bootstrap": self.cfg.bootstrap, "info": result.info,
+                "metrics": result.metrics, "ci95": {k: [v.low, v.high] for k, v in intervals.items()},
+                "ci95_missing": {k: v.reason for k, v in intervals.items() if not v.shown},
+                "bootstrap": self.cfg.bootstrap, "info": result.info,
                 "settings": self.settings[(bench.name, head.name)], "settings_sha": settings_sha,
                 "device": str(self.device), "seconds": time.perf_counter() - start, "bony": __version__}
         _write_run(record, result, meta)

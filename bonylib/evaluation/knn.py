@@ -4,9 +4,9 @@ Each test feature votes with its ``k`` most cosine-similar training features, ea
 by ``exp(similarity / T)`` (Wu et al., 2018; k = 20, T = 0.07 in DINO). Features are
 L2-normalised first, so similarity is the dot product.
 
-The trainer's monitor (:class:`KnnConfig`, :func:`monitor_scores`) lives here, not in the trainer: it is an
+The trainer's monitor (:class:`KnnConfig`, :class:`KnnMonitor`) lives here, not in the trainer: it is an
 evaluation of an encoder, computed by the same code as ``bony embed`` (:func:`embed_tiles`), only kept in
-memory because the weights change every epoch.
+memory because the weights change every epoch; the trainer receives it as a callback (:mod:`bonylib.compose.pretrain`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonylib.config import option
-from bonylib.data.labels import POLICIES
-from bonylib.data.tiling import relabel
+from bonylib.data.labels import POLICIES, relabel
 from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.embeddings import embed_tiles
-from bonylib.evaluation.encoders import Encoder, from_backbone
+from bonylib.models.encoders import Encoder, from_backbone
 from bonylib.runtime import Precision
 
 
@@ -69,13 +68,6 @@ def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 
 
-def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
-    """Share of test features whose weighted k-NN prediction is their label."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    return accuracy(weighted_knn(train_features, train_labels, test_features, num_classes, k, temperature), test_labels)
-
-
 def slide_folds(groups: pd.Series, folds: int) -> np.ndarray:
     """Fold index (0 .. folds-1) of each row, whole groups (slides, patients) per fold.
 
@@ -106,20 +98,6 @@ def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, groups: pd
         if train.any() and test.any():
             predicted[test] = weighted_knn(features[train], labels[train], features[test], num_classes, k, temperature)
     return predicted
-
-
-def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of the predicted tiles (``predicted >= 0``) that are right; NaN when none is predicted.
-
-    :func:`bonylib.evaluation.metrics.accuracy` with this module's (predicted, labels) argument order.
-    """
-    return metrics.accuracy(labels, predicted)
-
-
-def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean recall over the classes of the predicted tiles: :func:`bonylib.evaluation.metrics.balanced_accuracy`
-    with this module's (predicted, labels) argument order."""
-    return metrics.balanced_accuracy(labels, predicted)
 
 
 def labelled_tiles(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +134,8 @@ def manifest_knn_scores(encoder: Encoder, manifest: pd.DataFrame, root: Path | N
         classes = sorted(set(names))
         targets = torch.tensor([classes.index(name) for name in names])
         predicted = cross_validated_knn(features, targets, labelled["group"], folds, k, temperature)
-        scores[task] = {"accuracy": accuracy(predicted, targets), "balanced_accuracy": balanced_accuracy(predicted, targets)}
+        scores[task] = {"accuracy": metrics.accuracy(targets, predicted),
+                        "balanced_accuracy": metrics.balanced_accuracy(targets, predicted)}
     return scores
 
 
@@ -167,24 +146,37 @@ def knn_tiles(cfg: KnnConfig, seed: int) -> pd.DataFrame:
     return labelled.sample(min(cfg.max_tiles, len(labelled)), random_state=seed)
 
 
-def monitor_scores(backbone: nn.Module, cfg: KnnConfig, seed: int, input_size: int, mean: Sequence[float],
-                   std: Sequence[float], precision: Precision) -> dict[str, float]:
-    """The trainer's k-NN monitor: weighted k-NN accuracy and balanced accuracy of ``backbone``'s features
-    on the monitoring tiles, slides held out, as flat log keys (``knn_*`` on the tiles' labels,
-    ``knn_*_cancer`` on cancer vs benign).
+@dataclass
+class KnnMonitor:
+    """The trainer's k-NN monitor (:class:`bonylib.ssl.trainer.Monitor`): weighted k-NN accuracy and balanced accuracy
+    of a backbone's features on the monitoring tiles, slides held out, as flat log keys (``knn_*`` on the tiles'
+    labels, ``knn_*_cancer`` on cancer vs benign), with the run's eval transform (its global crop size and
+    normalisation).
 
     It runs between training steps, so it must leave training as it was: torch's RNG is forked and the
     backbone's train/eval mode restored (features taken in train mode would also move BatchNorm statistics).
     """
-    was_training = backbone.training
-    encoder = from_backbone(backbone, "k-NN monitor", input_size, tuple(mean), tuple(std),
-                            identity={"kind": "training", "note": "weights change every epoch; never stored"},
-                            precision=precision)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            scores = manifest_knn_scores(encoder, knn_tiles(cfg, seed), Path(cfg.manifest).parent, cfg.folds, cfg.k,
-                                         cfg.temperature)
-    finally:
-        backbone.train(was_training)
-    return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
-            for task, task_scores in scores.items() for metric, value in task_scores.items()}
+
+    cfg: KnnConfig
+    seed: int
+    input_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    @property
+    def every_epochs(self) -> int:
+        return self.cfg.every_epochs
+
+    def __call__(self, backbone: nn.Module, precision: Precision) -> dict[str, float]:
+        was_training = backbone.training
+        encoder = from_backbone(backbone, "k-NN monitor", self.input_size, tuple(self.mean), tuple(self.std),
+                                identity={"kind": "training", "note": "weights change every epoch; never stored"},
+                                precision=precision)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                scores = manifest_knn_scores(encoder, knn_tiles(self.cfg, self.seed), Path(self.cfg.manifest).parent,
+                                             self.cfg.folds, self.cfg.k, self.cfg.temperature)
+        finally:
+            backbone.train(was_training)
+        return {f"knn_{metric}{'' if task == 'labels' else '_' + task}": value
+                for task, task_scores in scores.items() for metric, value in task_scores.items()}

@@ -116,22 +116,6 @@ def predict_logits(head: nn.Module, inputs: Inputs, batch_size: int = 1024) -> t
     return torch.cat(logits)
 
 
-@torch.no_grad()
-def bag_attention(model: GatedAttentionMIL, bags: Sequence[torch.Tensor], batch_size: int = 32) -> list[torch.Tensor]:
-    """Each bag's attention over its tiles (n_i,), summing to 1: where the slide-level head looked."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    weights = []
-    for start in range(0, len(bags), batch_size):
-        chunk = bags[start : start + batch_size]
-        padded, mask = pad_bags(chunk)
-        attention = model.attend(padded.to(device), mask.to(device))[1].cpu()
-        weights += [attention[i, : len(bag)] for i, bag in enumerate(chunk)]
-    model.train(was_training)
-    return weights
-
-
 # ---- the training loop -------------------------------------------------------------------------
 
 

@@ -40,11 +40,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from timm.layers import Attention
 from timm.models.xcit import XCA
 from torch import nn
@@ -204,25 +202,3 @@ def fit_exponents(table: pd.DataFrame, min_tokens: int = 1024) -> pd.DataFrame:
             rows.append({"mechanism": mechanism, "quantity": quantity, "exponent": law.exponent,
                          "prefactor": law.prefactor, "points": law.points, "min_tokens": min_tokens})
     return pd.DataFrame(rows)
-
-
-def plot_attention_cost(table: pd.DataFrame, exponents: pd.DataFrame, patch: int = 16) -> Figure:
-    """Time and peak memory against tokens on log-log axes, one line per mechanism, with the fitted power
-    law dashed over the range it was fitted on and its exponent in the legend; the top axis gives the tile
-    side at ``patch`` px per token."""
-    fig, axes = plt.subplots(1, len(QUANTITIES), figsize=(5.5 * len(QUANTITIES), 4.2), layout="constrained")
-    for ax, (quantity, label) in zip(axes, QUANTITIES.items()):
-        for i, (mechanism, group) in enumerate(table.groupby("mechanism", sort=False)):
-            colour = f"C{i}"
-            fit = exponents[(exponents["mechanism"] == mechanism) & (exponents["quantity"] == quantity)].iloc[0]
-            law = PowerLaw(fit["exponent"], fit["prefactor"], int(fit["points"]))
-            ax.plot(group["tokens"], group[quantity], "o-", color=colour,
-                    label=f"{MECHANISMS.get(mechanism, mechanism)}: $\\propto N^{{{law.exponent:.2f}}}$")
-            fitted = group["tokens"][group["tokens"] >= fit["min_tokens"]]
-            ax.plot(fitted, law(fitted), "--", color=colour, alpha=0.6)
-        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label)
-        top = ax.secondary_xaxis("top", functions=(lambda n: patch * np.sqrt(n), lambda s: (s / patch) ** 2))
-        top.set_xlabel(f"tile side (px, patch {patch})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-    return fig

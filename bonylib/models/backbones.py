@@ -23,9 +23,12 @@ from bonylib.models.stems import HaarStem, create_stem, stem_name
 
 BACKBONES: tuple[str, ...] = (
     "xcit_nano_12_p16_224", "xcit_tiny_12_p16_224", "xcit_tiny_24_p16_224", "xcit_small_12_p16_224",
-    "xcit_small_24_p16_224", "xcit_medium_24_p16_224",
-    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+    "xcit_small_24_p16_224", "xcit_medium_24_p16_224", "xcit_small_12_p8_224", "xcit_medium_24_p8_224",
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_patch8_224",
+    "vit_base_patch8_224",
 )
+"""The backbones Bony trains and loads: XCiT and ViT, every architecture facebookresearch/dino released among them
+(ViT-S/B at patch 16 and 8, XCiT-S12 and M24 at patch 16 and 8)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,17 @@ def backbone_stem(backbone: nn.Module) -> str:
     """The ``model.stem`` a backbone from :func:`create_backbone` was built with (read off the module, so an
     export records what the weights were trained behind)."""
     return stem_name(backbone.stem if isinstance(backbone, StemmedBackbone) else None)
+
+
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled, patch tokens)`` of a timm ViT or XCiT (or a stemmed one) through timm's ``forward_features``:
+    the pooled feature timm's own head would see (``forward_head(pre_logits=True)``: ViT's CLS after its final
+    norm, XCiT's CLS after the class-attention blocks), and the patch tokens after the final norm with the class
+    and register tokens dropped. The pooled feature is exactly what ``backbone(x)`` returns with
+    ``num_classes=0``; the tokens come from the same pass."""
+    features = backbone.forward_features(x)
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    return backbone.forward_head(features, pre_logits=True), features[:, prefix:]
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:

@@ -1,11 +1,15 @@
-"""DINO projection head and the multi-crop wrapper (one backbone pass per crop resolution)."""
+"""DINO projection head and the multi-crop wrapper (one backbone pass per crop resolution, named outputs)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from bonylib.models.backbones import backbone_tokens
 
 
 class DINOHead(nn.Module):
@@ -43,25 +47,46 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
 
 
-class MultiCrop(nn.Module):
-    """Backbone + head over a list of crops: crops of the same size go through the backbone together.
+class CropOutputs(NamedTuple):
+    """What the multi-crop wrapper gives for a list of crops, each part in the crops' order (crop by crop):
+
+    - ``cls``: the pooled feature timm's own head would read, (n_crops * B, D), before the projection head;
+    - ``patch``: the patch tokens after the final norm, one (n_crops_of_that_size * B, N, D) tensor per crop size
+      (global crops first), prefix tokens dropped;
+    - ``head``: the DINO head's logits, (n_crops * B, out_dim).
+
+    A named tuple, so that DDP and torch's pytree see the tensors inside.
+    """
+
+    cls: torch.Tensor
+    patch: list[torch.Tensor]
+    head: torch.Tensor
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + DINO head over a list of crops: crops of the same size go through the backbone together.
 
     DINO feeds 2 global and 8 local crops; running each resolution once as one batch (rather than
-    each crop separately) is what makes a training step cheap. Outputs are concatenated crop by
-    crop, (n_crops * B, out_dim), the layout :class:`bonylib.ssl.loss.DINOLoss` expects.
+    each crop separately) is what makes a training step cheap. The backbone's outputs are read as named parts
+    (:func:`bonylib.models.backbones.backbone_tokens`), so an objective can use the pooled feature, the patch
+    tokens or the head's logits (:class:`CropOutputs`; the logits in the layout
+    :class:`bonylib.ssl.losses.dino.DINOLoss` expects).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> CropOutputs:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         sizes = torch.tensor([c.shape[-1] for c in crops])
         ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
-        features, start = [], 0
+        pooled, patches, start = [], [], 0
         for end in ends:
-            features.append(self.backbone(torch.cat(crops[start:end])))
+            cls, patch = backbone_tokens(self.backbone, torch.cat(crops[start:end]))
+            pooled.append(cls)
+            patches.append(patch)
             start = end
-        return self.head(torch.cat(features))
+        cls = torch.cat(pooled)
+        return CropOutputs(cls=cls, patch=patches, head=self.head(cls))

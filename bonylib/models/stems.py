@@ -50,18 +50,6 @@ def haar_dwt2(x: torch.Tensor) -> HaarBands:
             ((top_sum - bottom_sum) / 2, (top_diff + bottom_diff) / 2, (top_diff - bottom_diff) / 2))
 
 
-def haar_idwt2(coeffs: HaarBands) -> torch.Tensor:
-    """The inverse of :func:`haar_dwt2` (as ``pywt.idwt2(coeffs, "haar")``): the image at twice the band size."""
-    approx, (horizontal, vertical, diagonal) = coeffs
-    a_plus_h, a_minus_h = approx + horizontal, approx - horizontal
-    v_plus_d, v_minus_d = vertical + diagonal, vertical - diagonal
-    a, b = (a_plus_h + v_plus_d) / 2, (a_plus_h - v_plus_d) / 2
-    c, d = (a_minus_h + v_minus_d) / 2, (a_minus_h - v_minus_d) / 2
-    # pixel_shuffle puts channel 4k + 2i + j at offset (i, j) of the 2x2 block of output channel k
-    blocks = torch.stack([a, b, c, d], dim=-3).flatten(-4, -3)
-    return nn.functional.pixel_shuffle(blocks, 2)
-
-
 class HaarStem(nn.Module):
     """The Haar DWT of each input channel, as the backbone's input: ``keep="approx"`` gives the
     approximation band (C channels), ``keep="bands"`` the four bands band-major (cA, cH, cV, cD; 4C channels),

@@ -1,6 +1,6 @@
 """DINO multi-crop with histology augmentations.
 
-:class:`MultiCrop` turns one tile into the crops of a DINO step, following the reference
+:class:`MultiCropTransform` turns one tile into the crops of a DINO step, following the reference
 ``DataAugmentationDINO`` (facebookresearch/dino): ``global_crops`` large views (the teacher sees
 only these) and ``local_crops`` small ones, each a random resized crop (bicubic) with its own
 augmentations. ImageNet's colour jitter and grayscale are replaced by what varies between
@@ -24,19 +24,18 @@ reproduces the crops exactly, which exact resume relies on.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from bonylib.config import check_fractions, option
 from bonylib.errors import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],   # haematoxylin
                          [0.07, 0.99, 0.11],   # eosin
@@ -53,10 +52,18 @@ GRAY = (0.2989, 0.587, 0.114)
 """Luma weights of torchvision's ``rgb_to_grayscale`` (contrast and saturation use them)."""
 
 
+PIPELINES = ("histology", "dino")
+
+
 @dataclass
 class CropConfig:
     """Multi-crop and augmentation options (config section ``crops`` of ``bony pretrain``)."""
 
+    pipeline: str = option("histology", "the views' augmentations: histology (stain jitter, flips and 90-degree turns, "
+                           "mild colour changes; the keys below) or dino (facebookresearch/dino's DataAugmentationDINO as "
+                           "it is: horizontal flip, colour jitter 0.4/0.4/0.2/0.1 at p 0.8, grayscale 0.2, Gaussian blur "
+                           "1.0/0.1/0.5, solarisation 0.2 of the second global crop; only the crops' number, sizes, "
+                           "scales and normalisation are read from this section)")
     global_crops: int = option(2, "number of global crops (teacher and student); the seed used 1, reference DINO 2")
     global_size: int = option(224, "side of a global crop in pixels")
     global_scale: list[float] = option([0.4, 1.0], "area range of a global crop as a fraction of the tile [min, max]")
@@ -87,6 +94,8 @@ class CropConfig:
     std: list[float] = option(list(IMAGENET_STD), "per-channel normalisation standard deviation (RGB)")
 
     def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"crops.pipeline must be one of {', '.join(PIPELINES)}, got '{self.pipeline}'")
         if self.global_crops < 1:
             raise ConfigError(f"crops.global_crops must be at least 1, got {self.global_crops}")
         if self.local_crops < 0:
@@ -171,16 +180,23 @@ class HEDJitter:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         batch = image if image.dim() == 4 else image[None]
-        u = torch.rand(batch.shape[0], 7)
-        scale = (2 * u[:, 0:3] - 1) * self.strength
-        shift = (2 * u[:, 3:6] - 1) * self.shift
-        applied = u[:, 6] < self.p
-        scale[~applied] = 0.0
-        shift[~applied] = 0.0
-        out = batch.clone()
-        if applied.any():
-            out[applied] = self.apply(batch[applied], scale[applied], shift[applied])
+        out = self.jitter(batch, torch.rand(batch.shape[0], 7))
         return out if image.dim() == 4 else out[0]
+
+    def jitter(self, batch: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """``batch`` (N, 3, H, W) jittered with the uniforms ``draws`` (N, 7): columns 0-2 give ``a``, 3-5 ``b`` and
+        6 whether the image is jittered at all (below ``p``). The multi-crop transform passes its own per-crop draws,
+        so that every random number of a crop comes from one draw (what makes a resumed run see the same crops)."""
+        applied = draws[:, 6] < self.p
+        if not applied.any():
+            return batch
+        scale = (2 * draws[:, 0:3] - 1) * self.strength
+        shift = (2 * draws[:, 3:6] - 1) * self.shift
+        if applied.all():
+            return self.apply(batch, scale, shift)
+        out = batch.clone()
+        out[applied] = self.apply(batch[applied], scale[applied], shift[applied])
+        return out
 
     @staticmethod
     def apply(image: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -211,8 +227,7 @@ _SCALE = slice(0, _ATTEMPTS)
 _RATIO = slice(_ATTEMPTS, 2 * _ATTEMPTS)
 _TOP, _LEFT, _HFLIP, _VFLIP, _ROT = range(2 * _ATTEMPTS, 2 * _ATTEMPTS + 5)
 _HED_P = 2 * _ATTEMPTS + 5
-_HED_A = slice(_HED_P + 1, _HED_P + 4)
-_HED_B = slice(_HED_P + 4, _HED_P + 7)
+_HED_DRAWS = [*range(_HED_P + 1, _HED_P + 7), _HED_P]  # HEDJitter.jitter's columns: a (3), b (3), whether
 _COLOR_P, _BRIGHT, _CONTRAST, _SAT, _BLUR_P, _SIGMA, _SOLAR_P = range(_HED_P + 7, _HED_P + 14)
 _N_DRAWS = _HED_P + 14
 
@@ -296,7 +311,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0:1] * GRAY[0]).add_(x[:, 1:2], alpha=GRAY[1]).add_(x[:, 2:3], alpha=GRAY[2])
 
 
-class MultiCrop:
+class MultiCropTransform:
     """Callable: PIL image (RGB, any size) -> list of float32 normalised crops.
 
     Global crops come first, ``(3, global_size, global_size)``, then local crops
@@ -318,7 +333,7 @@ class MultiCrop:
             self.groups.append((n_global, n_global + n_local, cfg.local_size, cfg.local_scale))
 
     def __repr__(self) -> str:
-        return f"MultiCrop({self.cfg})"
+        return f"MultiCropTransform({self.cfg})"
 
     def __call__(self, image: Image.Image | np.ndarray | torch.Tensor) -> list[torch.Tensor]:
         """Crops of ``image``: a PIL image (converted to RGB), an (H, W, 3) uint8 array or a (3, H, W) uint8 tensor."""
@@ -346,14 +361,8 @@ class MultiCrop:
         """uint8 crops of one size -> normalised float crops, with each crop's own draws ``u``."""
         cfg = self.cfg
         x = batch.float().mul_(1.0 / 255.0)
-        hed = u[:, _HED_P] < cfg.hed_p
-        if (self.hed.strength > 0 or self.hed.shift > 0) and hed.any():
-            scale = (2 * u[:, _HED_A] - 1) * self.hed.strength
-            shift = (2 * u[:, _HED_B] - 1) * self.hed.shift
-            if hed.all():
-                x = HEDJitter.apply(x, scale, shift)
-            else:
-                x[hed] = HEDJitter.apply(x[hed], scale[hed], shift[hed])
+        if self.hed.strength > 0 or self.hed.shift > 0:
+            x = self.hed.jitter(x, u[:, _HED_DRAWS])
         color = u[:, _COLOR_P] < cfg.color_p
         if color.any():
             one = torch.ones(())
@@ -381,17 +390,71 @@ class MultiCrop:
         return list(x.unbind(0))
 
 
-def collate_crops(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """DataLoader collate: samples ``(crops, target)`` -> (per-crop-index batches ``(B, 3, H, W)``, targets ``(B,)``).
+# --------------------------------------------------------------------------------------------
+# DINO's own pipeline
 
-    ``crops[i]`` holds the i-th crop of every image, as in the DINO reference, so the first
-    ``global_crops`` entries are the teacher's views.
+
+class _PILGaussianBlur:
+    """DINO's ``utils.GaussianBlur``: with probability ``p`` a PIL Gaussian blur of radius ~ U(0.1, 2.0), both drawn
+    from Python's ``random`` (seeded per sample by :class:`bonylib.ssl.data.SeededViews`, as torch is)."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class _PILSolarization:
+    """DINO's ``utils.Solarization``: with probability ``p``, PIL's solarize (pixels >= 128 inverted)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return ImageOps.solarize(image) if random.random() < self.p else image
+
+
+class DINOTransform:
+    """facebookresearch/dino's ``DataAugmentationDINO``, built from torchvision's transforms as its code builds it:
+    callable PIL image -> list of normalised crops, global ones first (the first with DINO's first global recipe,
+    the others with its second), then the local ones.
+
+    Only the geometry (numbers, sizes, scales of the crops) and the normalisation come from the config: the
+    augmentations are DINO's defaults, what the seed says it kept ("les valeurs par défaut du repository Github
+    associé à DINO"). Unlike the histology pipeline it flips horizontally only, jitters hue and makes some crops
+    grey, and draws its blur and solarisation from Python's ``random`` as DINO does.
     """
-    if not batch:
-        raise ValueError("collate_crops: empty batch")
-    n = len(batch[0][0])
-    if any(len(crops) != n for crops, _ in batch):
-        raise ValueError(f"collate_crops: samples have different numbers of crops ({sorted({len(c) for c, _ in batch})})")
-    crops = [torch.stack([sample[0][i] for sample in batch]) for i in range(n)]
-    targets = torch.as_tensor([int(target) for _, target in batch], dtype=torch.long)
-    return crops, targets
+
+    def __init__(self, cfg: CropConfig) -> None:
+        from torchvision import transforms as T
+
+        self.cfg = cfg
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(tuple(cfg.mean), tuple(cfg.std))])
+        bicubic = T.InterpolationMode.BICUBIC
+        global_crop = T.RandomResizedCrop(cfg.global_size, scale=tuple(cfg.global_scale), interpolation=bicubic)
+        self.global1 = T.Compose([global_crop, flip_and_color_jitter, _PILGaussianBlur(1.0), normalize])
+        self.global2 = T.Compose([global_crop, flip_and_color_jitter, _PILGaussianBlur(0.1), _PILSolarization(0.2),
+                                  normalize])
+        self.local = T.Compose([T.RandomResizedCrop(cfg.local_size, scale=tuple(cfg.local_scale), interpolation=bicubic),
+                                flip_and_color_jitter, _PILGaussianBlur(p=0.5), normalize])
+
+    def __repr__(self) -> str:
+        return f"DINOTransform({self.cfg})"
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        crops = [self.global1(image)] + [self.global2(image) for _ in range(self.cfg.global_crops - 1)]
+        return crops + [self.local(image) for _ in range(self.cfg.local_crops)]
+
+
+def views_transform(cfg: CropConfig) -> MultiCropTransform | DINOTransform:
+    """The multi-crop transform ``crops.pipeline`` names."""
+    return DINOTransform(cfg) if cfg.pipeline == "dino" else MultiCropTransform(cfg)

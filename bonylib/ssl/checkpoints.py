@@ -30,11 +30,15 @@ log = logging.getLogger(__name__)
 
 LATEST = "checkpoint.pth"
 CHECKSUM_SUFFIX = ".sha256"
-STATE_KEYS = ("step", "student", "teacher", "optimizer", "scaler", "center", "rng_cpu", "rng_cuda", "config")
+STATE_KEYS = ("step", "student", "teacher", "optimizer", "scaler", "losses", "rng_cpu", "rng_cuda", "config")
+LEGACY_CENTER = "center"
+"""Checkpoints written before the objectives had their own state hold DINO's center under this key instead of
+``losses``: they still resume (:func:`objectives_state`)."""
 RUN_ONLY_KEYS = ("data.workers", "log_every", "tensorboard", "checkpoint_every", "keep_checkpoints", "max_steps",
-                 "knn.", "resume.")
-"""Keys (or key prefixes ending in '.') that change how a run is executed, logged or monitored, not what it
-trains: a resume may change them freely (each change is still recorded)."""
+                 "resume.")
+"""Keys (or key prefixes ending in '.') of the training schema that change how a run is executed, logged or
+checkpointed, not what it trains: a resume may change them freely (each change is still recorded). Keys outside the
+training schema (the k-NN monitor's, added by the composed config) never change what is trained either."""
 
 
 def _sidecar(path: Path) -> Path:
@@ -99,7 +103,7 @@ def _problem(path: Path, required: Iterable[str]) -> tuple[dict[str, Any] | None
         return None, f"torch cannot read it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if not isinstance(state, dict):
         return None, f"it holds a {type(state).__name__}, not a training state"
-    missing = [key for key in required if key not in state]
+    missing = [key for key in required if key not in state and not (key == "losses" and LEGACY_CENTER in state)]
     if missing:
         return None, f"it is not a bony pretrain checkpoint (no {', '.join(missing)})"
     return state, ""
@@ -128,6 +132,14 @@ def load_latest(out: Path, required: Iterable[str] = STATE_KEYS) -> tuple[dict[s
     return None
 
 
+def objectives_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The objectives' state of a training state: its ``losses``, or, in a checkpoint written before objectives
+    were modules of their own, DINO's center as the DINO objective holds it."""
+    if "losses" in state:
+        return dict(state["losses"])
+    return {"dino.centering.center": state[LEGACY_CENTER]}
+
+
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
@@ -152,8 +164,11 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
             if old.get(key, missing) != new.get(key, missing)}
 
 
-def refused_changes(changes: Mapping[str, tuple[Any, Any]], allowed: Iterable[str]) -> dict[str, tuple[Any, Any]]:
-    """The changes a resume may not make: neither run-only keys nor named in ``allowed``."""
+def refused_changes(changes: Mapping[str, tuple[Any, Any]], allowed: Iterable[str],
+                    trained: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume may not make: keys of the training schema ``trained`` (a config as a dict) that are
+    neither run-only keys nor named in ``allowed``."""
     permitted = (*RUN_ONLY_KEYS, *allowed)
-    return {key: values for key, values in changes.items()
-            if not any(key == p or (p.endswith(".") and key.startswith(p)) for p in permitted)}
+    schema = _flatten(trained)
+    return {key: values for key, values in changes.items() if key in schema
+            and not any(key == p or (p.endswith(".") and key.startswith(p)) for p in permitted)}

@@ -16,15 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonylib.models.head import DINOHead, MultiCrop
+from bonylib.models.head import DINOHead
 from bonylib.ssl.ema import update_teacher
-from bonylib.ssl.loss import DINOLoss
-
-
-def _entropies(p: torch.Tensor) -> tuple[float, float]:
-    per_image = -(p * torch.log(p + 1e-12)).sum(-1).mean()
-    mean = p.mean(0)
-    return float(per_image), float(-(mean * torch.log(mean + 1e-12)).sum())
+from bonylib.ssl.losses.dino import DINOLoss, entropies
 
 
 def toy_dino(centering: bool = True, sharpening: bool = True, steps: int = 600, prototypes: int = 64,
@@ -41,8 +35,8 @@ def toy_dino(centering: bool = True, sharpening: bool = True, steps: int = 600, 
 
     def model() -> nn.Module:
         torch.manual_seed(seed)
-        return MultiCrop(nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 64)),
-                         DINOHead(64, prototypes, hidden_dim=64, bottleneck_dim=16))
+        return nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 64),
+                             DINOHead(64, prototypes, hidden_dim=64, bottleneck_dim=16))
 
     student, teacher = model(), model()
     for p in teacher.parameters():
@@ -55,14 +49,13 @@ def toy_dino(centering: bool = True, sharpening: bool = True, steps: int = 600, 
         points = centres[torch.randint(clusters, (batch,), generator=g)]
         views = [points + torch.randn(points.shape, generator=g) * (0.5 if i < 2 else 1.5) for i in range(6)]
         with torch.no_grad():
-            teacher_out = teacher(views[:2])
-        loss = loss_fn(student(views), teacher_out, 0)
+            teacher_out = teacher(torch.cat(views[:2]))
+        loss = loss_fn.distill(student(torch.cat(views)), teacher_out, 0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         update_teacher(student, teacher, 0.99)
-        probs = torch.softmax((teacher_out - loss_fn.center) / loss_fn.teacher_temperature(0), dim=-1)
-        per_image, of_mean = _entropies(probs)
-        rows.append({"step": step, "loss": float(loss.detach()), "entropy": per_image, "mean_entropy": of_mean,
+        per_image, of_mean = entropies(loss_fn.centering.targets(teacher_out, loss_fn.teacher_temperature(0)))
+        rows.append({"step": step, "loss": float(loss.detach()), "entropy": float(per_image), "mean_entropy": float(of_mean),
                      "uniform": math.log(prototypes)})
     return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Pretraining data: images from a tile manifest or a folder, multi-crop views seeded per sample.
+"""Pretraining data: images from a tile manifest or a folder, multi-crop views seeded per sample, and the batch.
 
 Each sample's crops are drawn from a generator seeded by (seed, epoch, index), not from a
 worker's running RNG: the views of a sample do not depend on which DataLoader worker loads it or
@@ -7,26 +7,26 @@ on what it loaded before, so a run resumed mid-epoch sees exactly the crops it w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from bonylib.data.slides import IMAGE_SUFFIXES as PLAIN_IMAGE_SUFFIXES
+from bonylib.data.slides import TILE_IMAGE_SUFFIXES
 from bonylib.errors import BonyError
-
-IMAGE_SUFFIXES = tuple(sorted(PLAIN_IMAGE_SUFFIXES | {".tif", ".tiff"}))
 
 
 class ImageFolder(Dataset):
     """Every image file under a folder (recursively, sorted), as ``(PIL RGB image, -1)``."""
 
     def __init__(self, root: Path) -> None:
-        self.paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in TILE_IMAGE_SUFFIXES and p.is_file())
         if not self.paths:
-            raise BonyError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+            raise BonyError(f"{root}: no images ({', '.join(sorted(TILE_IMAGE_SUFFIXES))}) found")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,9 +47,34 @@ class SeededViews(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
         image, target = self.images[index]
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), target
+        seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        state = random.getstate()  # DINO's own pipeline draws its blur and solarisation from Python's random
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.transform(image), target
+        finally:
+            random.setstate(state)
+
+
+class Batch(NamedTuple):
+    """One batch of a pretraining step: ``crops[i]`` holds the i-th crop of every image ``(B, 3, H, W)``, as in the
+    DINO reference, so the first ``global_crops`` entries are the teacher's views; ``masks`` has room for the
+    masked-image objectives (a patch mask per global crop), None when no objective masks."""
+
+    crops: list[torch.Tensor]
+    masks: torch.Tensor | None = None
+
+
+def collate_views(samples: Sequence[tuple[Sequence[torch.Tensor], int]]) -> Batch:
+    """DataLoader collate: samples ``(crops, target)`` -> a :class:`Batch` (the targets are not used to pretrain)."""
+    if not samples:
+        raise ValueError("collate_views: empty batch")
+    n = len(samples[0][0])
+    if any(len(crops) != n for crops, _ in samples):
+        raise ValueError(f"collate_views: samples have different numbers of crops ({sorted({len(c) for c, _ in samples})})")
+    return Batch([torch.stack([sample[0][i] for sample in samples]) for i in range(n)])
 
 
 class EpochSampler(Sampler[int]):

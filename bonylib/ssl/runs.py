@@ -1,29 +1,75 @@
-"""Reading finished pretraining runs: the training log as tables, and what two runs trained differently.
+"""A pretraining run's log: written as the run goes (``log.jsonl``, mirrored to TensorBoard), read back as tables.
 
-The chapters that look at a run (pretraining, the wavelet experiment) read its folder through these, so a
-run is read one way wherever it is shown, and a comparison between two runs can check that only the
-studied setting differs before it reports a difference as that setting's effect.
+The trainer writes through :class:`RunLog`, which keeps each step once across interruptions; the chapters that
+look at a run (pretraining, the wavelet experiment) read it through :func:`training_log`, so a run is read one way
+wherever it is shown (comparing two runs' configs: :mod:`bonylib.compose.pretrain`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bonylib.config import load_config, to_dict
 from bonylib.errors import BonyError
-from bonylib.ssl.checkpoints import config_changes, refused_changes
-from bonylib.ssl.trainer import PretrainConfig
+from bonylib.files import append_line, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+
+
+class RunLog:
+    """``log.jsonl`` of a run (one JSON object per record) and, with ``tensorboard``, the same numbers as TensorBoard
+    scalars under ``tensorboard/``. Written by the main process only."""
+
+    def __init__(self, out: Path, tensorboard: bool = False) -> None:
+        self.path, self.tensorboard = Path(out) / LOG_FILE, tensorboard
+        self._writer: Any = None
+
+    def open(self, step: int) -> None:
+        """Start writing after ``step``, the step training resumes from: records past it (logged before an
+        interruption, to be logged again) and a line cut short by a kill are dropped, and so are TensorBoard events
+        past it, so each step is logged once."""
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = []
+            for line in lines:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+            if len(kept) < len(lines):
+                log.warning("%s: dropping %d line(s) logged after step %d (the step training resumes from)", self.path,
+                            len(lines) - len(kept), step)
+                write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # TensorBoard's import is slow: only when asked for
+
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (with ``step``) and, when enabled, its numbers to TensorBoard at its step."""
+        append_line(self.path, json.dumps(record))
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    self._writer.add_scalar(f"pretrain/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def training_log(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run's ``log.jsonl`` as two tables: the logged optimisation steps (loss, entropies, schedules,
     images/s) and the k-NN evaluations (one row per epoch end). A line cut short by a kill is skipped, as the
     trainer itself does when it resumes."""
-    path = Path(run) / "log.jsonl"
+    path = Path(run) / LOG_FILE
     if not path.is_file():
         raise BonyError(f"{path}: no training log (is {run} a pretraining run folder? run bony pretrain first)")
     records = []
@@ -36,45 +82,6 @@ def training_log(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if steps.empty:
         raise BonyError(f"{path}: no logged step yet")
     return steps, pd.DataFrame([r for r in records if "knn_accuracy" in r])
-
-
-def run_config(run: Path | PretrainConfig) -> dict[str, Any]:
-    """The config a run trained with (its ``config.yaml``), complete: a key added to the schema after the run
-    was written has its default. A :class:`PretrainConfig` (a run about to start: ``Trainer.resolved_config``)
-    is taken as it is."""
-    if isinstance(run, PretrainConfig):
-        return to_dict(run)
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise BonyError(f"{path}: no run config (is {run} a pretraining run folder? run bony pretrain first)")
-    return to_dict(load_config(PretrainConfig, path))
-
-
-def training_differences(first: Path | PretrainConfig, second: Path | PretrainConfig) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (first's value, second's value)}`` for every setting that changes what the two runs
-    trained. Keys that only change how a run is executed, logged or monitored (data workers, logging, the k-NN
-    monitor; :data:`~bonylib.ssl.checkpoints.RUN_ONLY_KEYS`) are left out, except ``max_steps``, which a resume
-    may change but which cuts the training short; a key one run predates counts at its default."""
-    changes = config_changes(run_config(first), run_config(second))
-    differences = refused_changes(changes, allowed=())
-    if "max_steps" in changes:
-        differences["max_steps"] = changes["max_steps"]
-    return differences
-
-
-def require_same_budget(first: Path | PretrainConfig, second: Path | PretrainConfig, studied: set[str]) -> None:
-    """A :class:`BonyError` unless the two runs differ in exactly the ``studied`` settings and, where both have
-    trained, in no number of steps: the condition for reading a difference between them as the studied setting's
-    effect at the same compute budget. Check a run before it trains (pass its resolved config) and after."""
-    differences = training_differences(first, second)
-    if set(differences) != studied:
-        listed = ", ".join(f"{key}: {a!r} / {b!r}" for key, (a, b) in differences.items()) or "nothing"
-        raise BonyError(f"{first} and {second} differ in {listed}; a comparison at the same budget needs them to "
-                        f"differ in {', '.join(sorted(studied))} only")
-    trained = [training_log(run)[0]["step"].iloc[-1] for run in (first, second)
-               if not isinstance(run, PretrainConfig) and (Path(run) / "log.jsonl").is_file()]
-    if len(trained) == 2 and trained[0] != trained[1]:
-        raise BonyError(f"{first} trained {trained[0]} steps and {second} {trained[1]}: finish both before comparing")
 
 
 def training_summary(run: Path, last: int = 5) -> dict[str, float]:

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from bonylib.data.synthetic.tissue import ZONE_BENIGN, ZONE_G3, ZONE_G4, ZONE_G5, ZONE_STROMA
+from bonylib.data.synthetic.tissue import ZONE_BENIGN, ZONE_STROMA
 
 # Zone maps are computed on a grid this many times coarser than the image, then enlarged:
 # boundaries are organic at this scale and the Voronoi query stays cheap at slide size.
@@ -35,10 +35,6 @@ class Case:
     """The composition a synthetic biopsy is drawn from: zone code → fraction of the tissue."""
 
     mix: dict[int, float]
-
-    @property
-    def is_cancer(self) -> bool:
-        return any(z in self.mix for z in (ZONE_G3, ZONE_G4, ZONE_G5))
 
 
 def sample_case(rng: np.random.Generator, benign_fraction: float) -> Case:

@@ -81,6 +81,7 @@ class ImageClasses:
         self.targets = class_targets(per_image["label"], self._classes)
         self.by_group = bool((per_image["group"] != "").all())
         self.units = per_image["group"].to_numpy() if self.by_group else self.images
+        self.group_unit = "groups" if self.by_group else "images"  # what the intervals resample
         counts = np.bincount(self.targets, minlength=len(self._classes))
         if counts.min() < cfg.folds:
             raise BonyError(f"{source}: class {self._classes[int(counts.argmin())]!r} has {counts.min()} images, fewer "

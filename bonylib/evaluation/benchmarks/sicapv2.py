@@ -104,6 +104,7 @@ class Sicapv2:
 
     name = "sicapv2"
     title = "SICAPv2"
+    group_unit = "patients"
 
     def __init__(self, cfg: Sicapv2Config, selections: Path) -> None:
         self.cfg = cfg

@@ -7,7 +7,7 @@ embedding store keys its cache on :meth:`Encoder.fingerprint`, so embeddings com
 encoder (other weights, another output, another input size) are never mixed with these.
 
 The builders (Bony exports, random init, timm files, Hibou, HistoEncoder, the handcrafted baseline)
-are in :mod:`bonylib.evaluation.loaders`.
+are in :mod:`bonylib.models.loaders`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from bonylib.errors import ConfigError
+from bonylib.models.backbones import backbone_tokens
 from bonylib.runtime import Precision
 
 OUTPUTS: tuple[str, ...] = ("cls", "cls+mean", "patch")
@@ -102,18 +104,6 @@ def check_output(output: str) -> None:
         raise ConfigError(f"embedding output '{output}' is not one of {', '.join(OUTPUTS)}")
 
 
-def timm_tokens(module: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``tokens`` of a timm ViT or XCiT: the pooled feature timm's own head would see, and the
-    patch tokens after the final norm (register and class tokens dropped)."""
-    prefix = int(getattr(module, "num_prefix_tokens", 1))
-
-    def tokens(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = module.forward_features(batch)
-        return module.forward_head(x, pre_logits=True), x[:, prefix:]
-
-    return tokens
-
-
 def from_backbone(module: nn.Module, name: str, input_size: int, mean: tuple[float, float, float],
                   std: tuple[float, float, float], identity: dict[str, Any],
                   precision: Precision | None = None) -> Encoder:
@@ -122,6 +112,6 @@ def from_backbone(module: nn.Module, name: str, input_size: int, mean: tuple[flo
     module.eval()
     patch = getattr(getattr(module, "patch_embed", None), "patch_size", None)
     patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch is not None else None
-    return Encoder(name=name, tokens=timm_tokens(module), input_size=input_size, mean=tuple(mean), std=tuple(std),
+    return Encoder(name=name, tokens=partial(backbone_tokens, module), input_size=input_size, mean=tuple(mean), std=tuple(std),
                    embed_dim=int(module.num_features), patch_size=patch_size, identity=identity,
                    precision=precision or Precision("fp32", "fp32", "the default"), module=module)

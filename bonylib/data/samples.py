@@ -18,7 +18,7 @@ from PIL import Image
 from bonylib.errors import BonyError
 from bonylib.files import atomic_path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def shared_data_dir() -> Path | None:

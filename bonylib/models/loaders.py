@@ -1,4 +1,4 @@
-"""Where encoders come from: each builder returns an :class:`~bonylib.evaluation.encoders.Encoder`.
+"""Where encoders come from: each builder returns an :class:`~bonylib.models.encoders.Encoder`.
 
 - :func:`from_export`: a Bony pretraining export (the teacher backbone, or its DINO head's output);
 - :func:`random_init`: the same architecture untrained, from a seed (the floor that shows what training adds);
@@ -33,10 +33,10 @@ from timm.layers import SwiGLUPacked
 from torch import nn
 
 from bonylib.errors import BonyError, ConfigError
-from bonylib.evaluation.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
 from bonylib.files import sha256_file
 from bonylib.models.backbones import create_backbone
-from bonylib.models.export import load_encoder, load_head
+from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, from_backbone
+from bonylib.models.export import load_backbone, load_head
 
 Triple = tuple[float, float, float]
 
@@ -108,7 +108,7 @@ def from_export(run_or_dir: Path, output: str = "backbone") -> Encoder:
     if output not in ("backbone", "head"):
         raise ConfigError(f"export output '{output}' is not one of backbone, head")
     run = Path(run_or_dir)
-    backbone, meta = load_encoder(run)
+    backbone, meta = load_backbone(run)
     identity = {"kind": "bony-export", "backbone": meta["backbone"], "sha256": meta["sha256"], "step": meta.get("step"),
                 "output": output}
     if meta["stem"] != "none":  # only then, so exports without a stem keep the fingerprints of their stored embeddings
