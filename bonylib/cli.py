@@ -77,7 +77,8 @@ def _tile_arguments(parser: argparse.ArgumentParser) -> None:
     from bonylib.data.sources import FORMATS
 
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help="a dataset folder (--format panda|sicapv2|deepgleason), or slide files and folders (--format slides)")
+                        help="a dataset folder (--format panda|sicapv2|deepgleason|imagefolder), or slide files and folders "
+                        "(--format slides)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: manifest.parquet, parts/, failures.csv, ...")
     parser.add_argument("--format", default="slides", choices=FORMATS, help="how to read INPUT (default: slides)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",

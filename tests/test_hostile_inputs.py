@@ -343,6 +343,18 @@ def test_a_panda_manifest_of_one_class_is_refused_not_scored(bench: dict[str, Pa
     one_line(str(caught.value), str(one_class), "1 class (benign)", "cannot be wrong")
 
 
+def test_an_image_folder_of_one_class_is_refused_not_scored(tmp_path: Path) -> None:
+    """main's images benchmark (issue 20) gets the same rule: its k folds train and test on one class otherwise."""
+    from bonylib.evaluation.benchmarks.images import ImageClasses
+    from tests.test_real_benchmarks import folder_manifest, images_config
+
+    one_class = tmp_path / "one.parquet"
+    pd.read_parquet(folder_manifest(tmp_path / "m.parquet")).assign(image_label="benign").to_parquet(one_class)
+    with pytest.raises(BonyError) as caught:
+        ImageClasses(images_config(one_class), tmp_path)
+    one_line(str(caught.value), str(one_class), "hold 1 class (benign)")
+
+
 @pytest.mark.parametrize("temperature", ["0", "-0.07", "nan", "inf"])
 def test_a_knn_temperature_that_is_not_positive_is_refused(temperature: str) -> None:
     from bonylib.evaluation.evaluate import EvaluateConfig

@@ -13,11 +13,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bonylib import plotting
 from bonylib.evaluation.benchmarks import BENCHMARKS
 from bonylib.evaluation.figures import results_table
 from bonylib.evaluation.results import SUMMARY, direction, number_format, read_results, text_table
@@ -68,40 +68,12 @@ def interval_figure(out: Path) -> Figure:
     """Every encoder on the summary metrics: the mean over runs as a dot, its interval as a whisker (solid: the 95 %
     bootstrap over test slides; dashed: the range over folds); a cell without an interval shows its dot hollow and
     why (once, under the panel's title, when every such cell gives the same reason), and an encoder not evaluated says
-    so."""
+    so (:func:`bonylib.plotting.interval_dots`)."""
     lines = _summary_lines(out)
-    columns = list(dict.fromkeys(lines["column"]))
-    labels = list(dict.fromkeys(lines["label"]))
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.55 * len(labels) + 1.4), sharey=True,
-                             squeeze=False)
-    y = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
-    for ax, column in zip(axes[0], columns):
-        cells = lines[lines["column"] == column]
+    titles, formats, shared = {}, {}, {}
+    for column, cells in lines.groupby("column", sort=False):
         metric = cells["metric"].iloc[0]
-        fmt = number_format(metric, cells["mean"])
-        shared = _shared_reason(cells)
-        finite = cells[np.isfinite(cells["mean"])]
-        span = np.concatenate([finite["mean"], finite["ci_low"].dropna(), finite["ci_high"].dropna()])
-        left = float(span.min()) if span.size else 0.0
-        for _, cell in cells.iterrows():
-            row = y[cell["label"]]
-            if not np.isfinite(cell["mean"]):
-                ax.annotate("not evaluated", (left, row), fontsize=7, color="grey", va="center")
-                continue
-            if cell["interval"]:
-                ax.plot([cell["ci_low"], cell["ci_high"]], [row, row], color="C0", lw=1.6,
-                        ls="-" if cell["interval"] == "bootstrap" else "--")
-                ax.plot(cell["mean"], row, "o", color="C0")
-            else:
-                ax.plot(cell["mean"], row, "o", mfc="white", color="C0")
-                if not shared:
-                    ax.annotate(f"no CI: {cell['interval_note']}", (cell["mean"], row), xytext=(0, -9),
-                                textcoords="offset points", fontsize=6.5, color="grey", ha="center", va="top")
-        ax.set_title(f"{column} {direction(metric)}" + (f"\nno CI: {shared}" if shared else ""), fontsize=9)
-        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: format(value, fmt)))
-        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
-        ax.grid(axis="x", alpha=0.3)
-        ax.margins(x=0.15, y=0.12)
-    axes[0][0].set_yticks(list(y.values()), list(y))
-    fig.tight_layout()
-    return fig
+        titles[column] = f"{column} {direction(metric)}"
+        formats[column] = number_format(metric, cells["mean"])
+        shared[column] = _shared_reason(cells)
+    return plotting.interval_dots(lines, titles, formats, shared)
