@@ -24,6 +24,7 @@ split again by patient for the validation part early stopping needs. The reconst
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, C
                                                   with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
 from bonylib.evaluation.benchmarks.panda import ISUP_GRADES
+
+log = logging.getLogger(__name__)
 
 HEADS = ("reconstruction", "patches", "patches_knn", "slides")
 PATCH_HEADS = {"patches": "linear", "patches_knn": "knn", "slides": "knn"}
@@ -128,9 +131,8 @@ class Sicapv2:
             parts[used] = with_validation(parts[used].astype(str), self.patients[used], cfg.val_fraction,
                                           cfg.split_seed)
             self.patch_parts[partition] = parts.astype(str)
-            if any(head in PATCH_HEADS for head in cfg.heads):  # a patch classifier is fitted
-                check_classes(self.labels[used], parts[used], PATCH_CLASSES,
-                              f"{Path(cfg.data) / 'partition'}: {partition} patch classes")
+        if any(head in PATCH_HEADS for head in cfg.heads):  # a patch classifier is fitted
+            self._check_classes(cfg)
         if "slides" in cfg.heads:
             self._read_slides(Path(cfg.data))
         runs = tuple((p, s) for p in cfg.partitions for s in range(cfg.runs))
@@ -149,6 +151,24 @@ class Sicapv2:
                 self.columns += [Column(head, m, splits, f"{self.title} {what} {METRIC_NAMES[m]}",
                                         headline=m in ("balanced_accuracy", "quadratic_weighted_kappa"))
                                  for splits in groups for m in shown]
+
+    def _check_classes(self, cfg: Sicapv2Config) -> None:
+        """Refuse a column of patch scores that cannot be wrong (:func:`check_classes`): the Test partition, or the folds
+        it pools (Val1..Val4, whose predictions are scored together), trained on fewer than two classes. A single fold
+        of one class in a pool is scored with the others (its patches are predicted as that class) and named in a
+        warning: on small copies a fold's few training patients may all be of one class."""
+        folds = [p for p in cfg.partitions if p != "Test"]
+        where = f"{Path(cfg.data) / 'partition'}"
+        for group in ([["Test"]] if "Test" in cfg.partitions else []) + ([folds] if folds else []):
+            parts = np.concatenate([self.patch_parts[p] for p in group])
+            check_classes(np.tile(self.labels, len(group)), parts, PATCH_CLASSES,
+                          f"{where}: {'+'.join(group)} patch classes")
+            for fold in group if len(group) > 1 else []:
+                trained = np.unique(self.labels[self.patch_parts[fold] == "train"])
+                if len(trained) < 2:
+                    log.warning("%s: %s trains on one patch class (%s): its test patches are all predicted as it, "
+                                "and scored with the other folds'", where, fold, PATCH_CLASSES[int(trained[0])]
+                                if len(trained) else "none")
 
     def _read_slides(self, data: Path) -> None:
         """For the ``slides`` head: each patch's slide, each slide's ISUP grade and patient, and each partition's test
