@@ -262,3 +262,31 @@ def growth_curves(table: pd.DataFrame, exponents: pd.DataFrame, labels: dict[str
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     return fig
+
+
+def cluster_overview(counts: pd.DataFrame, examples: Sequence[Sequence[np.ndarray]]) -> Figure:
+    """The clusters of a curated collection: left, the tiles of each cluster (rows of ``counts``) stacked by label
+    (its columns, class colours where a column is a class), on a log scale so that small clusters show; right,
+    ``examples[i]``, a few tiles of cluster i in a row."""
+    clusters, per_row = len(counts), max(len(row) for row in examples)
+    fig = plt.figure(figsize=(4.5 + 1.1 * per_row, 0.9 + 1.1 * clusters), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.1 * per_row])
+    ax = left.subplots()
+    start = np.zeros(clusters)
+    for label in counts.columns:
+        colour = np.asarray(CLASS_COLOURS[label]) / 255 if label in CLASS_COLOURS else "lightgrey"
+        ax.barh(np.arange(clusters), counts[label], left=start, color=colour, edgecolor="black", lw=0.3, label=label)
+        start = start + counts[label].to_numpy()
+    ax.set(yticks=np.arange(clusters), yticklabels=[f"cluster {c}" for c in counts.index], xscale="log",
+           xlabel="tiles (log scale)", ylim=(clusters - 0.5, -0.5))
+    ax.set_xlim(left=0.8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("tiles per cluster, by label", fontsize=10)
+    axes = right.subplots(clusters, per_row, squeeze=False)
+    for row, tiles in zip(axes, examples):
+        for ax, tile in zip(row, [*tiles, *[None] * (per_row - len(tiles))]):
+            ax.set_axis_off()
+            if tile is not None:
+                ax.imshow(tile)
+    right.suptitle("example tiles of each cluster", fontsize=10)
+    return fig

@@ -390,8 +390,10 @@ class Trainer:
 
 
 def _mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric averaged over the micro-batches of a step."""
-    return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]} if metrics else {}
+    """Each metric averaged over the micro-batches of a step that have it (iBOT's patch entropies need a masked
+    patch)."""
+    keys = dict.fromkeys(key for m in metrics for key in m)
+    return {key: sum(m[key] for m in metrics if key in m) / sum(key in m for m in metrics) for key in keys}
 
 
 @dataclass

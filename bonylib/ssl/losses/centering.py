@@ -56,8 +56,9 @@ class SinkhornKnoppCentering(nn.Module):
     each sample's own. The rows returned sum to 1 exactly (the last scaling is the rows'); the columns sum to B / K
     up to what the last round leaves.
 
-    Numerically safe where ``exp(t / T)`` is not: the logits are shifted by their maximum over every process
-    first (a constant factor of ``Q``, which the scalings remove), so no term overflows.
+    Computed in the log domain (each scaling a log-sum-exp, across processes by their maximum and then their sum), so
+    no term overflows or vanishes: DINOv2's ``exp(t / T)`` overflows float32 beyond logits of about 3.5 at T = 0.04,
+    and shifted by its maximum, a prototype that every sample scores far below it becomes a column of zeros (0 / 0).
     """
 
     def __init__(self, iterations: int = 3) -> None:
@@ -67,26 +68,32 @@ class SinkhornKnoppCentering(nn.Module):
     @torch.no_grad()
     def targets(self, teacher_output: torch.Tensor, temperature: float) -> torch.Tensor:
         """Sinkhorn-Knopp targets (rows sum to 1) of ``teacher_output`` (B_local, K), float32."""
-        logits = teacher_output.float() / temperature
-        shift = logits.max() if len(logits) else logits.new_tensor(-torch.inf)
-        count = logits.new_tensor(float(len(logits)))
+        log_q = teacher_output.float() / temperature
+        count = log_q.new_tensor(float(len(log_q)))
         if _distributed():
-            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
             dist.all_reduce(count)
         if count == 0:  # no rows anywhere (iBOT with nothing masked): nothing to assign
-            return logits.softmax(dim=-1)
-        q = torch.exp(logits - shift)
-        prototypes = q.shape[1]
+            return log_q.softmax(dim=-1)
+        log_share = torch.log(count / log_q.shape[1])
         for _ in range(self.iterations):
-            columns = q.sum(dim=0, keepdim=True)
-            if _distributed():
-                dist.all_reduce(columns)
-            q = q / columns * (count / prototypes)  # every prototype: total weight B / K
-            q = q / q.sum(dim=1, keepdim=True)  # every sample: total weight 1
-        return q
+            log_q = log_q - _log_column_sums(log_q) + log_share  # every prototype: total weight B / K
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # every sample: total weight 1
+        return log_q.exp()
 
     def update(self, teacher_output: torch.Tensor) -> None:
         """Nothing to learn: each batch is centred on itself."""
+
+
+def _log_column_sums(log_q: torch.Tensor) -> torch.Tensor:
+    """``log sum_rows exp(log_q)`` per column (1, K) over the rows of every process: each column's maximum is
+    all-reduced first, then the sums of the exponentials below it."""
+    peak = log_q.max(dim=0, keepdim=True).values if len(log_q) else log_q.new_full((1, log_q.shape[1]), -torch.inf)
+    if _distributed():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    sums = torch.exp(log_q - peak).sum(dim=0, keepdim=True)
+    if _distributed():
+        dist.all_reduce(sums)
+    return peak + torch.log(sums)
 
 
 def build_centering(kind: str, out_dim: int, momentum: float, iterations: int) -> EMACentering | SinkhornKnoppCentering:

@@ -65,11 +65,15 @@ class IBOTLoss(Objective):
     def metrics(self, teacher: CropOutputs, epoch: int) -> dict[str, float]:
         """The mean entropy of the teacher's patch targets (ln K: uniform, patch-level collapse) and the share of
         prototypes' mass the batch spreads over (the entropy of the mean target), on the masked patches."""
-        if teacher.masked is None or not len(teacher.masked):
+        if teacher.masked is None:
             return {}
-        per_patch, of_mean = entropies(self.centering.targets(teacher.masked, self.teacher_temperature(epoch)))
-        return {"ibot_teacher_entropy": float(per_patch), "ibot_mean_entropy": float(of_mean),
-                "ibot_masked_patches": float(len(teacher.masked))}
+        # every process computes the targets, masked patches or not: Sinkhorn-Knopp's sums are collective
+        targets = self.centering.targets(teacher.masked, self.teacher_temperature(epoch))
+        if not len(targets):
+            return {"ibot_masked_patches": 0.0}
+        per_patch, of_mean = entropies(targets)
+        return {"ibot_masked_patches": float(len(targets)), "ibot_teacher_entropy": float(per_patch),
+                "ibot_mean_entropy": float(of_mean)}
 
 
 def build(cfg: TrainConfig) -> IBOTLoss | None:
