@@ -290,3 +290,19 @@ def cluster_overview(counts: pd.DataFrame, examples: Sequence[Sequence[np.ndarra
                 ax.imshow(tile)
     right.suptitle("example tiles of each cluster", fontsize=10)
     return fig
+
+
+def run_curves(logs: dict[str, pd.DataFrame], columns: dict[str, str]) -> Figure:
+    """Several runs' logged values against the step, one panel per column (``columns``: column -> title), one colour
+    per run; a run without a column (a term it does not train) has no line in that panel."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.3), squeeze=False)
+    for i, (label, steps) in enumerate(logs.items()):
+        for ax, column in zip(axes[0], columns):
+            if column in steps and steps[column].notna().any():
+                ax.plot(steps["step"], steps[column], color=f"C{i}", label=label)
+    for ax, title in zip(axes[0], columns.values()):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
