@@ -13,11 +13,13 @@ RUN ?= runs/demo
 export PATH := $(VENV)/bin:$(PATH)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: env report test slurm-check clean help venv-path
+.PHONY: env report test lab browser check-book slurm-check clean help venv-path
 
 help:
 	@echo "make report  - environment, demo data, the numbered notebooks (papermill), HTML book in _build/html"
-	@echo "make test    - environment and the test suite"
+	@echo "make test    - environment, the browser where the machine allows it, and the test suite"
+	@echo "make lab     - JupyterLab on the notebooks with the project environment as the kernel 'bony' (LAB_PORT=8888)"
+	@echo "make check-book - the built book (make report) in headless Chromium: every page, screenshots in $(RUN)/screenshots"
 	@echo "make slurm-check - the sbatch scripts on a one-node SLURM started here (root, ~10 min; not in make test)"
 	@echo "make clean   - remove the run folder and the book build (the cached environment stays)"
 	@echo "make venv-path - print the cached environment's folder (source it: \$$(make -s venv-path)/bin/activate)"
@@ -55,13 +57,32 @@ book/_static/mathjax/tex-chtml.js: $(MATHJAX)/es5/tex-chtml.js
 	rm -rf book/_static/mathjax && mkdir -p book/_static
 	cp -r $(MATHJAX)/es5 book/_static/mathjax
 
+# Headless Chromium for the browser test (tests/test_browser.py, Playwright drives the system's browser): Debian's
+# package, installed as root where apt-get exists; elsewhere the test skips and says how to get one (BONY_CHROMIUM
+# names a Chromium of your own).
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$${BONY_CHROMIUM:-}" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no Chromium and no root apt-get here: the browser test will skip (install chromium, or set BONY_CHROMIUM)"; fi
+
 report: env book/_static/mathjax/tex-chtml.js
 	bony synth all $(RUN)/data --config configs/synth/demo.yaml
 	bony report --run $(RUN) --config configs/report/demo.yaml
 	@echo "report: $(CURDIR)/_build/html/index.html"
 
-test: env book/_static/mathjax/tex-chtml.js
+test: env browser book/_static/mathjax/tex-chtml.js
 	python -m pytest $(PYTEST_ARGS)
+
+# JupyterLab at the repository root on notebooks/, the environment installed as the kernel "bony" (Ctrl-C stops it).
+LAB_PORT ?= 8888
+lab: env
+	python -m bonylib.lab --port $(LAB_PORT)
+
+# The book that `make report` built, in headless Chromium: every page, links, images, scripts, formulas, error cells.
+check-book: env browser
+	python -m tests.browser _build/html --run $(RUN)
 
 # Installs and starts a one-node SLURM on this machine and runs the cluster path through it: slurm/check.sh.
 slurm-check: env book/_static/mathjax/tex-chtml.js

@@ -77,7 +77,8 @@ def _tile_arguments(parser: argparse.ArgumentParser) -> None:
     from bonylib.data.sources import FORMATS
 
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help="a dataset folder (--format panda|sicapv2|deepgleason), or slide files and folders (--format slides)")
+                        help="a dataset folder (--format panda|sicapv2|deepgleason|imagefolder), or slide files and folders "
+                        "(--format slides)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: manifest.parquet, parts/, failures.csv, ...")
     parser.add_argument("--format", default="slides", choices=FORMATS, help="how to read INPUT (default: slides)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
@@ -199,11 +200,33 @@ def _attention_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _import_dino_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                        help="a facebookresearch/dino checkpoint.pth (main_dino.py's, e.g. the seed's checkpoint_4096.pth) "
+                        "or a released dino_*_pretrain.pth backbone")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the Bony export (teacher_backbone.safetensors, teacher_head.safetensors, .json): "
+                        "then bony:<out> and bony-head:<out> name it")
+
+
+def _import_dino_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.models.dino_checkpoints import export_dino
+
+    print(export_dino(args.checkpoint, args.out, cfg.network))
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder the notebooks read and write (default: runs/demo)")
     parser.add_argument("--book", type=Path, default=Path("."), help="book root, the folder with _config.yml and _toc.yml (default: .)")
     parser.add_argument("--parameters", type=Path, metavar="FILE",
                         help="YAML mapping of papermill parameters for every notebook this call runs (over the config's)")
+    parser.add_argument("--only", action="append", default=[], metavar="NN",
+                        help="run only this notebook (its number, e.g. 05, or its stem; repeat or comma-separate for "
+                        "several), even if up to date, then build the book from every executed copy")
+    parser.add_argument("--force", action="store_true",
+                        help="run every notebook, even those whose notebook, parameters and run files are unchanged "
+                        "(after a change to bonylib itself)")
 
 
 def _report_run(args: argparse.Namespace, cfg: Any) -> int:
@@ -214,7 +237,8 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
         extra = read_mapping(args.parameters)
         for source in notebook_paths(args.book.resolve(), list(cfg.notebooks)):
             cfg.parameters[source.stem] = {**cfg.parameters.get(source.stem, {}), **extra}
-    index = build_report(args.book, args.run, cfg)
+    only = [name.strip() for names in args.only for name in names.split(",") if name.strip()]
+    index = build_report(args.book, args.run, cfg, only=only, force=args.force)
     print(index)
     return 0
 
@@ -227,6 +251,7 @@ def _commands() -> list[Command]:
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
     from bonylib.evaluation.evaluate import EvaluateConfig
+    from bonylib.models.dino_checkpoints import DinoImportConfig
     from bonylib.report import ReportConfig
 
     return [
@@ -244,6 +269,8 @@ def _commands() -> list[Command]:
                 EvaluateConfig, _evaluate_arguments, _evaluate_run),
         Command("attention", "attention maps of an encoder (ViT, XCiT) over an image, or heatmaps over a slide",
                 AttentionConfig, _attention_arguments, _attention_run),
+        Command("import-dino", "convert a facebookresearch/dino checkpoint (the seed's models) into a Bony export",
+                DinoImportConfig, _import_dino_arguments, _import_dino_run),
         Command("report", "run the numbered notebooks with papermill and build the HTML book",
                 ReportConfig, _report_arguments, _report_run),
     ]

@@ -264,6 +264,142 @@ def growth_curves(table: pd.DataFrame, exponents: pd.DataFrame, labels: dict[str
     return fig
 
 
+def learning_curves(runs: dict[str, list[tuple[pd.DataFrame, int]]], title: str) -> Figure:
+    """Training loss and the validation score a head was early-stopped on, per step, one colour per row label and a
+    line per run; each run's kept step dotted. ``runs``: per label, each run's curve (``step``, ``train_loss`` and
+    the score's column) and its best step."""
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 3.4))
+    for colour, (label, group) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+        for i, (curve, best_step) in enumerate(group):
+            score = next(c for c in curve.columns if c not in ("step", "train_loss"))
+            loss_ax.plot(curve.step, curve.train_loss, color=colour, alpha=0.6, label=label if i == 0 else None)
+            val_ax.plot(curve.step, curve[score], color=colour, alpha=0.6)
+            val_ax.axvline(best_step, color=colour, lw=0.6, ls=":")
+            val_ax.set_ylabel(f"validation {score.replace('_', ' ')}")
+    loss_ax.set_ylabel("training loss")
+    for ax in (loss_ax, val_ax):
+        ax.set_xlabel("step")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(matrices: dict[str, tuple[np.ndarray, Sequence[str], int]]) -> Figure:
+    """One panel per row label: its confusion matrix as shares of each true class (rows), its class names, and the
+    number of runs it sums."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    for ax, (label, (shares, classes, runs)) in zip(axes[0], matrices.items()):
+        ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), value in np.ndenumerate(shares):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{label}\n({runs} runs)", fontsize=9)
+    axes[0][0].set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+def _show_decoded(ax: plt.Axes, image: np.ndarray) -> None:
+    """An RGB reconstruction (3, h, w), a one-channel target in [0, 1] (1, h, w), or a class map (h, w)."""
+    if image.ndim == 3 and image.shape[0] == 3:
+        ax.imshow(np.clip(np.transpose(image, (1, 2, 0)), 0, 1))
+    elif image.ndim == 3:
+        ax.imshow(image[0], cmap="magma", vmin=0, vmax=1)
+    else:
+        ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def decoded_examples(targets: Sequence[np.ndarray], outputs: dict[str, Sequence[np.ndarray]],
+                     classes: Sequence[str] = ()) -> Figure:
+    """The targets in the top row and each row label's decoded outputs of the same examples below; class maps get a
+    caption naming the classes' codes."""
+    count = len(targets)
+    fig, axes = plt.subplots(1 + len(outputs), count, figsize=(1.7 * count, 1.8 * (1 + len(outputs))), squeeze=False)
+    for j, target in enumerate(targets):
+        _show_decoded(axes[0][j], target)
+    axes[0][0].set_ylabel("target", fontsize=8)
+    for i, (label, images) in enumerate(outputs.items(), start=1):
+        for j, image in enumerate(images):
+            _show_decoded(axes[i][j], image)
+        axes[i][0].set_ylabel(label, fontsize=8)
+    if classes and targets[0].ndim == 2:
+        fig.suptitle("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(classes)), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def heats_side_by_side(thumbnail: np.ndarray, heats: Sequence[tuple[np.ndarray, str]], names: Sequence[str] = ()) -> Figure:
+    """Several colour maps (h, w, 3) over one thumbnail, side by side, each with its title (:func:`draw_heat`)."""
+    aspect = thumbnail.shape[0] / thumbnail.shape[1]
+    fig, axes = plt.subplots(1, len(heats), figsize=(6.5 * len(heats), 6.5 * aspect + 0.8), squeeze=False)
+    for ax, (colours, title) in zip(axes[0], heats):
+        draw_heat(ax, thumbnail, colours, title, names=names)
+    fig.tight_layout()
+    return fig
+
+
+def interval_dots(cells: pd.DataFrame, titles: dict[str, str], formats: dict[str, str],
+                  shared_reasons: dict[str, str]) -> Figure:
+    """Every row on every column: the mean as a dot and its interval as a whisker (solid: ``interval ==
+    "bootstrap"``; dashed: another, e.g. the range over folds); a cell without an interval shows its dot hollow
+    with its ``interval_note``, or, when a column's every such cell gives one reason (``shared_reasons``), the
+    reason once under the title; a row with no mean says it was not evaluated.
+
+    ``cells``: a row per (column, label) with ``mean``, ``ci_low``, ``ci_high``, ``interval``, ``interval_note``;
+    ``titles`` and ``formats`` (format specs) per column."""
+    columns = list(dict.fromkeys(cells["column"]))
+    labels = list(dict.fromkeys(cells["label"]))
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.55 * len(labels) + 1.4), sharey=True,
+                             squeeze=False)
+    y = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
+    for ax, column in zip(axes[0], columns):
+        part = cells[cells["column"] == column]
+        shared, fmt = shared_reasons.get(column, ""), formats[column]
+        finite = part[np.isfinite(part["mean"])]
+        span = np.concatenate([finite["mean"], finite["ci_low"].dropna(), finite["ci_high"].dropna()])
+        left = float(span.min()) if span.size else 0.0
+        for _, cell in part.iterrows():
+            row = y[cell["label"]]
+            if not np.isfinite(cell["mean"]):
+                ax.annotate("not evaluated", (left, row), fontsize=7, color="grey", va="center")
+                continue
+            if cell["interval"]:
+                ax.plot([cell["ci_low"], cell["ci_high"]], [row, row], color="C0", lw=1.6,
+                        ls="-" if cell["interval"] == "bootstrap" else "--")
+                ax.plot(cell["mean"], row, "o", color="C0")
+            else:
+                ax.plot(cell["mean"], row, "o", mfc="white", color="C0")
+                if not shared:
+                    ax.annotate(f"no CI: {cell['interval_note']}", (cell["mean"], row), xytext=(0, -9),
+                                textcoords="offset points", fontsize=6.5, color="grey", ha="center", va="top")
+        ax.set_title(titles[column] + (f"\nno CI: {shared}" if shared else ""), fontsize=9)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _, fmt=fmt: format(value, fmt)))
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15, y=0.12)
+    axes[0][0].set_yticks(list(y.values()), list(y))
+    fig.tight_layout()
+    return fig
+
+
+def token_colour_tiles(tiles: Sequence[np.ndarray], names: Sequence[str], rows: dict[str, np.ndarray]) -> Figure:
+    """Tiles in the top row and under them one row per encoder of its patch tokens' colours ((tiles, grid, grid, 3) in
+    [0, 1]: :func:`bonylib.attention.tokens.token_colours` of these tiles), each token drawn as a block (matplotlib
+    upsamples a small image by nearest neighbour)."""
+    panels, titles = list(tiles), [name[:14] for name in names]
+    for label, colours in rows.items():
+        if len(colours) != len(tiles):
+            raise ValueError(f"token_colour_tiles: {label} has colours for {len(colours)} tiles, not {len(tiles)}")
+        panels += list(colours)
+        titles += [label] + [""] * (len(tiles) - 1)
+    return image_grid(panels, titles, ncols=len(tiles), size=1.9)
+
+
 def cluster_overview(counts: pd.DataFrame, examples: Sequence[Sequence[np.ndarray]]) -> Figure:
     """The clusters of a curated collection: left, the tiles of each cluster (rows of ``counts``) stacked by label
     (its columns, class colours where a column is a class), on a log scale so that small clusters show; right,

@@ -1,7 +1,12 @@
-"""Shared fixtures: the repository root, the smoke datasets (written once), the real sample scans."""
+"""Shared fixtures: the repository root, the smoke datasets (written once), the real sample scans, the smoke report."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ import pytest
 from bonylib.config import load_config
 from bonylib.data.synthetic import SynthConfig, synthesize
 from bonylib.data.samples import shared_data_dir
+from bonylib.report import ReportConfig, build_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,3 +43,51 @@ def shared_data() -> Path:
     if folder is None:
         pytest.skip("../shared/data (real sample scans) is not present")
     return folder
+
+
+def book_copy(repo: Path, dest: Path) -> Path:
+    """The book's own files (config, TOC, pages, notebooks, configs) in a scratch folder."""
+    dest.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(repo / name, dest / name)
+    shutil.copytree(repo / "book", dest / "book", ignore=shutil.ignore_patterns("executed"))
+    shutil.copytree(repo / "notebooks", dest / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(repo / "configs", dest / "configs")
+    return dest
+
+
+@dataclass(frozen=True)
+class BuiltReport:
+    """A report run and built once: its book root, run folder, HTML index page and what it streamed to stderr."""
+
+    book: Path
+    run: Path
+    index: Path
+    stderr: str
+
+
+SMOKE_REPORT_TIMEOUT_S = 3600
+"""pytest-timeout's limit for a test that uses :func:`smoke_report`: the first such test pays for building the
+whole smoke report in its set-up (4-5 minutes on 2 free cores, 15 under the load of other jobs)."""
+
+
+@pytest.fixture(scope="session")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory, smoke_data: Path) -> BuiltReport:
+    """Every chapter of configs/report/smoke.yaml run on the smoke datasets and the book built, once per session:
+    the report tests check its notebooks and pages, the browser test visits them."""
+    if not (REPO / "book" / "_static" / "mathjax" / "tex-chtml.js").is_file():
+        pytest.skip("MathJax is not vendored (make does it before the tests)")
+    root = tmp_path_factory.mktemp("report")
+    book = book_copy(REPO, root / "book_root")
+    run = root / "run"
+    run.mkdir()
+    (run / "data").symlink_to(smoke_data)
+    cfg = load_config(ReportConfig, REPO / "configs" / "report" / "smoke.yaml")
+    streamed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(streamed):  # papermill streams the kernels' stderr to sys.stderr
+            index = build_report(book, run, cfg)
+    except BaseException:
+        sys.__stderr__.write(streamed.getvalue()[-20000:])
+        raise
+    return BuiltReport(book, run, index, streamed.getvalue())

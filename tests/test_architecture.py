@@ -43,3 +43,11 @@ def test_importing_the_trainer_loads_no_evaluation_attention_or_tiling() -> None
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert not [m for m in loaded if m.startswith(("bonylib.evaluation", "bonylib.attention", "bonylib.data.tiling",
                                                     "bonylib.compose"))], loaded
+
+
+def test_figures_are_drawn_in_plotting_only(repo: Path) -> None:
+    """One home for drawing: only bonylib/plotting.py imports matplotlib's pyplot; the stages and the chapters prepare
+    arrays and tables and call its primitives."""
+    drawing = sorted(str(path.relative_to(repo)) for path in (repo / "bonylib").rglob("*.py")
+                     if "matplotlib.pyplot" in path.read_text() or "from matplotlib import pyplot" in path.read_text())
+    assert drawing == ["bonylib/plotting.py"]

@@ -23,11 +23,13 @@ from bonylib.ssl.augment import (
     HED_FROM_RGB,
     RGB_FROM_HED,
     CropConfig,
+    DINOTransform,
     HEDJitter,
     MultiCropTransform,
     crop_box,
     hed_to_rgb,
     rgb_to_hed,
+    views_transform,
 )
 from bonylib.ssl.data import collate_views
 
@@ -360,3 +362,98 @@ def test_collate_views_stacks_by_crop_index() -> None:
             assert torch.equal(batch[b], sample[i])
     with pytest.raises(ValueError, match="different numbers of crops"):
         collate_views([samples[0], (samples[1][0][:3], 1)])
+
+
+# ------------------------------------------------------------------------------------ DINO's own pipeline
+
+
+class ReferenceBlur:
+    """facebookresearch/dino's utils.GaussianBlur, restated."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return img
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+class ReferenceSolarization:
+    """facebookresearch/dino's utils.Solarization, restated."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def reference_dino_augmentation(global_scale, local_scale, local_crops, global_size=224, local_size=96):
+    """DataAugmentationDINO of facebookresearch/dino's main_dino.py, restated from its code with torchvision."""
+    from torchvision import transforms
+
+    flip_and_color_jitter = transforms.Compose([
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ])
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    global1 = transforms.Compose([transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_and_color_jitter, ReferenceBlur(1.0), normalize])
+    global2 = transforms.Compose([transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
+                                  flip_and_color_jitter, ReferenceBlur(0.1), ReferenceSolarization(0.2), normalize])
+    local = transforms.Compose([transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic),
+                                flip_and_color_jitter, ReferenceBlur(p=0.5), normalize])
+    return lambda image: [global1(image), global2(image)] + [local(image) for _ in range(local_crops)]
+
+
+def test_the_dino_pipeline_equals_dinos_own_augmentation_under_the_same_seeds() -> None:
+    cfg = CropConfig(pipeline="dino", global_crops=2, local_crops=8, global_size=224, local_size=96)
+    ours, reference = views_transform(cfg), reference_dino_augmentation((0.4, 1.0), (0.05, 0.4), 8)
+    assert isinstance(ours, DINOTransform)
+    for seed in range(6):
+        image = random_image(300, 260, seed=seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        expected = reference(image)
+        assert len(got) == 10 and [c.shape[-1] for c in got] == [224] * 2 + [96] * 8
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_dino_pipeline_greys_a_fifth_of_the_crops() -> None:
+    """On a uniform pink that colour jitter never makes grey nor saturates, a grey crop (three equal channels before
+    the normalisation) comes from DINO's grayscale: 20 % of the crops."""
+    cfg = CropConfig(pipeline="dino", global_crops=2, local_crops=2, global_size=64, local_size=32)
+    transform = views_transform(cfg)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    pink = Image.fromarray(np.tile(np.array([180, 120, 160], np.uint8), (96, 96, 1)))
+    grey = []
+    for seed in range(400):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        pixels = [c * std + mean for c in transform(pink)]
+        grey += [bool((p[0] - p[1]).abs().max() < 1e-5 and (p[1] - p[2]).abs().max() < 1e-5) for p in pixels]
+    assert 0.16 < np.mean(grey) < 0.24
+
+
+def test_seeded_views_seed_pythons_random_per_sample_and_leave_it_as_it_was() -> None:
+    from bonylib.ssl.data import SeededViews
+
+    cfg = CropConfig(pipeline="dino", global_crops=1, local_crops=2, global_size=64, local_size=32)
+    views = SeededViews([(random_image(80, 80, seed=i), 0) for i in range(3)], views_transform(cfg), seed=5)
+    random.seed(123)
+    state = random.getstate()
+    first = views[1][0]
+    assert random.getstate() == state
+    random.seed(999)  # whatever the caller's state, the sample's crops are the same
+    assert all(torch.equal(a, b) for a, b in zip(first, views[1][0]))

@@ -26,6 +26,7 @@ from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.isup import IsupConfig, SlideIsup
 from bonylib.evaluation.benchmarks.panda import PandaConfig, PandaTiles
 from bonylib.evaluation.benchmarks.sicapv2 import PATCH_CLASSES, Sicapv2, Sicapv2Config, read_partition
+from bonylib.evaluation.intervals import group_bootstrap
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning",
@@ -303,9 +304,12 @@ def test_scores_and_intervals_recompute_from_saved_predictions() -> None:
     assert score("quadratic_weighted_kappa", replicas[0], classes) == pytest.approx(
         cohen_kappa_score(truth, runs[0], weights="quadratic"))
     one = bootstrap_interval("balanced_accuracy", replicas[:1], slides, classes, 200)
-    assert one == metrics.bootstrap_ci(metrics.balanced_accuracy, truth, runs[0], groups=slides, resamples=200)
-    low, high = bootstrap_interval("accuracy", replicas, slides, classes, 200)
-    assert low < np.mean([accuracy_score(truth, p) for p in runs]) < high
+    assert one == group_bootstrap(lambda rows: metrics.balanced_accuracy(truth[rows], runs[0][rows]), slides, 200,
+                                  np.eye(4, dtype=bool)[truth], classes), "balanced accuracy needs every true class"
+    both = bootstrap_interval("accuracy", replicas, slides, classes, 200)
+    assert both.low < np.mean([accuracy_score(truth, p) for p in runs]) < both.high
+    three = np.repeat(np.arange(3), 100).astype(str)
+    assert not bootstrap_interval("accuracy", replicas, three, classes, 200).shown, "3 slides: no interval"
     maps_true, maps_pred = rng.integers(0, 3, (5, 8, 8)), rng.integers(0, 3, (5, 8, 8))
     confusion = np.stack([metrics.confusion_matrix(t, p, 3) for t, p in zip(maps_true, maps_pred)])
     scores = overlap_scores(confusion.sum(0), ["x", "y", "z"])

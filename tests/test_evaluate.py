@@ -151,21 +151,24 @@ def test_results_table_is_the_mean_of_the_runs_with_the_missing_encoder_explaine
     assert table.loc["rnd", f"{column}: std"] == pytest.approx(np.std(values, ddof=1))
     assert table.loc["rnd", f"{column}: runs"] == 4 and table.loc["rnd", f"{column}: split"] == "test"
     low, high = table.loc["rnd", f"{column}: ci_low"], table.loc["rnd", f"{column}: ci_high"]
-    assert 0 <= low <= high <= 1
+    assert np.isnan(low) and np.isnan(high), "one test slide supports no interval"
+    assert table.loc["rnd", f"{column}: interval_note"] == "1 test slide, 10 needed"
     folds = "SICAPv2 patches bal. acc. (Val1-Val2 pooled)"
     assert table.loc["rnd", f"{folds}: runs"] == 4 and table.loc["rnd", f"{folds}: split"] == "Val1+Val2"
+    assert table.loc["rnd", f"{folds}: interval_note"].endswith("test patients, 10 needed"), "two folds: no range either"
     assert "/nonexistent/run: no exported encoder" in table.loc["gone", "note"]
     assert np.isnan(table.loc["gone", f"{column}: mean"])
     markdown = (out / "results.md").read_text()
     assert "| random init (2 seeds) |" in markdown and "| ours, never trained |" in markdown
-    assert f"| {column} |" in markdown and " n=4 |" in markdown and "Dice benign" not in markdown
+    assert f"| {column} |" in markdown and " n=4 (no CI: " in markdown and "Dice benign" not in markdown
 
     from bonylib.evaluation.figures import results_table
 
     shown = results_table(out, "panda", headline=True)  # the chapters' table: results.md's columns, as text
     assert list(shown.index) == ["ours, never trained", "random init (2 seeds)", "hand"]  # a label, else the name
     assert list(shown.columns)[:-1] == [c for c in re.findall(r"\| (PANDA tiles [^|]+?) (?=\|)", markdown.splitlines()[4])]
-    assert shown.loc["random init (2 seeds)", column].startswith(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [")
+    assert shown.loc["random init (2 seeds)", column] == (f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} n=4 "
+                                                          f"(no CI: 1 test slide, 10 needed)")
     assert shown.loc["ours, never trained", column] == "—" and "no exported encoder" in shown.iloc[0]["note"]
     assert "PANDA tiles mlp macro-F1 (test)" in results_table(out, "panda").columns
 
@@ -293,3 +296,31 @@ def test_two_rows_compared_metric_by_metric(run: tuple[Path, Path]) -> None:
         row_comparison(out, "rnd", "gone2")
     with pytest.raises(ConfigError, match="not rnd with itself"):
         row_comparison(out, "rnd", "rnd")
+
+
+def test_results_page_puts_one_number_per_benchmark_first(run: tuple[Path, Path]) -> None:
+    """The results chapter's first table: the seed's three columns, then slide ISUP, a row per encoder; small errors in
+    scientific notation; the table as HTML with one body row per encoder; the figure has a panel per benchmark."""
+    from bonylib.evaluation.results_page import RESULTS_TABLE_ID, interval_figure, summary_table, table_html
+
+    _, out = run
+    table = summary_table(out)
+    assert list(table.columns) == ["PANDA tiles mlp accuracy (test) ↑", "DeepGleason mask MSE (test) ↓",
+                                   "SICAPv2 reconstruction MSE (Test) ↓", "PANDA slides ISUP ABMIL QWK (test) ↑", "note"]
+    assert list(table.index) == ["ours, never trained", "random init (2 seeds)", "hand"]
+    mse = {name: np.mean([json.loads(p.read_text())["metrics"]["mse"]
+                          for p in (out / "runs/deepgleason/mask" / name).glob("*.json")]) for name in ("rnd", "hand")}
+    shown = table["DeepGleason mask MSE (test) ↓"]
+    for name, label in (("rnd", "random init (2 seeds)"), ("hand", "hand")):
+        expected = f"{mse[name]:.2e}" if max(mse.values()) < 0.01 else f"{mse[name]:.3f}"
+        assert shown[label].startswith(expected + " "), (shown[label], mse)
+    assert shown["ours, never trained"] == "—"
+    page = table_html(table, "Results", RESULTS_TABLE_ID)
+    assert page.startswith(f'<div style="overflow-x: auto"><table class="dataframe bony-results" '
+                           f'id="{RESULTS_TABLE_ID}"><caption style=')
+    assert ">Results</caption>" in page
+    body = page.split("<tbody>")[1].split("</tbody>")[0]
+    assert body.count("<tr") == 3 and "&lt;" not in page.replace("&lt;script", "")
+    figure = interval_figure(out)
+    assert len(figure.axes) == 4
+    assert figure.axes[0].get_title().endswith("\nno CI: 1 test slide, 10 needed"), "the test part's one reason, once"

@@ -1,4 +1,4 @@
-"""The benchmark metrics against scikit-learn, scikit-image and hand computations; the slide bootstrap."""
+"""The benchmark metrics against scikit-learn, scikit-image and hand computations (the slide bootstrap: test_intervals)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from sklearn import metrics as sk
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from bonylib.evaluation.metrics import (accuracy, balanced_accuracy, bootstrap_ci, confusion_matrix, dice_per_class,
-                                        iou_per_class, macro_f1, mean_iou, mean_std, mse, psnr,
-                                        quadratic_weighted_kappa, ssim)
+from bonylib.evaluation.metrics import (accuracy, balanced_accuracy, confusion_matrix, dice_per_class, iou_per_class,
+                                        macro_f1, mean_iou, mean_std, mse, psnr, quadratic_weighted_kappa, ssim)
 
 
 def labels(seed: int, n: int = 300, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -110,38 +109,3 @@ def test_mean_std_over_runs() -> None:
     assert mean_std(runs) == pytest.approx((statistics.mean(runs), statistics.stdev(runs)))
     mean, std = mean_std([0.8])
     assert mean == 0.8 and np.isnan(std), "one run has no measured spread"
-
-
-def slide_predictions(slides: int, tiles: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Truth, prediction and slide of each tile; each slide is easy or hard (its stain), so its tiles
-    are right or wrong together: tiles of one slide are not independent draws."""
-    rng = np.random.default_rng(seed)
-    slide = np.repeat(np.arange(slides), tiles)
-    truth = rng.integers(0, 3, slides * tiles)
-    right = rng.random(slides * tiles) < np.where(rng.random(slides) < 0.7, 0.95, 0.3)[slide]
-    return truth, np.where(right, truth, (truth + 1) % 3), slide
-
-
-def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_slides() -> None:
-    truth, predicted, slide = slide_predictions(20, 20, seed=6)
-    low, high = bootstrap_ci(balanced_accuracy, truth, predicted, groups=slide, resamples=500)
-    assert low < balanced_accuracy(truth, predicted) < high
-    assert bootstrap_ci(balanced_accuracy, truth, predicted, groups=slide, resamples=500) == (low, high), "seeded"
-    many = slide_predictions(320, 20, seed=6)
-    many_low, many_high = bootstrap_ci(balanced_accuracy, *many[:2], groups=many[2], resamples=500)
-    assert many_high - many_low < (high - low) / 2, "16x the slides: about a quarter of the width"
-
-
-def test_bootstrap_resamples_slides_not_tiles() -> None:
-    """Tiles of a slide are right or wrong together: resampling tiles as if independent gives a far
-    narrower interval than resampling the slides they came from."""
-    truth, predicted, slide = slide_predictions(20, 50, seed=7)
-    by_slide = bootstrap_ci(accuracy, truth, predicted, groups=slide, resamples=500)
-    by_tile = bootstrap_ci(accuracy, truth, predicted, groups=np.arange(len(slide)), resamples=500)
-    assert by_slide[1] - by_slide[0] > 2.5 * (by_tile[1] - by_tile[0])
-
-
-def test_bootstrap_a_per_image_score() -> None:
-    scores = np.array([0.2, 0.4, 0.6, 0.8])
-    low, high = bootstrap_ci(np.mean, scores, groups=["a", "a", "b", "b"], resamples=200)
-    assert 0.3 <= low <= high <= 0.7, "two slides with means 0.3 and 0.7: every resample mean lies between"

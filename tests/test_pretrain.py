@@ -49,6 +49,18 @@ def test_resumed_run_logs_the_same_losses(repo: Path, images: Path, tmp_path: Pa
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_dinos_own_augmentations_resume_exactly(repo: Path, images: Path, tmp_path: Path) -> None:
+    """DINO's pipeline draws its blur and solarisation from Python's random: seeded per sample too, so a resumed run
+    sees the crops an uninterrupted one sees."""
+    build_trainer(config(repo, images, "crops.pipeline=dino"), tmp_path / "whole").train()
+    build_trainer(config(repo, images, "crops.pipeline=dino", "max_steps=3"), tmp_path / "split").train()
+    build_trainer(config(repo, images, "crops.pipeline=dino"), tmp_path / "split").train()
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(whole) == sorted(split) == list(range(1, 7))
+    for step in whole:
+        assert split[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+
+
 def test_export_loads_into_a_fresh_backbone(repo: Path, images: Path, tmp_path: Path) -> None:
     out = build_trainer(config(repo, images, "max_steps=1"), tmp_path / "run").train()
     meta = json.loads((out / "teacher_backbone.json").read_text())

@@ -55,3 +55,9 @@ def test_every_numbered_notebook_is_in_the_book(repo: Path) -> None:
     toc = (repo / "_toc.yml").read_text()
     for path in sorted((repo / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         assert f"book/executed/{path.stem}" in toc, f"{path.name} is not in _toc.yml"
+
+
+def test_every_chapter_lists_its_run_files(repo: Path) -> None:
+    """A chapter missing from notebooks/run_files.yaml runs at every report (a misspelt name would, silently)."""
+    listed = yaml.safe_load((repo / "notebooks" / "run_files.yaml").read_text())
+    assert set(listed) == {p.stem for p in (repo / "notebooks").glob("[0-9][0-9]_*.ipynb")}

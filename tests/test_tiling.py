@@ -293,14 +293,16 @@ def test_sicapv2_patches_take_labels_and_splits_from_their_files(smoke_data: Pat
     cfg = load_config(TileConfig, None, ["mpp=null", "level=0", "tile_px=128"])  # the whole smoke patch
     manifest = pd.read_parquet(tile("sicapv2", [root], tmp_path / "out", cfg).manifest)
     test_names = set(pd.read_excel(root / "partition" / "Test" / "Test.xlsx").image_name)
+    patients = pd.read_excel(root / "wsi_labels.xlsx").set_index("slide_id")["patient_id"]
     assert len(manifest) == len(list((root / "images").glob("*.jpg")))
     for row in manifest.itertuples():
         values = np.asarray(Image.open(root / "masks" / f"{row.slide_id}.jpg")).astype(int)
         snapped = np.array([0, 3, 4, 5])[np.abs(values[..., None] - [0, 3, 4, 5]).argmin(-1)]
         highest = int(median_filter(snapped, size=5, mode="nearest").max())  # JPEG ringing removed
-        assert row.label_name == ("benign" if highest == 0 else f"G{highest}")
+        assert row.label_name == ("benign" if highest == 0 else f"G{highest}") and row.label_policy == "max"
         assert row.split == ("test" if f"{row.slide_id}.jpg" in test_names else "train")
-        assert row.slide_id.startswith(row.group) and row.mpp == pytest.approx(1.0)
+        assert row.slide_id.startswith(f"{row.parent_slide}_Block_Region_") and row.mpp == pytest.approx(1.0)
+        assert row.group == str(patients[row.parent_slide]), "the group is the patient (the partition's unit)"
 
 
 def test_deepgleason_tiles_are_cut_and_labelled_from_their_masks(smoke_data: Path, tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ from bonylib.config import option, section
 from bonylib.data.datasets import TileDataset
 from bonylib.data.heatmaps import Heatmap, pca_colours, read_thumbnail, thumbnail_size
 from bonylib.data.manifest import row_ids
-from bonylib.data.slides import TILE_IMAGE_SUFFIXES, ImageSlide, open_slide
+from bonylib.data.slides import ImageSlide, open_slide, tile_images
 from bonylib.data.sources import id_problem
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
@@ -132,9 +132,7 @@ def _folder(reference: str, folder: Path, out: Path, cfg: AttentionConfig, block
     if out.resolve() == folder.resolve():
         raise ConfigError(f"{folder}: --out is the folder of images: its PNGs would be mapped as tiles next time; "
                           f"write the maps elsewhere")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TILE_IMAGE_SUFFIXES)
-    if not images:
-        raise BonyError(f"{folder}: no tile images ({', '.join(sorted(TILE_IMAGE_SUFFIXES))}) in this folder")
+    images = tile_images(folder)
     stems: dict[str, list[Path]] = {}
     for path in images:
         stems.setdefault(path.stem, []).append(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -70,19 +69,15 @@ def xcit_views(rgb: np.ndarray, token_norms: np.ndarray, channel_attention: np.n
     heads, d, d) as ``bony attention`` writes them."""
     count, heads = token_norms.shape[:2]
     blocks = list(blocks) or sorted({0, count // 2, count - 1})
-    fig, axes = plt.subplots(len(blocks) + 1, heads, figsize=(2.2 * heads, 2.3 * (len(blocks) + 1)), squeeze=False)
-    for row, block in enumerate(blocks):
+    panels, titles = [], []
+    for block in blocks:
         for head in range(heads):
-            axes[row, head].imshow(plotting.attention_overlay(rgb, resize_nearest(token_norms[block, head], rgb.shape[:2])))
-            axes[row, head].set_title(f"XCA block {block}, head {head}: token norms", fontsize=7)
+            panels.append(plotting.attention_overlay(rgb, resize_nearest(token_norms[block, head], rgb.shape[:2])))
+            titles.append(f"XCA block {block}, head {head}: token norms")
     for head in range(heads):
-        axes[-1, head].imshow(channel_attention[-1, head], cmap="viridis")
-        axes[-1, head].set_title(f"block {count - 1}, head {head}: A_XC ({channel_attention.shape[-1]} channels)",
-                                 fontsize=7)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig
+        panels.append((255 * plotting.heat_colours(channel_attention[-1, head], "viridis")[..., :3]).astype(np.uint8))
+        titles.append(f"block {count - 1}, head {head}: A_XC ({channel_attention.shape[-1]} channels)")
+    return plotting.image_grid(panels, titles, ncols=heads, size=2.2)
 
 
 def slide_figures(thumbnail: np.ndarray, attention: np.ndarray, pca: np.ndarray, name: str, threshold: float | None,

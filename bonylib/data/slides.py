@@ -29,6 +29,15 @@ TILE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 """The files a folder of tile images is read for (``bony pretrain data.images=``, ``bony attention`` on a folder)."""
 
 
+def tile_images(folder: Path) -> list[Path]:
+    """The tile images directly in ``folder`` (not its subfolders), sorted by name; none is an error naming the
+    folder, since every caller (attention maps, patch-token colours) needs at least one."""
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TILE_IMAGE_SUFFIXES)
+    if not images:
+        raise BonyError(f"{folder}: no tile images ({', '.join(sorted(TILE_IMAGE_SUFFIXES))}) in this folder")
+    return images
+
+
 class SlideError(BonyError):
     """A slide (or mask) that cannot be used; the message names the file."""
 

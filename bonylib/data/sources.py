@@ -1,7 +1,7 @@
 """What to tile: the slides of a dataset folder, each with its mask, encoding and grouping.
 
-``bony tile --format panda|sicapv2|deepgleason|slides`` turns a dataset folder (or a list of slide
-files) into :class:`SlideJob` records. Problems that belong to one slide or one row (an unknown
+``bony tile --format panda|sicapv2|deepgleason|imagefolder|slides`` turns a dataset folder (or a list of
+slide files) into :class:`SlideJob` records. Problems that belong to one slide or one row (an unknown
 provider, a duplicate id, a missing mask, a malformed CSV row, an id that is not a safe file name)
 do not stop the listing: the job carries the error and the tiler records it as that slide's failure.
 
@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pandas as pd
-
+from bonylib.data.sicapv2_tables import (PATCH_CLASSES, TILE_LABELS, gleason_text, read_sheet, read_slide_labels,
+                                         slide_of)
 from bonylib.data.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from bonylib.errors import BonyError
 from bonylib.files import path_inside
 
-FORMATS: tuple[str, ...] = ("panda", "sicapv2", "deepgleason", "slides")
+FORMATS: tuple[str, ...] = ("panda", "sicapv2", "deepgleason", "imagefolder", "slides")
 SLIDE_SUFFIXES = frozenset(TIFF_SUFFIXES | IMAGE_SUFFIXES | {".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"})
 SICAPV2_MPP = 1.0  # SICAPv2 patches are 10x
 DEEPGLEASON_MPP = 0.5
@@ -42,8 +42,14 @@ class SlideJob:
 
     ``group`` is the unit that must not straddle data splits (patient or source slide);
     ``split`` is the dataset's own split when it has one; ``patch`` marks a small image cut from a
-    slide (SICAPv2, DeepGleason), which is not searched for tissue at low resolution and may be
-    all glass; ``error`` is set for a slide known to be unusable before it is opened.
+    slide (SICAPv2, DeepGleason, an image folder's images), which is not searched for tissue at low
+    resolution and may be all glass; ``error`` is set for a slide known to be unusable before it is opened.
+
+    Labels that are not in a mask: ``label`` is the ``label_name`` its tiles take when it has no mask (a
+    SICAPv2 patch's spreadsheet class); ``image_label`` the class of the whole image in the dataset's own
+    words (SICAPv2's NC/G3/G4/G5, an image folder's sub-folder); ``parent_slide`` and ``parent_label`` the
+    whole slide a patch was cut from and that slide's label (SICAPv2: its Gleason score from
+    ``wsi_labels.xlsx``), kept for patches that have no label of their own.
     """
 
     slide_id: str
@@ -57,6 +63,10 @@ class SlideJob:
     mpp: float | None = None
     patch: bool = False
     error: str = ""
+    label: str = ""
+    image_label: str = ""
+    parent_slide: str = ""
+    parent_label: str = ""
 
 
 def id_problem(slide_id: str) -> str:
@@ -154,34 +164,65 @@ def panda_jobs(root: Path) -> list[SlideJob]:
     return jobs
 
 
-_SICAP_NAME = re.compile(r"(?P<slide>.+?)_Block_Region_")
-
-
 def sicapv2_jobs(root: Path) -> list[SlideJob]:
-    """SICAPv2: each patch is a one-level slide at 10x with its JPEG mask; split from ``partition/Test``."""
+    """SICAPv2: each patch of ``images/`` is a one-level slide at 10x, as complete or partial a copy as the user has.
+
+    Labels come from SICAPv2's own tables (:mod:`bonylib.data.sicapv2_tables`): a patch with a mask in ``masks/``
+    is labelled from it under the tiling's ``label_policy``; a patch without one takes its class in the partition
+    spreadsheets (``label``: SICAPv2's majority vote of the patch's annotations); a patch in no spreadsheet is
+    unlabelled and keeps its slide's Gleason score (``parent_label``). The split is the ``Test`` partition's,
+    the group the patient (``wsi_labels.xlsx``; the slide when the table is absent). Patches the spreadsheets
+    list but ``images/`` lacks (a partial download) are counted in one log line with the other gaps, not
+    reported one by one.
+    """
     images = root / "images"
     if not images.is_dir():
         raise BonyError(f"{root}: not a SICAPv2 folder (images/ missing)")
     split: dict[str, str] = {}
+    classes: dict[str, str] = {}
     for name in ("Train", "Test"):
         sheet = root / "partition" / "Test" / f"{name}.xlsx"
         if sheet.is_file():
-            try:
-                names = pd.read_excel(sheet)
-            except Exception as exc:  # noqa: BLE001 - openpyxl and zipfile raise many kinds for a broken workbook
-                raise BonyError(f"{sheet}: not a readable spreadsheet ({type(exc).__name__}: {exc})") from None
-            if "image_name" not in names:
-                raise BonyError(f"{sheet}: no image_name column (has {list(names.columns)})")
-            split.update({str(n): name.lower() for n in names["image_name"].dropna()})
+            table = read_sheet(sheet)
+            split.update(dict.fromkeys(table["image_name"], name.lower()))
+            classes.update(zip(table["image_name"], (PATCH_CLASSES[k] for k in table["label"])))
+    slides = read_slide_labels(root) if (root / "wsi_labels.xlsx").is_file() else None
     jobs = []
     for path in sorted(images.glob("*.jpg")):
-        match = _SICAP_NAME.match(path.stem)
+        slide = slide_of(path.stem) or path.stem
+        known = slides is not None and slide in slides.index
+        mask = root / "masks" / path.name
         jobs.append(SlideJob(
-            slide_id=path.stem, path=path, dataset="sicapv2", mask=root / "masks" / path.name, encoding="sicapv2",
-            provider="sicapv2", group=match["slide"] if match else path.stem,
+            slide_id=path.stem, path=path, dataset="sicapv2", mask=mask if mask.is_file() else None,
+            encoding="sicapv2", provider="sicapv2", group=str(slides.at[slide, "patient"]) if known else slide,
             split=split.get(path.name, ""), mpp=SICAPV2_MPP, patch=True,
+            label=TILE_LABELS[classes[path.name]] if path.name in classes else "",
+            image_label=classes.get(path.name, ""), parent_slide=slide,
+            parent_label=gleason_text(*slides.loc[slide, ["primary", "secondary"]]) if known else "",
         ))
+    _log_sicapv2_gaps(root, jobs, set(classes), slides is not None)
     return jobs
+
+
+def _log_sicapv2_gaps(root: Path, jobs: list[SlideJob], listed: set[str], has_slide_table: bool) -> None:
+    """One line on what a SICAPv2 copy holds and lacks (whatever the number of patches), and the label policy
+    that follows from it."""
+    present = {job.path.name for job in jobs}
+    labelled = sum(job.path.name in listed for job in jobs)
+    without_mask = sum(job.mask is None for job in jobs)
+    absent = len(listed - present)
+    unlisted = len(jobs) - labelled
+    parts = [f"{len(jobs)} patches in images/, {labelled} of them in the partition spreadsheets"]
+    if unlisted:
+        kept = "their slide's Gleason score kept in parent_label" if has_slide_table else "no wsi_labels.xlsx"
+        parts.append(f"{unlisted} in none (unlabelled; {kept})")
+    if absent:
+        parts.append(f"{absent} patches the spreadsheets list are not in images/ (a partial copy: left out)")
+    if without_mask:
+        parts.append(f"{without_mask} without a mask in masks/: their tiles take the patch's spreadsheet class "
+                     f"(label_policy 'image': SICAPv2's majority vote of the patch's annotations) instead of the "
+                     f"mask under label_policy")
+    (log.warning if absent or without_mask or unlisted else log.info)("%s: %s", root, "; ".join(parts))
 
 
 def deepgleason_jobs(root: Path) -> list[SlideJob]:
@@ -199,6 +240,33 @@ def deepgleason_jobs(root: Path) -> list[SlideJob]:
                              dataset="deepgleason", mask=mask, encoding="deepgleason", provider="deepgleason",
                              group=row.get("slide_id", ""), split=row.get("split", ""), mpp=DEEPGLEASON_MPP, patch=True,
                              error=error))
+    return jobs
+
+
+def image_folder_jobs(root: Path) -> list[SlideJob]:
+    """A folder of labelled images as torchvision's ``ImageFolder`` reads it: ``root/<class>/<image>``, the class
+    being the sub-folder (``image_label``). An image one level deeper, ``root/<class>/<group>/<image>``, takes that
+    folder as its group (the patient or core it comes from); elsewhere there is no group, and benchmarks then
+    split by image. Images directly in ``root`` (no class) and deeper ones are counted in one line and left out.
+    Each image is one small slide (``patch``): plain images carry no resolution, so tiling needs ``slide_mpp``.
+    """
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise BonyError(f"{root}: no class sub-folders (an image folder holds <class>/<image> files)")
+    jobs, skipped = [], 0
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            depth = len(path.relative_to(folder).parts)
+            if depth > 2:
+                skipped += 1
+                continue
+            jobs.append(SlideJob(slide_id=path.stem, path=path, dataset="imagefolder",
+                                 group=path.parent.name if depth == 2 else "", patch=True, image_label=folder.name))
+    skipped += sum(1 for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    grouped = sum(bool(job.group) for job in jobs)
+    counts = ", ".join(f"{folder.name} {sum(job.image_label == folder.name for job in jobs)}" for folder in folders)
+    log.info("%s: %d images in %d classes (%s), %d with a group folder%s", root, len(jobs), len(folders), counts,
+             grouped, f"; {skipped} images outside <class>/ or <class>/<group>/ left out" if skipped else "")
     return jobs
 
 
@@ -224,4 +292,6 @@ def list_jobs(fmt: str, inputs: list[Path]) -> list[SlideJob]:
         return _checked(slide_files_jobs(inputs))
     if len(inputs) != 1 or not inputs[0].is_dir():
         raise BonyError(f"--format {fmt} takes one dataset folder, got {', '.join(map(str, inputs))}")
-    return _checked({"panda": panda_jobs, "sicapv2": sicapv2_jobs, "deepgleason": deepgleason_jobs}[fmt](inputs[0]))
+    readers = {"panda": panda_jobs, "sicapv2": sicapv2_jobs, "deepgleason": deepgleason_jobs,
+               "imagefolder": image_folder_jobs}
+    return _checked(readers[fmt](inputs[0]))

@@ -53,6 +53,9 @@ from bonylib.files import DiskFullError, atomic_path, ensure_writable_dir, repor
 
 log = logging.getLogger(__name__)
 
+IMAGE_POLICY = "image"
+"""``label_policy`` of tiles labelled with their image's class from the dataset's table (a SICAPv2 patch without a
+mask: its partition-spreadsheet class), not from a mask under the configured policy."""
 NOMINAL_MPP = 0.5
 """Assumed level-0 µm/px for tissue detection on a slide read by level without resolution metadata."""
 
@@ -67,13 +70,15 @@ class TileConfig:
         "finer level is read with a proportionally larger tile (resized when loaded). null: read `level`")
     level: int | None = option(None, "read this pyramid level with tiles of tile_px pixels, whatever its resolution")
     mpp_tolerance: float = option(0.1, "relative difference |level µm/px - mpp| / mpp accepted as equal (PANDA's 0.45-0.49 is 0.5)")
-    slide_mpp: float | None = option(None, "level-0 µm per pixel for files without resolution metadata (plain images)")
+    slide_mpp: float | None = option(None, "level-0 µm per pixel for files without resolution metadata (plain images; "
+                                     "--format imagefolder needs it: 40x scans are about 0.25, 20x 0.5, 10x 1.0)")
     min_tissue: float = option(0.1, "a grid tile is read only if the low-resolution tissue mask covers this fraction of it")
     label_policy: str = option("max", "tile label from its mask: max (highest class present, the seed's), majority, "
                                "or min_fraction (highest cancer class covering min_fraction of the tile's tissue)")
     min_fraction: float = option(0.05, "tissue fraction a cancer class needs under label_policy=min_fraction")
-    missing_mask: str = option("fail", "a dataset slide whose mask file is missing: fail (recorded as a failure) or "
-                               "unlabelled (tiled with an empty label_name)")
+    missing_mask: str = option("fail", "a PANDA or DeepGleason slide whose mask file is missing: fail (recorded as a "
+                               "failure) or unlabelled (tiled with an empty label_name); a SICAPv2 patch without a mask "
+                               "takes its class in the partition spreadsheets (label_policy 'image')")
     shards: bool = option(False, "also write kept tiles as JPEG into one tar shard per slide, for fast training reads")
     shard_quality: int = option(95, "JPEG quality of the tiles in shards")
     workers: int = option(1, "processes tiling slides in parallel")
@@ -165,7 +170,8 @@ def part_schema(shards: bool) -> pa.Schema:
         ("label_name", pa.string()), ("tissue", pa.float32()), *((m, pa.float32()) for m in MEASURES),
         *((c, pa.float32()) for c in FRACTION_COLUMNS), ("keep", pa.bool_()), ("reason", pa.string()),
         ("mpp", pa.float32()), ("dataset", pa.string()), ("provider", pa.string()), ("group", pa.string()),
-        ("split", pa.string()), ("path", pa.string()),
+        ("split", pa.string()), ("path", pa.string()), ("label_policy", pa.string()), ("image_label", pa.string()),
+        ("parent_slide", pa.string()), ("parent_label", pa.string()),
     ]
     if shards:
         fields += [("shard", pa.string()), ("shard_offset", pa.int64()), ("shard_length", pa.int64())]
@@ -181,9 +187,9 @@ def tile_slide(job: SlideJob, cfg: TileConfig, out: Path) -> dict[str, Any]:
         if slide.mpp is None:
             slide.mpp = cfg.slide_mpp
         plan = plan_reading(slide, cfg)
-        if plan.size < cfg.tile_px:
-            log.warning("%s: level %d is coarser than mpp=%s; %d-px tiles will be upsampled to %d",
-                        job.path, plan.level, cfg.mpp, plan.size, cfg.tile_px)
+        if plan.size < cfg.tile_px:  # counted over the run in one warning (tile): one line per patch drowns the log
+            log.debug("%s: level %d is coarser than mpp=%s; %d-px tiles will be upsampled to %d",
+                      job.path, plan.level, cfg.mpp, plan.size, cfg.tile_px)
         mask_slide = None
         if job.mask is not None:
             if job.mask.is_file():
@@ -300,14 +306,20 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
     joined = {key: np.concatenate(parts) for key, parts in columns.items()}
     n = len(joined["x"])
     fractions = joined.pop("fractions", np.full((n, len(FRACTION_COLUMNS)), np.nan, np.float32))
+    if mask_slide is not None:
+        labels, policy = tile_labels(fractions, cfg.label_policy, cfg.min_fraction), cfg.label_policy
+    else:
+        labels, policy = job.label, IMAGE_POLICY if job.label else ""
     frame = pd.DataFrame({
         "slide_id": job.slide_id, "x": joined["x"], "y": joined["y"], "level": level, "size": size,
-        "label_name": tile_labels(fractions, cfg.label_policy, cfg.min_fraction) if mask_slide is not None else "",
+        "label_name": labels,
         "tissue": joined["tissue"], **{m: joined[m] for m in MEASURES},
         **{column: fractions[:, k] for k, column in enumerate(FRACTION_COLUMNS)},
         "keep": joined["keep"], "reason": joined["reason"].astype(str),
         "mpp": plan.tile_mpp if plan.tile_mpp is not None else np.nan,
         "dataset": job.dataset, "provider": job.provider, "group": job.group, "split": job.split, "path": str(job.path),
+        "label_policy": policy, "image_label": job.image_label, "parent_slide": job.parent_slide,
+        "parent_label": job.parent_label,
     })
     if shard is not None:
         frame["shard"] = np.where(frame["keep"], shard.name, "")
@@ -382,6 +394,9 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     With ``shard=(i, n)``, n > 1, only slides i, i+n, ... are tiled and no manifest is written;
     a run without shard, after all array tasks ended, retries their failures and assembles.
     """
+    if fmt == "imagefolder" and cfg.mpp is not None and cfg.slide_mpp is None:
+        raise BonyError("--format imagefolder: plain images carry no resolution; give it with slide_mpp=<µm per pixel> "
+                        "(40x scans: about 0.25), or tile the images' own pixels with mpp=null level=0")
     jobs = list_jobs(fmt, [Path(p) for p in inputs])
     index, count = shard
     if not 0 <= index < count:
@@ -395,6 +410,7 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
     _remove_stale_temporaries(out, [j for j in pending if not j.error], whole_run=count == 1)
     log.info("%d slides: %d already tiled, %d to do, %d workers", len(jobs), len(jobs) - len(pending), len(pending), cfg.workers)
     failures: list[dict[str, str]] = []
+    upsampled: list[dict[str, Any]] = []
     with tqdm(total=len(pending), desc="tiling", unit="slide") as progress:
         for job, summary, error in _run(pending, cfg, out):
             if error:
@@ -402,7 +418,15 @@ def tile(fmt: str, inputs: list[Path], out: Path, cfg: TileConfig, shard: tuple[
                 failures.append({"slide_id": job.slide_id, "path": str(job.path), "error": error})
             else:
                 progress.set_postfix_str(f"{job.slide_id[:12]}: {summary['kept_tiles']} tiles")
+                if summary["size"] < cfg.tile_px:
+                    upsampled.append(summary)
             progress.update()
+    if upsampled:
+        sizes = sorted({int(s["size"]) for s in upsampled})
+        log.warning("%d slides have no level as fine as mpp=%s: their %s-px regions are upsampled to tile_px=%d "
+                    "(finest level: %.3g µm/px, e.g. %s); tile at their resolution with mpp=<that value>",
+                    len(upsampled), cfg.mpp, "/".join(map(str, sizes)), cfg.tile_px,
+                    upsampled[0]["mpp"] * cfg.tile_px / upsampled[0]["size"], upsampled[0]["slide_id"])
     failed = pd.DataFrame(failures, columns=["slide_id", "path", "error"]).sort_values("slide_id")
     manifest = None
     if count == 1:

@@ -5,7 +5,8 @@ encoder and benchmark manifest, the embeddings are computed once into the store 
 (a rerun, or another benchmark on the same tiles, reads them back); each head is then fitted on them
 once per run (seed, split), and each run writes::
 
-    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides,
+    <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides
+                                                                            (or why none),
                                                                             learning curve, confusion matrix,
                                                                             encoder and settings
     <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.npz    the predictions behind them
@@ -43,6 +44,7 @@ from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks import BENCHMARKS
 from bonylib.evaluation.benchmarks.common import Benchmark, Head, RunOutput, bootstrap_interval
 from bonylib.evaluation.benchmarks.deepgleason import DeepGleasonConfig
+from bonylib.evaluation.benchmarks.images import ImagesConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
@@ -56,6 +58,8 @@ from bonylib.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 FORMAT = "bony-metrics-1"
+PATH_KEYS = ("manifest", "data")
+"""A benchmark section's paths (``data`` where it has one): needed to run it, and taken from ``root``."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """An encoder name becomes a folder of the output: one plain name, no separators, no leading dot."""
 
@@ -78,7 +82,9 @@ class EvaluateConfig:
 
     encoders: list[EncoderEntry] = option([], "rows: a list of {name, specs, label, input_size}; a spec is one of "
                                           + spec_forms())
-    benchmarks: list[str] = option(list(BENCHMARKS), f"benchmarks to run: {', '.join(BENCHMARKS)}")
+    benchmarks: list[str] = option(["panda", "deepgleason", "sicapv2", "isup"],
+                                   f"benchmarks to run: {', '.join(BENCHMARKS)} (default: the seed's four; images needs "
+                                   f"an image folder's manifest)")
     bootstrap: int = option(1000, "bootstrap resamples of the test slides for each 95 % interval (0: none)")
     root: str = option("", "folder that relative manifest, data and encoder weight paths are read from (default: the "
                            "working directory); the benchmark chapters set it to their run folder")
@@ -87,6 +93,7 @@ class EvaluateConfig:
     deepgleason: DeepGleasonConfig = section(DeepGleasonConfig, "DeepGleason mask decoding")
     sicapv2: Sicapv2Config = section(Sicapv2Config, "SICAPv2 reconstruction and patch classification")
     isup: IsupConfig = section(IsupConfig, "slide-level ISUP grading (attention-MIL)")
+    images: ImagesConfig = section(ImagesConfig, "image classification by k-fold (an image folder's tiles)")
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
@@ -96,8 +103,9 @@ class EvaluateConfig:
             raise ConfigError("benchmarks: name at least one benchmark, each once")
         for name in self.benchmarks:
             section_cfg = getattr(self, name)
-            if not section_cfg.manifest or not section_cfg.data:
-                raise ConfigError(f"{name}.manifest and {name}.data must be set to run benchmark {name}")
+            needed = [key for key in PATH_KEYS if hasattr(section_cfg, key)]
+            if not all(getattr(section_cfg, key) for key in needed):
+                raise ConfigError(f"{' and '.join(f'{name}.{key}' for key in needed)} must be set to run benchmark {name}")
             if not getattr(section_cfg, "heads", ["one"]):
                 raise ConfigError(f"{name}.heads: name at least one head")
         if not self.encoders:
@@ -168,9 +176,9 @@ def rooted(cfg: EvaluateConfig) -> EvaluateConfig:
     if not cfg.root:
         return cfg
     root = Path(cfg.root)
-    sections = {name: dataclasses.replace(getattr(cfg, name), manifest=str(root / getattr(cfg, name).manifest),
-                                          data=str(root / getattr(cfg, name).data))
-                for name in BENCHMARKS if getattr(cfg, name).manifest}
+    sections = {name: dataclasses.replace(section_cfg, **{key: str(root / getattr(section_cfg, key))
+                                                          for key in PATH_KEYS if hasattr(section_cfg, key)})
+                for name, section_cfg in ((name, getattr(cfg, name)) for name in BENCHMARKS) if section_cfg.manifest}
     encoders = [dataclasses.replace(entry, specs=[rooted_spec(spec, root) for spec in entry.specs]) for entry in cfg.encoders]
     return dataclasses.replace(cfg, encoders=encoders, root="", **sections)
 
@@ -250,12 +258,14 @@ class Evaluation:
         result = bench.fit(head.name, split, seed, features, self.device)
         classes = bench.classes(head.name)
         arrays = {key: np.asarray(value) for key, value in result.arrays.items() if not key.startswith("example_")}
-        intervals = {name: list(bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap))
-                     for name in result.metrics}
+        intervals = {name: bootstrap_interval(name, [arrays], arrays["groups"], classes, self.cfg.bootstrap,
+                                              bench.group_unit) for name in result.metrics}
         meta = {"format": FORMAT, "benchmark": bench.name, "title": bench.title, "head": head.name, "encoder": row.name,
                 "label": row.label, "member": index, "encoder_name": encoder.name, "encoder_identity": encoder.identity,
                 "fingerprint": encoder.fingerprint(head.output), "output": head.output, "split": split, "seed": seed,
-                "metrics": result.metrics, "ci95": intervals, "bootstrap": self.cfg.bootstrap, "info": result.info,
+                "metrics": result.metrics, "ci95": {k: [v.low, v.high] for k, v in intervals.items()},
+                "ci95_missing": {k: v.reason for k, v in intervals.items() if not v.shown},
+                "bootstrap": self.cfg.bootstrap, "info": result.info,
                 "settings": self.settings[(bench.name, head.name)], "settings_sha": settings_sha,
                 "device": str(self.device), "seconds": time.perf_counter() - start, "bony": __version__}
         _write_run(record, result, meta)

@@ -12,14 +12,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bonylib import plotting
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
-from bonylib.evaluation.results import cell_text, read_results, read_run
+from bonylib.evaluation.results import read_results, read_run, text_table
 
 Run = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -39,43 +39,19 @@ def runs_of(out: Path, benchmark: str, head: str) -> dict[str, list[Run]]:
 def learning_curves(out: Path, benchmark: str, head: str) -> Figure:
     """Training loss and the validation score the head was early-stopped on, per step, one colour per encoder
     (each run a line); the best step of each run is marked."""
-    runs = runs_of(out, benchmark, head)
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 3.4))
-    for colour, (label, group) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
-        for i, (meta, _) in enumerate(group):
-            curve = pd.DataFrame(meta["info"]["curve"])
-            score = next(c for c in curve.columns if c not in ("step", "train_loss"))
-            loss_ax.plot(curve.step, curve.train_loss, color=colour, alpha=0.6, label=label if i == 0 else None)
-            val_ax.plot(curve.step, curve[score], color=colour, alpha=0.6)
-            val_ax.axvline(meta["info"]["best_step"], color=colour, lw=0.6, ls=":")
-            val_ax.set_ylabel(f"validation {score.replace('_', ' ')}")
-    loss_ax.set_ylabel("training loss")
-    for ax in (loss_ax, val_ax):
-        ax.set_xlabel("step")
-    loss_ax.legend(fontsize=8)
-    fig.suptitle(f"{benchmark} / {head}: learning curves (dotted: the kept checkpoint)", fontsize=10)
-    fig.tight_layout()
-    return fig
+    runs = {label: [(pd.DataFrame(meta["info"]["curve"]), meta["info"]["best_step"]) for meta, _ in group]
+            for label, group in runs_of(out, benchmark, head).items()}
+    return plotting.learning_curves(runs, f"{benchmark} / {head}: learning curves (dotted: the kept checkpoint)")
 
 
 def confusion_matrices(out: Path, benchmark: str, head: str) -> Figure:
     """Each encoder's confusion matrix on the test tiles, summed over its runs and normalised per true class."""
-    runs = runs_of(out, benchmark, head)
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.4), squeeze=False)
-    for ax, (label, group) in zip(axes[0], runs.items()):
-        classes = group[0][0]["info"]["classes"]
+    matrices = {}
+    for label, group in runs_of(out, benchmark, head).items():
         total = np.sum([np.asarray(meta["info"]["confusion_matrix"], float) for meta, _ in group], axis=0)
         shares = total / np.maximum(total.sum(axis=1, keepdims=True), 1)
-        ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
-        for (i, j), value in np.ndenumerate(shares):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.6 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_title(f"{label}\n({len(group)} runs)", fontsize=9)
-    axes[0][0].set_ylabel("true")
-    fig.tight_layout()
-    return fig
+        matrices[label] = (shares, group[0][0]["info"]["classes"], len(group))
+    return plotting.confusion_matrices(matrices)
 
 
 def decoded_examples(out: Path, benchmark: str, head: str, count: int = 6) -> Figure:
@@ -85,51 +61,25 @@ def decoded_examples(out: Path, benchmark: str, head: str, count: int = 6) -> Fi
     first = {label: group[0][1] for label, group in runs.items()}
     reference = next(iter(first.values()))
     count = min(count, len(reference["example_rows"]))
-    classes = next(iter(runs.values()))[0][0]["info"].get("classes", [])
-    fig, axes = plt.subplots(1 + len(first), count, figsize=(1.7 * count, 1.8 * (1 + len(first))), squeeze=False)
-
-    def show(ax: plt.Axes, image: np.ndarray) -> None:
-        if image.ndim == 3 and image.shape[0] == 3:
-            ax.imshow(np.clip(np.transpose(image, (1, 2, 0)), 0, 1))
-        elif image.ndim == 3:  # one-channel regression target, in [0, 1]
-            ax.imshow(image[0], cmap="magma", vmin=0, vmax=1)
-        else:  # class map
-            ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-    for j in range(count):
-        show(axes[0][j], reference["example_true"][j])
-    axes[0][0].set_ylabel("target", fontsize=8)
-    for i, (label, arrays) in enumerate(first.items(), start=1):
+    for label, arrays in first.items():
         if not np.array_equal(arrays["example_rows"][:count], reference["example_rows"][:count]):
             raise BonyError(f"{out}: the {benchmark}/{head} examples of {label} are other tiles than the first row's")
-        for j in range(count):
-            show(axes[i][j], arrays["example_pred"][j])
-        axes[i][0].set_ylabel(label, fontsize=8)
-    if classes and reference["example_true"].ndim == 3:
-        fig.suptitle("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(classes)), fontsize=8)
-    fig.tight_layout()
-    return fig
+    classes = next(iter(runs.values()))[0][0]["info"].get("classes", [])
+    return plotting.decoded_examples(list(reference["example_true"][:count]),
+                                     {label: list(arrays["example_pred"][:count]) for label, arrays in first.items()},
+                                     classes)
 
 
 def results_table(out: Path, benchmark: str | None = None, headline: bool = False) -> pd.DataFrame:
-    """The results table as text cells, a row per encoder: ``mean ± std [95 % CI] n=runs`` for every column of
-    ``benchmark`` (all when None; only the headline columns of ``results.md`` with ``headline``), and the row's
-    note."""
+    """The results table as text cells, a row per encoder: ``mean ± std [interval] n=runs`` for every column of
+    ``benchmark`` (all when None; only the headline columns of ``results.md`` with ``headline``), each column's numbers
+    in its own format (:func:`~bonylib.evaluation.results.text_table`), and the row's note."""
     long = read_results(out)
     if benchmark is not None:
         long = long[long["benchmark"] == benchmark]
     if headline:
         long = long[long["headline"]]
-    long = long.assign(text=[cell_text(line) for _, line in long.iterrows()])
-    rows, columns = list(dict.fromkeys(long["encoder"])), list(dict.fromkeys(long["column"]))
-    table = long.pivot(index="encoder", columns="column", values="text").loc[rows, columns]
-    firsts = long.groupby("encoder", sort=False).first().loc[rows]
-    table["note"] = firsts["note"]
-    table.index = firsts["label"].to_numpy()  # labels name the rows; names (unique) key them
-    table.columns.name = None
-    return table
+    return text_table(long)
 
 
 def chapter_evaluation(run_dir: str | Path, config: str | Path, overrides: list[str],
@@ -187,7 +137,6 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
     tiles' sizes and slide files come from the manifest the run recorded, matched to the predictions by tile id
     (a manifest that lost those tiles since is named).
     """
-    from bonylib import plotting
     from bonylib.data.heatmaps import Heatmap, read_thumbnail, thumbnail_size
     from bonylib.data.manifest import read_manifest
     from bonylib.data.slides import open_slide
@@ -229,17 +178,10 @@ def slide_classes(out: Path, benchmark: str = "panda", head: str = "linear", enc
 def predicted_classes(out: Path, benchmark: str = "panda", head: str = "linear", encoder: str = "dino",
                       slide_id: str | None = None, thumbnail_px: int = 1024) -> Figure:
     """:func:`slide_classes` drawn: the predicted classes over the slide (left) beside the tile labels (right)."""
-    from bonylib import plotting
-
     maps = slide_classes(out, benchmark, head, encoder, slide_id, thumbnail_px)
-    aspect = maps.thumbnail.shape[0] / maps.thumbnail.shape[1]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5 * aspect + 0.8))
     titles = (f"{maps.encoder_label}: predicted ({maps.accuracy:.0%} of {maps.tiles} tiles right)",
               f"{maps.slide_id}: tile labels")
-    for ax, colours, title in zip(axes, (maps.predicted, maps.label), titles):
-        plotting.draw_heat(ax, maps.thumbnail, colours, title, names=maps.classes)
-    fig.tight_layout()
-    return fig
+    return plotting.heats_side_by_side(maps.thumbnail, list(zip((maps.predicted, maps.label), titles)), maps.classes)
 
 
 def row_comparison(out: Path, first: str, second: str, headline: bool = True) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """The benchmarks' metrics: classification, slide grading, segmentation and reconstruction scores, and
-their spread over runs and over slides.
+their spread over runs (intervals over slides: :mod:`bonylib.evaluation.intervals`).
 
 scikit-learn computes the classification scores too (the tests compare against it), but here every
 classification and segmentation score is read off one ``np.bincount`` confusion matrix: 30-60x faster a
@@ -12,7 +12,7 @@ bootstrap them over slides without recomputing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -177,7 +177,7 @@ def ssim(target: ArrayLike, predicted: ArrayLike, data_range: float = 1.0) -> np
                      for t, p in zip(target_np.reshape(shape), predicted_np.reshape(shape))], dtype=np.float64)
 
 
-# ---- spread over runs and over slides ----------------------------------------------------------
+# ---- spread over runs -------------------------------------------------------------------------
 
 
 def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -190,36 +190,3 @@ def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     if not values.size:
         return float("nan"), float("nan")
     return float(values.mean()), (float(values.std(ddof=1)) if values.size > 1 else float("nan"))
-
-
-def bootstrap_ci(metric: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike, resamples: int = 1000,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric(*arrays)`` resampling whole groups (slides) with replacement.
-
-    Tiles of one slide share its stain, scanner and patient, so they are not independent draws:
-    resampling tiles would give an interval as narrow as if every tile were a new patient. Each
-    resample draws as many slides as there are, with replacement, and takes all rows of each draw;
-    ``metric`` gets the rows of every array in that order, e.g. ``bootstrap_ci(balanced_accuracy,
-    y_true, y_pred, groups=slide_ids)`` or ``bootstrap_ci(np.mean, per_image_ssim, groups=slide_ids)``.
-    Resamples where the metric is undefined (NaN) are left out; (NaN, NaN) if all are.
-    """
-    data = [as_numpy(a) for a in arrays]
-    group_codes = np.unique(as_numpy(groups).astype(str), return_inverse=True)[1].ravel()
-    if any(len(a) != len(group_codes) for a in data):
-        raise ValueError("every array needs one row per entry of groups")
-    if not len(group_codes):
-        return float("nan"), float("nan")
-    order = np.argsort(group_codes, kind="stable")
-    starts = np.searchsorted(group_codes[order], np.arange(group_codes.max() + 2))
-    rows_of = [order[starts[g] : starts[g + 1]] for g in range(len(starts) - 1)]
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(resamples):
-        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
-        stats.append(float(metric(*(a[rows] for a in data))))
-    stats = np.asarray(stats)
-    stats = stats[~np.isnan(stats)]
-    if not stats.size:
-        return float("nan"), float("nan")
-    low, high = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)

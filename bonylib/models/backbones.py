@@ -26,9 +26,12 @@ from bonylib.models.stems import HaarStem, create_stem, stem_name
 
 BACKBONES: tuple[str, ...] = (
     "xcit_nano_12_p16_224", "xcit_tiny_12_p16_224", "xcit_tiny_24_p16_224", "xcit_small_12_p16_224",
-    "xcit_small_24_p16_224", "xcit_medium_24_p16_224",
-    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+    "xcit_small_24_p16_224", "xcit_medium_24_p16_224", "xcit_small_12_p8_224", "xcit_medium_24_p8_224",
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_patch8_224",
+    "vit_base_patch8_224",
 )
+"""The backbones Bony trains and loads: XCiT and ViT, every architecture facebookresearch/dino released among them
+(ViT-S/B at patch 16 and 8, XCiT-S12 and M24 at patch 16 and 8)."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ the stem runs before it; exports without a ``stem`` entry have none.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,20 @@ def head_dims(head: DINOHead) -> dict[str, int]:
             "bottleneck_dim": linears[-1].out_features, "layers": len(linears)}
 
 
-def export_encoder(backbone: nn.Module, head: DINOHead, name: str, input_size: int, mean: list[float],
-                   std: list[float], out: Path, step: int) -> Path:
-    """Write the teacher's backbone and head weights and ``teacher_backbone.json`` into ``out``.
+def export_encoder(backbone: nn.Module, head: DINOHead | None, name: str, input_size: int, mean: Sequence[float],
+                   std: Sequence[float], out: Path, step: int | None) -> Path:
+    """Write the teacher's backbone and head weights and ``teacher_backbone.json`` into ``out``; without a head (a
+    converted bare backbone) the JSON has no ``head`` entry, as exports written before heads were exported.
 
     The JSON is written last: a run killed mid-export leaves the previous export's JSON, whose
     checksums then refuse the half-replaced weights instead of silently mixing two steps.
     """
     backbone_sha = _save_weights(timm_model(backbone), out / BACKBONE_FILE)
-    head_sha = _save_weights(head, out / HEAD_FILE)
-    meta = {"backbone": name, "stem": backbone_stem(backbone), "embed_dim": int(backbone.num_features),
-            "input_size": input_size, "mean": list(mean), "std": list(std), "step": step, "format": FORMAT,
-            "sha256": backbone_sha,
-            "head": {**head_dims(head), "sha256": head_sha}}
+    meta: dict[str, Any] = {"backbone": name, "stem": backbone_stem(backbone), "embed_dim": int(backbone.num_features),
+                            "input_size": input_size, "mean": list(mean), "std": list(std), "step": step,
+                            "format": FORMAT, "sha256": backbone_sha}
+    if head is not None:
+        meta["head"] = {**head_dims(head), "sha256": _save_weights(head, out / HEAD_FILE)}
     write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out / BACKBONE_FILE
 

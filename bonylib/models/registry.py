@@ -21,9 +21,10 @@ from bonylib.models.encoders import Encoder
 
 @dataclass(frozen=True)
 class EncoderKind:
-    """One ``kind:`` of spec: its builder in :mod:`bonylib.models.loaders` (imported only when an encoder is
-    built: weight readers, scikit-image and kymatio are slow to import), the form users write, the fields before
-    its path (``None``: no path), and the arguments its fields give the builder."""
+    """One ``kind:`` of spec: its builder, ``module.function`` in :mod:`bonylib.models.loaders` or
+    :mod:`bonylib.models.dino_checkpoints` (imported only when an encoder is built: weight readers, scikit-image and
+    kymatio are slow to import), the form users write, the fields before its path (``None``: no path), and the
+    arguments its fields give the builder."""
 
     builder: str
     form: str
@@ -61,15 +62,19 @@ def _path_and_name(fields: list[str]) -> tuple[Any, ...]:
 
 
 ENCODER_KINDS: dict[str, EncoderKind] = {
-    "random": EncoderKind("random_init", "random:<arch>:<seed>", None, _arch_and_seed),
-    "bony": EncoderKind("from_export", "bony:<run folder>", 0, _path),
-    "bony-head": EncoderKind("from_export", "bony-head:<run folder> (the DINO head's output)", 0, _head),
-    "timm": EncoderKind("from_timm", "timm:<timm model name>:<weights file>", 1, _name_and_path),
-    "hibou": EncoderKind("hibou", "hibou:<Hugging Face folder of Hibou-B>", 0, _path),
-    "histoencoder": EncoderKind("histoencoder", "histoencoder:<prostate_small|prostate_medium>:<.pth file>", 1,
+    "random": EncoderKind("loaders.random_init", "random:<arch>:<seed>", None, _arch_and_seed),
+    "bony": EncoderKind("loaders.from_export", "bony:<run folder>", 0, _path),
+    "bony-head": EncoderKind("loaders.from_export", "bony-head:<run folder> (the DINO head's output)", 0, _head),
+    "timm": EncoderKind("loaders.from_timm", "timm:<timm model name>:<weights file>", 1, _name_and_path),
+    "hibou": EncoderKind("loaders.hibou", "hibou:<Hugging Face folder of Hibou-B>", 0, _path),
+    "histoencoder": EncoderKind("loaders.histoencoder", "histoencoder:<prostate_small|prostate_medium>:<.pth file>", 1,
                                 _path_and_name),
-    "handcrafted": EncoderKind("handcrafted", "handcrafted", None, _nothing),
-    "scattering": EncoderKind("scattering", "scattering", None, _nothing),
+    "dino": EncoderKind("dino_checkpoints.dino_encoder", "dino:<facebookresearch/dino checkpoint.pth> (its teacher)", 0,
+                        _path),
+    "dino-head": EncoderKind("dino_checkpoints.dino_encoder", "dino-head:<DINO checkpoint.pth> (its teacher's head output)",
+                             0, _head),
+    "handcrafted": EncoderKind("loaders.handcrafted", "handcrafted", None, _nothing),
+    "scattering": EncoderKind("loaders.scattering", "scattering", None, _nothing),
 }
 """The spec kinds; a loader added to :mod:`bonylib.models.loaders` needs one line here."""
 
@@ -101,9 +106,11 @@ def encoder_from_spec(spec: str) -> Encoder:
         arguments = kind.arguments(fields)
     except ValueError as exc:
         raise ConfigError(f"--encoder '{spec}': {exc} ({kind.form})") from None
-    from bonylib.models import loaders
+    from bonylib.models import dino_checkpoints, loaders
 
-    return getattr(loaders, kind.builder)(*arguments)
+    module_name, _, function = kind.builder.rpartition(".")
+    module = {"loaders": loaders, "dino_checkpoints": dino_checkpoints}[module_name]
+    return getattr(module, function)(*arguments)
 
 
 def load_encoder(reference: str) -> Encoder:

@@ -24,13 +24,14 @@ reproduces the crops exactly, which exact resume relies on.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from bonylib.config import check_fractions, option
 from bonylib.errors import ConfigError
@@ -51,10 +52,18 @@ GRAY = (0.2989, 0.587, 0.114)
 """Luma weights of torchvision's ``rgb_to_grayscale`` (contrast and saturation use them)."""
 
 
+PIPELINES = ("histology", "dino")
+
+
 @dataclass
 class CropConfig:
     """Multi-crop and augmentation options (config section ``crops`` of ``bony pretrain``)."""
 
+    pipeline: str = option("histology", "the views' augmentations: histology (stain jitter, flips and 90-degree turns, "
+                           "mild colour changes; the keys below) or dino (facebookresearch/dino's DataAugmentationDINO as "
+                           "it is: horizontal flip, colour jitter 0.4/0.4/0.2/0.1 at p 0.8, grayscale 0.2, Gaussian blur "
+                           "1.0/0.1/0.5, solarisation 0.2 of the second global crop; only the crops' number, sizes, "
+                           "scales and normalisation are read from this section)")
     global_crops: int = option(2, "number of global crops (teacher and student); the seed used 1, reference DINO 2")
     global_size: int = option(224, "side of a global crop in pixels")
     global_scale: list[float] = option([0.4, 1.0], "area range of a global crop as a fraction of the tile [min, max]")
@@ -85,6 +94,8 @@ class CropConfig:
     std: list[float] = option(list(IMAGENET_STD), "per-channel normalisation standard deviation (RGB)")
 
     def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"crops.pipeline must be one of {', '.join(PIPELINES)}, got '{self.pipeline}'")
         if self.global_crops < 1:
             raise ConfigError(f"crops.global_crops must be at least 1, got {self.global_crops}")
         if self.local_crops < 0:
@@ -377,3 +388,73 @@ class MultiCropTransform:
             x[solarize] = torch.where(part >= 128 / 255, 1.0 - part, part)
         x.sub_(self.mean).div_(self.std)
         return list(x.unbind(0))
+
+
+# --------------------------------------------------------------------------------------------
+# DINO's own pipeline
+
+
+class _PILGaussianBlur:
+    """DINO's ``utils.GaussianBlur``: with probability ``p`` a PIL Gaussian blur of radius ~ U(0.1, 2.0), both drawn
+    from Python's ``random`` (seeded per sample by :class:`bonylib.ssl.data.SeededViews`, as torch is)."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class _PILSolarization:
+    """DINO's ``utils.Solarization``: with probability ``p``, PIL's solarize (pixels >= 128 inverted)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return ImageOps.solarize(image) if random.random() < self.p else image
+
+
+class DINOTransform:
+    """facebookresearch/dino's ``DataAugmentationDINO``, built from torchvision's transforms as its code builds it:
+    callable PIL image -> list of normalised crops, global ones first (the first with DINO's first global recipe,
+    the others with its second), then the local ones.
+
+    Only the geometry (numbers, sizes, scales of the crops) and the normalisation come from the config: the
+    augmentations are DINO's defaults, what the seed says it kept ("les valeurs par défaut du repository Github
+    associé à DINO"). Unlike the histology pipeline it flips horizontally only, jitters hue and makes some crops
+    grey, and draws its blur and solarisation from Python's ``random`` as DINO does.
+    """
+
+    def __init__(self, cfg: CropConfig) -> None:
+        from torchvision import transforms as T
+
+        self.cfg = cfg
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(tuple(cfg.mean), tuple(cfg.std))])
+        bicubic = T.InterpolationMode.BICUBIC
+        global_crop = T.RandomResizedCrop(cfg.global_size, scale=tuple(cfg.global_scale), interpolation=bicubic)
+        self.global1 = T.Compose([global_crop, flip_and_color_jitter, _PILGaussianBlur(1.0), normalize])
+        self.global2 = T.Compose([global_crop, flip_and_color_jitter, _PILGaussianBlur(0.1), _PILSolarization(0.2),
+                                  normalize])
+        self.local = T.Compose([T.RandomResizedCrop(cfg.local_size, scale=tuple(cfg.local_scale), interpolation=bicubic),
+                                flip_and_color_jitter, _PILGaussianBlur(p=0.5), normalize])
+
+    def __repr__(self) -> str:
+        return f"DINOTransform({self.cfg})"
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        crops = [self.global1(image)] + [self.global2(image) for _ in range(self.cfg.global_crops - 1)]
+        return crops + [self.local(image) for _ in range(self.cfg.local_crops)]
+
+
+def views_transform(cfg: CropConfig) -> MultiCropTransform | DINOTransform:
+    """The multi-crop transform ``crops.pipeline`` names."""
+    return DINOTransform(cfg) if cfg.pipeline == "dino" else MultiCropTransform(cfg)

@@ -8,6 +8,7 @@ on what it loaded before, so a run resumed mid-epoch sees exactly the crops it w
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,11 +62,17 @@ class SeededViews(Dataset):
 
     def __getitem__(self, index: int) -> Views:
         image, target = self.images[index]
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            crops = self.transform(image)
-            # drawn after the crops: a run without masks draws the crops it always drew
-            masks = None if self.masking is None else self.masking(self.global_crops)
+        seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        state = random.getstate()  # DINO's own pipeline draws its blur and solarisation from Python's random
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG (drop-path, ...) is left untouched
+                torch.manual_seed(seed)
+                random.seed(seed)
+                crops = self.transform(image)
+                # drawn after the crops: a run without masks draws the crops it always drew
+                masks = None if self.masking is None else self.masking(self.global_crops)
+        finally:
+            random.setstate(state)
         return Views(crops, target, masks)
 
 

@@ -47,7 +47,7 @@ from bonylib.models.export import export_encoder
 from bonylib.runtime import Precision, machine_record, plan_threads, resolve_precision
 from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
-from bonylib.ssl.augment import MultiCropTransform
+from bonylib.ssl.augment import views_transform
 from bonylib.ssl.config import TrainConfig
 from bonylib.ssl.data import (Batch, EpochSampler, SeededViews, balance_weights, collate_views, images_from,
                               manifest_column)
@@ -103,7 +103,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise BonyError(f"an epoch has {self.sampler.batches_per_epoch} batches, fewer than optim.accumulate")
         self.model = SelfDistillation(cfg, self.device, self._memory_format, distributed=self.world.size > 1)
-        self.views = SeededViews(images, MultiCropTransform(cfg.crops), cfg.seed, self._masking(), cfg.crops.global_crops)
+        self.views = SeededViews(images, views_transform(cfg.crops), cfg.seed, self._masking(), cfg.crops.global_crops)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model.student_network), lr=0.0, foreach=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         total_batch = cfg.optim.batch_size * cfg.optim.accumulate * self.world.size

@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 
 from bonylib.config import to_dict
+from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.data.manifest import read_manifest
+from bonylib.evaluation.intervals import Interval, group_bootstrap
 from bonylib.evaluation.probes import FitResult
 from bonylib.evaluation.splits import split_by_slide
 from bonylib.files import atomic_path, sha256_file
@@ -49,6 +50,9 @@ METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc.", "macro
 """How the results table names each metric."""
 LOWER_IS_BETTER = frozenset({"mse"})
 """The metrics that are errors; every other metric is a score, higher is better."""
+CLASS_AVERAGED = frozenset({"balanced_accuracy", "macro_f1", "mean_dice", "mean_iou"})
+"""Metrics that average over the classes present (``dice_<class>`` needs its class): a resample of the test
+groups that misses a class scores another task (:mod:`bonylib.evaluation.intervals`)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ class Benchmark(Protocol):
     name: str
     title: str
     """How the results table names it."""
+    group_unit: str
+    """What its test groups are, for the results table's words ("slides", "patients")."""
     manifest: Path
     """The tile manifest whose embeddings the heads read (a selection of the configured one)."""
     heads: dict[str, Head]
@@ -160,18 +166,30 @@ def replica_score(metric: str, replicas: Sequence[Mapping[str, np.ndarray]], cla
     return float(np.mean(values))
 
 
+def class_presence(metric: str, arrays: Mapping[str, np.ndarray], classes: Sequence[str]) -> np.ndarray | None:
+    """(rows, classes): the true classes each row carries (its label, or the classes of its mask), for a metric of
+    :data:`CLASS_AVERAGED` (only its class for ``dice_<class>``); None for a metric that does not depend on them."""
+    if metric not in CLASS_AVERAGED and not metric.startswith("dice_"):
+        return None
+    if "y_true" in arrays:
+        presence = np.eye(len(classes), dtype=bool)[np.asarray(arrays["y_true"], np.int64)]
+    else:
+        presence = np.asarray(arrays["confusion"]).sum(2) > 0
+    if metric.startswith("dice_"):
+        presence = presence & (np.arange(len(classes)) == list(classes).index(metric.removeprefix("dice_")))
+    return presence
+
+
 def bootstrap_interval(metric: str, replicas: Sequence[Mapping[str, np.ndarray]], groups: np.ndarray,
-                       classes: Sequence[str], resamples: int, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95 % interval of :func:`replica_score` over ``resamples`` resamples of whole groups (slides).
+                       classes: Sequence[str], resamples: int, unit: str = "slides", seed: int = 0) -> Interval:
+    """95 % interval of :func:`replica_score` over ``resamples`` resamples of whole groups (slides), or why there is
+    none (too few groups; a class missed by too many resamples): :func:`bonylib.evaluation.intervals.group_bootstrap`.
 
     Every replica must hold the same rows in the same order (runs of one split differ only by seed), so
     one resample of slides picks the same tiles from each.
     """
-    if resamples < 1 or not len(groups):
-        return float("nan"), float("nan")
-    index = np.arange(len(groups))
-    return metrics.bootstrap_ci(lambda rows: replica_score(metric, replicas, classes, rows), index, groups=groups,
-                                resamples=resamples, seed=seed)
+    return group_bootstrap(lambda rows: replica_score(metric, replicas, classes, rows), groups, resamples,
+                           class_presence(metric, replicas[0], classes), classes, unit, seed=seed)
 
 
 def label_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],

@@ -125,6 +125,7 @@ class DeepGleasonMasks:
 
     name = "deepgleason"
     title = "DeepGleason"
+    group_unit = "slides"
 
     def __init__(self, cfg: DeepGleasonConfig, selections: Path) -> None:
         self.cfg = cfg

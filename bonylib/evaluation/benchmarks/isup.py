@@ -54,6 +54,7 @@ class SlideIsup:
 
     name = "isup"
     title = "PANDA slides ISUP"
+    group_unit = "slides"
 
     def __init__(self, cfg: IsupConfig, selections: Path) -> None:
         self.cfg = cfg

@@ -96,6 +96,7 @@ class PandaTiles:
 
     name = "panda"
     title = "PANDA tiles"
+    group_unit = "slides"
 
     def __init__(self, cfg: PandaConfig, selections: Path) -> None:
         self.cfg = cfg

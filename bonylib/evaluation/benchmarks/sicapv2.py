@@ -6,7 +6,15 @@
   columns of the partition spreadsheets) by eva's linear probe on the patch's embedding, the mean of its
   tiles' embeddings (a 512-px patch at 10x is cut into several tiles by ``bony tile``). Fitted and scored
   on each configured partition: ``Test`` (the held-out patients) and the cross-validation folds
-  ``Val1``-``Val4``, whose test patients together cover the training patients once.
+  ``Val1``-``Val4``, whose test patients together cover the training patients once. ``patches_knn``: the
+  same by weighted k-NN (DINO's frozen-feature protocol; no training, so no validation patients).
+- ``slides``: each test slide's Gleason score from its patches, with no slide-level training: the k-NN of
+  ``patches_knn`` classifies every patch of the slide (those in no spreadsheet too), and the patterns' patch
+  counts give the score by the grading rules (:func:`bonylib.data.labels.gleason_score`: primary the most
+  extensive, the highest always reported), scored as ISUP grade groups against ``wsi_labels.xlsx``. A pattern
+  on fewer than 5 % of a slide's cancer patches is dropped first: under "the highest is always reported", one
+  stray patch call would otherwise set the score. A partition's test slides are those its Test sheet names
+  (the full spreadsheets name every slide, also those of patches a partial copy lacks).
 
 Both read the partition spreadsheets SICAPv2 publishes (``partition/Test/{Train,Test}.xlsx``,
 ``partition/Validation/Val<k>/{Train,Test}.xlsx``); the patients of each partition's Train sheet are
@@ -30,15 +38,20 @@ from torchvision.transforms.v2 import functional as TF
 
 from bonylib.config import option, section
 from bonylib.data.datasets import TileDataset
+from bonylib.data.labels import MINOR_PATTERN_FRACTION, gleason_score, isup_grade
+from bonylib.data.sicapv2_tables import PATCH_CLASSES, partition_folder, read_sheet, read_slide_labels, slide_of
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, RunOutput, label_scores,
                                                   benchmark_tiles, check_heads, settings_of, with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
+from bonylib.evaluation.benchmarks.panda import ISUP_GRADES
 
-HEADS = ("reconstruction", "patches")
-PATCH_CLASSES = ("NC", "G3", "G4", "G5")
+HEADS = ("reconstruction", "patches", "patches_knn", "slides")
+PATCH_HEADS = {"patches": "linear", "patches_knn": "knn", "slides": "knn"}
+"""The patch classifier each classification head fits."""
 PATCH_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "quadratic_weighted_kappa")
+SLIDE_METRICS = ("quadratic_weighted_kappa", "accuracy")
 _PARTITION = re.compile(r"^(Test|Val[1-9])$")
 RECONSTRUCTION_PARTITION = "Test"
 
@@ -49,8 +62,9 @@ class Sicapv2Config:
 
     manifest: str = option("", "SICAPv2 tile manifest.parquet (bony tile --format sicapv2)")
     data: str = option("", "the SICAPv2 folder with partition/Test and partition/Validation/Val<k>")
-    heads: list[str] = option(list(HEADS), "heads: reconstruction (blurred tile: MSE, PSNR, SSIM), patches (linear "
-                              "probe of the patch's Gleason class)")
+    heads: list[str] = option(["reconstruction", "patches"], "heads: reconstruction (blurred tile: MSE, PSNR, SSIM), "
+                              "patches (linear probe of the patch's Gleason class), patches_knn (the same by k-NN), "
+                              "slides (each test slide's Gleason score from its patches' predicted classes)")
     partitions: list[str] = option(["Test", "Val1", "Val2", "Val3", "Val4"], "official partitions of the patch "
                                    "classification: Test and the folds Val1..Val4 (the reconstruction uses Test)")
     runs: int = option(5, "fits per head, partition and encoder, seeds 0..runs-1")
@@ -76,27 +90,13 @@ class Sicapv2Config:
 
 def read_partition(data: Path, partition: str) -> pd.DataFrame:
     """``image_name``, ``part`` (train/test) and ``label`` (index in :data:`PATCH_CLASSES`) of a partition's patches."""
-    folder = Path(data) / "partition" / ("Test" if partition == "Test" else f"Validation/{partition}")
     sheets = []
     for part in ("Train", "Test"):
-        sheet = folder / f"{part}.xlsx"
-        try:
-            table = pd.read_excel(sheet)
-        except FileNotFoundError:
-            raise BonyError(f"{sheet}: not found (sicapv2.data must be the SICAPv2 folder with its partition/)") \
-                from None
-        except Exception as exc:  # noqa: BLE001 - openpyxl and zipfile raise many kinds for a broken workbook
-            raise BonyError(f"{sheet}: not a readable spreadsheet ({type(exc).__name__}: {exc})") from None
-        missing = {"image_name", *PATCH_CLASSES} - set(table.columns)
-        if missing:
-            raise BonyError(f"{sheet}: missing columns {sorted(missing)}")
-        onehot = table[list(PATCH_CLASSES)].apply(pd.to_numeric, errors="coerce").fillna(-1).to_numpy()
-        bad = np.flatnonzero(((onehot != 0) & (onehot != 1)).any(1) | (onehot.sum(1) != 1))
-        if len(bad):
-            raise BonyError(f"{sheet} row {bad[0] + 2}: {', '.join(PATCH_CLASSES)} is not one-hot")
-        sheets.append(pd.DataFrame({"image_name": table["image_name"].astype(str), "part": part.lower(),
-                                    "label": onehot.argmax(1)}))
-    return pd.concat(sheets, ignore_index=True)
+        sheet = partition_folder(data, partition) / f"{part}.xlsx"
+        if not sheet.is_file():
+            raise BonyError(f"{sheet}: not found (sicapv2.data must be the SICAPv2 folder with its partition/)")
+        sheets.append(read_sheet(sheet).assign(part=part.lower()))
+    return pd.concat(sheets, ignore_index=True)[["image_name", "part", "label"]]
 
 
 class Sicapv2:
@@ -104,6 +104,7 @@ class Sicapv2:
 
     name = "sicapv2"
     title = "SICAPv2"
+    group_unit = "patients"
 
     def __init__(self, cfg: Sicapv2Config, selections: Path) -> None:
         self.cfg = cfg
@@ -126,19 +127,43 @@ class Sicapv2:
             parts[used] = with_validation(parts[used].astype(str), self.patients[used], cfg.val_fraction,
                                           cfg.split_seed)
             self.patch_parts[partition] = parts.astype(str)
+        if "slides" in cfg.heads:
+            self._read_slides(Path(cfg.data))
         runs = tuple((p, s) for p in cfg.partitions for s in range(cfg.runs))
         self.heads = {h: Head(h, "cls", tuple((RECONSTRUCTION_PARTITION, s) for s in range(cfg.runs))
-                              if h == "reconstruction" else runs) for h in cfg.heads}
+                              if h == "reconstruction" else tuple((p, 0) for p in cfg.partitions)
+                              if PATCH_HEADS[h] == "knn" else runs) for h in cfg.heads}
         self.columns = []
         if "reconstruction" in cfg.heads:
             self.columns += [Column("reconstruction", m, (RECONSTRUCTION_PARTITION,),
                                     f"{self.title} reconstruction {METRIC_NAMES[m]}") for m in IMAGE_METRICS]
-        if "patches" in cfg.heads:
-            folds = tuple(p for p in cfg.partitions if p != "Test")
-            groups = [splits for splits in ((("Test",) if "Test" in cfg.partitions else ()), folds) if splits]
-            self.columns += [Column("patches", m, splits, f"{self.title} patches {METRIC_NAMES[m]}",
-                                    headline=m in ("balanced_accuracy", "quadratic_weighted_kappa"))
-                             for splits in groups for m in PATCH_METRICS]
+        folds = tuple(p for p in cfg.partitions if p != "Test")
+        groups = [splits for splits in ((("Test",) if "Test" in cfg.partitions else ()), folds) if splits]
+        for head, what, shown in (("patches", "patches", PATCH_METRICS), ("patches_knn", "patches k-NN", PATCH_METRICS),
+                                  ("slides", "slides ISUP from patches", SLIDE_METRICS)):
+            if head in cfg.heads:
+                self.columns += [Column(head, m, splits, f"{self.title} {what} {METRIC_NAMES[m]}",
+                                        headline=m in ("balanced_accuracy", "quadratic_weighted_kappa"))
+                                 for splits in groups for m in shown]
+
+    def _read_slides(self, data: Path) -> None:
+        """For the ``slides`` head: each patch's slide, each slide's ISUP grade and patient, and each partition's test
+        slides (named by the patches its Test sheet lists)."""
+        table = read_slide_labels(data)
+        self.patch_slide = np.array([slide_of(patch) for patch in self.patches])
+        self.slides = np.unique(self.patch_slide)
+        unknown = sorted(set(self.slides) - set(table.index))
+        if unknown:
+            raise BonyError(f"{data / 'wsi_labels.xlsx'}: no Gleason score for slide {unknown[0]!r} "
+                            f"({len(unknown)} slides of the manifest are not listed)")
+        rows = table.loc[self.slides]
+        self.slide_grades = np.array([isup_grade(None if p == 0 else (p, s))
+                                      for p, s in zip(rows["primary"], rows["secondary"])])
+        self.slide_patients = rows["patient"].to_numpy()
+        self.test_slides: dict[str, np.ndarray] = {}
+        for partition in self.cfg.partitions:
+            names = read_sheet(partition_folder(data, partition) / "Test.xlsx")["image_name"]
+            self.test_slides[partition] = np.isin(self.slides, [slide_of(name) for name in names])
 
     @cached_property
     def blurred(self) -> torch.Tensor:
@@ -151,22 +176,30 @@ class Sicapv2:
 
     def settings(self, head: str) -> dict[str, Any]:
         unused = (["probe"] if head == "reconstruction" else
-                  ["decoder", "blur_sigma", *(f"probe.{key}" for key in UNUSED_PROBE_KEYS["linear"])])
+                  ["decoder", "blur_sigma", *(f"probe.{key}" for key in UNUSED_PROBE_KEYS[PATCH_HEADS[head]])])
         return settings_of(self.cfg, self.manifest, unused)
 
     def classes(self, head: str) -> list[str]:
-        return list(PATCH_CLASSES) if head == "patches" else []
+        return list(ISUP_GRADES) if head == "slides" else list(PATCH_CLASSES) if head in PATCH_HEADS else []
+
+    def _patch_means(self, x: torch.Tensor) -> torch.Tensor:
+        """Each patch's embedding: the mean of its tiles'."""
+        sums = torch.zeros(len(self.patches), x.shape[1]).index_add_(0, torch.from_numpy(self.tile_patch), x)
+        return sums / torch.from_numpy(np.bincount(self.tile_patch, minlength=len(self.patches))).unsqueeze(1)
 
     def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
         x = torch.from_numpy(np.asarray(features, np.float32))
         if head == "reconstruction":
             return self._reconstruct(x, seed, device)
+        if head == "slides":
+            return self._grade_slides(self._patch_means(x), split, seed, device)
         patch_parts = self.patch_parts[split]
+        if head == "patches_knn":  # k-NN is not trained: the validation patients vote as well
+            patch_parts = np.where(patch_parts == "val", "train", patch_parts)
         used = np.flatnonzero(patch_parts != "")
-        sums = torch.zeros(len(self.patches), x.shape[1]).index_add_(0, torch.from_numpy(self.tile_patch), x)
-        means = sums / torch.from_numpy(np.bincount(self.tile_patch, minlength=len(self.patches))).unsqueeze(1)
+        means = self._patch_means(x)
         parts = patch_parts[used]
-        predicted, info = classify("linear", means[used], torch.from_numpy(self.labels[used]), parts,
+        predicted, info = classify(PATCH_HEADS[head], means[used], torch.from_numpy(self.labels[used]), parts,
                                    len(PATCH_CLASSES), self.cfg.probe, seed, device)
         test = used[parts == "test"]
         truth = self.labels[test]
@@ -177,6 +210,35 @@ class Sicapv2:
         return RunOutput(label_scores(truth, predicted, PATCH_CLASSES, PATCH_METRICS),
                          {"rows": self.patches[test], "groups": self.patients[test], "y_true": truth,
                           "y_pred": predicted}, info)
+
+    def _grade_slides(self, means: torch.Tensor, split: str, seed: int, device: torch.device) -> RunOutput:
+        """k-NN over the labelled patches of ``split``'s training patients classifies every patch of its test slides;
+        each slide's predicted patterns, counted in patches, give its Gleason score and ISUP grade."""
+        on_test_slide = self.test_slides[split][np.searchsorted(self.slides, self.patch_slide)]
+        training = np.isin(self.patch_parts[split], ("train", "val"))
+        parts = np.where(on_test_slide, "test", np.where(training, "train", ""))
+        used = np.flatnonzero(parts != "")
+        predicted, info = classify(PATCH_HEADS["slides"], means[used], torch.from_numpy(self.labels[used]), parts[used],
+                                   len(PATCH_CLASSES), self.cfg.probe, seed, device)
+        test_patches = used[parts[used] == "test"]
+        slide_rows = np.flatnonzero(self.test_slides[split])
+        scores, grades = [], []
+        for row in slide_rows:
+            mine = predicted[self.patch_slide[test_patches] == self.slides[row]]
+            areas = {int(PATCH_CLASSES[k][1]): float(np.sum(mine == k)) for k in range(1, len(PATCH_CLASSES))}
+            cancer = sum(areas.values())
+            score = gleason_score({g: a for g, a in areas.items() if a >= MINOR_PATTERN_FRACTION * cancer})
+            scores.append("benign" if score is None else f"{score[0]}+{score[1]}")
+            grades.append(isup_grade(score))
+        truth, estimate = self.slide_grades[slide_rows], np.array(grades)
+        info.update(classes=list(ISUP_GRADES), n_test=int(len(slide_rows)),
+                    n_test_slides=int(len(slide_rows)), n_test_patches=int(len(test_patches)),
+                    n_train=int((parts == "train").sum()), slides=self.slides[slide_rows].tolist(),
+                    predicted_scores=scores,
+                    confusion_matrix=metrics.confusion_matrix(truth, estimate, len(ISUP_GRADES)).tolist())
+        return RunOutput(label_scores(truth, estimate, ISUP_GRADES, SLIDE_METRICS),
+                         {"rows": self.slides[slide_rows], "groups": self.slide_patients[slide_rows], "y_true": truth,
+                          "y_pred": estimate}, info)
 
     def _reconstruct(self, x: torch.Tensor, seed: int, device: torch.device) -> RunOutput:
         """Decode the blurred tile from each tile's embedding, on the Test partition's patients."""
