@@ -142,6 +142,23 @@ def _embed_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _curate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="tile manifest.parquet whose tiles to cluster")
+    parser.add_argument("--store", type=Path, required=True,
+                        help="the bony embed store of MANIFEST's tiles (cls output: OUT/<fingerprint[:16]>)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the curated manifest to write, in MANIFEST's folder (its tile paths are relative to it): "
+                        "every row with a cluster column, and a JSON of the clusters beside it")
+
+
+def _curate_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.compose.curation import curate
+
+    out = curate(args.manifest, args.store, args.out, cfg)
+    print(f"{out}: pretrain on it with data.manifest={out} data.balance_by=cluster")
+    return 0
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="evaluation folder: embeddings/, runs/ (metrics JSON and predictions per benchmark, head, "
@@ -243,6 +260,7 @@ def _report_run(args: argparse.Namespace, cfg: Any) -> int:
 def _commands() -> list[Command]:
     from bonylib.attention.command import AttentionConfig
     from bonylib.compose.pretrain import PretrainConfig
+    from bonylib.data.curation import CurateConfig
     from bonylib.data.synthetic import SynthConfig
     from bonylib.data.tiling import TileConfig
     from bonylib.evaluation.embeddings import EmbedConfig
@@ -255,10 +273,12 @@ def _commands() -> list[Command]:
                 SynthConfig, _synth_arguments, _synth_run),
         Command("tile", "cut slides into tissue tiles with quality measures and mask labels (resumable manifest)",
                 TileConfig, _tile_arguments, _tile_run),
-        Command("pretrain", "DINO self-distillation of an XCiT/ViT on tiles (one CPU, or many GPUs with torchrun/srun)",
+        Command("pretrain", "DINO (objective=dinov2: DINOv2-style) self-distillation of an XCiT/ViT on tiles (one CPU, or GPUs with torchrun/srun)",
                 PretrainConfig, _pretrain_arguments, _pretrain_run),
         Command("embed", "embeddings of a tile manifest by a frozen encoder, written once to a resumable store",
                 EmbedConfig, _embed_arguments, _embed_run),
+        Command("curate", "cluster a manifest's tiles by their embeddings, for pretraining balanced over the clusters",
+                CurateConfig, _curate_arguments, _curate_run),
         Command("evaluate", "frozen-encoder benchmarks (PANDA, DeepGleason, SICAPv2, ISUP) and the results table",
                 EvaluateConfig, _evaluate_arguments, _evaluate_run),
         Command("attention", "attention maps of an encoder (ViT, XCiT) over an image, or heatmaps over a slide",

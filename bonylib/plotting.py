@@ -398,3 +398,47 @@ def token_colour_tiles(tiles: Sequence[np.ndarray], names: Sequence[str], rows: 
         panels += list(colours)
         titles += [label] + [""] * (len(tiles) - 1)
     return image_grid(panels, titles, ncols=len(tiles), size=1.9)
+
+
+def cluster_overview(counts: pd.DataFrame, examples: Sequence[Sequence[np.ndarray]]) -> Figure:
+    """The clusters of a curated collection: left, the tiles of each cluster (rows of ``counts``) stacked by label
+    (its columns, class colours where a column is a class), on a log scale so that small clusters show; right,
+    ``examples[i]``, a few tiles of cluster i in a row."""
+    clusters, per_row = len(counts), max(len(row) for row in examples)
+    fig = plt.figure(figsize=(4.5 + 1.1 * per_row, 0.9 + 1.1 * clusters), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.1 * per_row])
+    ax = left.subplots()
+    start = np.zeros(clusters)
+    for label in counts.columns:
+        colour = np.asarray(CLASS_COLOURS[label]) / 255 if label in CLASS_COLOURS else "lightgrey"
+        ax.barh(np.arange(clusters), counts[label], left=start, color=colour, edgecolor="black", lw=0.3, label=label)
+        start = start + counts[label].to_numpy()
+    ax.set(yticks=np.arange(clusters), yticklabels=[f"cluster {c}" for c in counts.index], xscale="log",
+           xlabel="tiles (log scale)", ylim=(clusters - 0.5, -0.5))
+    ax.set_xlim(left=0.8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("tiles per cluster, by label", fontsize=10)
+    axes = right.subplots(clusters, per_row, squeeze=False)
+    for row, tiles in zip(axes, examples):
+        for ax, tile in zip(row, [*tiles, *[None] * (per_row - len(tiles))]):
+            ax.set_axis_off()
+            if tile is not None:
+                ax.imshow(tile)
+    right.suptitle("example tiles of each cluster", fontsize=10)
+    return fig
+
+
+def run_curves(logs: dict[str, pd.DataFrame], columns: dict[str, str]) -> Figure:
+    """Several runs' logged values against the step, one panel per column (``columns``: column -> title), one colour
+    per run; a run without a column (a term it does not train) has no line in that panel."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.3), squeeze=False)
+    for i, (label, steps) in enumerate(logs.items()):
+        for ax, column in zip(axes[0], columns):
+            if column in steps and steps[column].notna().any():
+                ax.plot(steps["step"], steps[column], color=f"C{i}", label=label)
+    for ax, title in zip(axes[0], columns.values()):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

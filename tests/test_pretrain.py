@@ -202,17 +202,24 @@ def test_tensorboard_mirrors_log_jsonl_and_drops_events_past_the_resumed_checkpo
     assert {"pretrain/lr", "pretrain/teacher_entropy", "pretrain/images_per_s"} <= set(events.Tags()["scalars"])
 
 
+DINOV2_TERMS = ("objective=dinov2", "crops.global_size=64", "loss.centering=sinkhorn_knopp", "dinov2.kde_weight=0.05",
+                "dinov2.mask_probability=1")
+
+
 @pytest.mark.parametrize(("per_process", "single_process"), [
     (("optim.batch_size=2",), ("optim.batch_size=4",)),
     (("optim.batch_size=1", "optim.accumulate=2"), ("optim.batch_size=2", "optim.accumulate=2")),
-], ids=["one-pass", "accumulated"])
+    (("optim.batch_size=2", *DINOV2_TERMS), ("optim.batch_size=4", *DINOV2_TERMS)),
+], ids=["one-pass", "accumulated", "dinov2"])
 def test_two_processes_equal_one_process_on_the_combined_batch(repo: Path, images: Path, tmp_path: Path,
                                                                 per_process: tuple[str, ...],
                                                                 single_process: tuple[str, ...]) -> None:
     """2 CPU processes (gloo) with n images each == 1 process with the same 2n images: same crops
     (seeded per sample), averaged gradients, all-reduced center. ViT: no BatchNorm to differ. With
     accumulation (the first micro-batch under no_sync) the gradients must still be those of the whole
-    batch: syncing on the wrong micro-batch would fail this; skipping no_sync would only be slower."""
+    batch: syncing on the wrong micro-batch would fail this; skipping no_sync would only be slower. With the
+    DINOv2-style terms: the same masks (seeded per sample), Sinkhorn-Knopp over the global batch (all-reduced
+    sums), iBOT averaged over crops, KoLeo and KDE over the gathered global batch."""
     import socket
 
     with socket.socket() as s:

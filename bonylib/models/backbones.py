@@ -12,7 +12,10 @@ output (4x the channels for all Haar bands, half the image side, half the patch 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -114,21 +117,85 @@ def backbone_stem(backbone: nn.Module) -> str:
     return stem_name(backbone.stem if isinstance(backbone, StemmedBackbone) else None)
 
 
-def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = None,
+                    mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(pooled, patch tokens)`` of a timm ViT or XCiT (or a stemmed one) through timm's ``forward_features``:
     the pooled feature timm's own head would see (``forward_head(pre_logits=True)``: ViT's CLS after its final
     norm, XCiT's CLS after the class-attention blocks), and the patch tokens after the final norm with the class
     and register tokens dropped. The pooled feature is exactly what ``backbone(x)`` returns with
     ``num_classes=0``; the tokens come from the same pass.
 
+    With ``masks`` (``(B, rows, columns)`` bool, the patch grid) the patch embeddings of masked patches are
+    replaced by ``mask_token`` (``(D,)``) before the position embedding and the blocks (:func:`mask_embeddings`):
+    what a masked patch's pixels can still reach is said there, and :func:`hide_patches` removes it.
+
     A model whose features are not a token sequence (B, N, D), such as a CNN's (B, C, H, W) feature map, has no
     patch tokens: None, rather than channels read as tokens."""
-    features = backbone.forward_features(x)
+    with mask_embeddings(backbone, masks, mask_token):
+        features = backbone.forward_features(x)
     pooled = backbone.forward_head(features, pre_logits=True)
     if features.ndim != 3:
         return pooled, None
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     return pooled, features[:, prefix:]
+
+
+def patch_pixels(backbone: nn.Module) -> int:
+    """The side in input pixels of the patch one token covers (the stem's downsampling included)."""
+    patch = backbone.patch_embed.patch_size
+    return int(patch if isinstance(patch, int) else patch[0])
+
+
+@contextlib.contextmanager
+def mask_embeddings(backbone: nn.Module, masks: torch.Tensor | None, mask_token: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block, the backbone's patch embedding puts ``mask_token`` in place of the patches ``masks`` marks
+    (a forward hook on timm's ``patch_embed``, so timm's own ``forward_features`` runs on): iBOT's masked image,
+    as DINOv2 builds it, before the position embedding, which the masked tokens keep. Nothing happens without
+    ``masks``.
+
+    What of a masked patch's pixels still reaches the network through this replacement alone:
+
+    - ViT: nothing. Its patch embedding is one convolution whose stride is its kernel, so a token is computed from
+      its own patch's pixels only, and there is no BatchNorm.
+    - XCiT: its convolutional patch stem (four 3x3 convolutions of stride 2, BatchNorm after each) gives a token a
+      receptive field of 31 x 31 pixels, its own 16 x 16 patch and the 15 pixels before it (left, above). So the
+      unmasked patch right of, below, or diagonally below-right of a masked one carries 15 of the masked patch's 16
+      pixel columns (rows) in its embedding, and the blocks (XCA, the LPI's 3x3 depthwise convolutions over the
+      token grid) carry that to the masked token. Only masked patches on the right or bottom edge of a masked block
+      leak so; inside a block, every neighbour that sees their pixels is masked too. In training mode the stem's
+      BatchNorm also normalises with batch statistics of every pixel position, masked ones included: each masked
+      pixel moves every token a little. The LPI's BatchNorm sees masked tokens only as they are (mask token, position,
+      what the blocks mixed in), never their pixels.
+
+    :func:`hide_patches` closes both XCiT paths: the student's masked patches are blanked in the image before the
+    stem, so no convolution or batch statistic sees their pixels (tested in ``tests/test_masking.py``: the
+    student's every output is unchanged, bit for bit, when a masked patch's pixels change, for ViT and XCiT).
+    """
+    if masks is None:
+        yield
+        return
+    if mask_token is None:
+        raise ValueError("mask_embeddings: masks given without a mask token")
+
+    def replace(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        embeddings = output[0] if isinstance(output, tuple) else output  # XCiT: (tokens, (rows, columns))
+        where = masks.reshape(*embeddings.shape[:-1], 1)  # (B, N, 1) for XCiT and flat ViT, (B, H, W, 1) for NHWC
+        replaced = torch.where(where, mask_token.to(embeddings.dtype), embeddings)
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+    handle = timm_model(backbone).patch_embed.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def hide_patches(images: torch.Tensor, masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """``images`` (B, 3, H, W) with the pixels of every masked patch (``masks`` (B, H / patch, W / patch)) set to 0,
+    the normalised images' mean colour, so that no overlapping convolution or batch statistic of the patch stem sees
+    them (:func:`mask_embeddings` says why XCiT needs it; for ViT it changes nothing)."""
+    pixels = masks.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    return images.masked_fill(pixels[:, None], 0.0)
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:

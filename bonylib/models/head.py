@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from bonylib.models.backbones import backbone_tokens
+from bonylib.models.backbones import backbone_tokens, hide_patches, patch_pixels
 
 
 class DINOHead(nn.Module):
@@ -53,7 +53,9 @@ class CropOutputs(NamedTuple):
     - ``cls``: the pooled feature timm's own head would read, (n_crops * B, D), before the projection head;
     - ``patch``: the patch tokens after the final norm, one (n_crops_of_that_size * B, N, D) tensor per crop size
       (global crops first), prefix tokens dropped;
-    - ``head``: the DINO head's logits, (n_crops * B, out_dim).
+    - ``head``: the DINO head's logits, (n_crops * B, out_dim);
+    - ``masked``: with masks, the patch head's logits of the masked patches of the global crops, (masked patches,
+      patch out_dim), in the order of ``masks.nonzero()``; None without masks.
 
     A named tuple, so that DDP and torch's pytree see the tensors inside.
     """
@@ -61,6 +63,7 @@ class CropOutputs(NamedTuple):
     cls: torch.Tensor
     patch: list[torch.Tensor]
     head: torch.Tensor
+    masked: torch.Tensor | None = None
 
 
 class MultiCropWrapper(nn.Module):
@@ -71,22 +74,53 @@ class MultiCropWrapper(nn.Module):
     (:func:`bonylib.models.backbones.backbone_tokens`), so an objective can use the pooled feature, the patch
     tokens or the head's logits (:class:`CropOutputs`; the logits in the layout
     :class:`bonylib.ssl.losses.dino.DINOLoss` expects).
+
+    For masked-image modelling (iBOT) the wrapper also holds a learned ``mask_token`` (``(D,)``, zeros at first as in
+    DINOv2) and the head that scores patch tokens: ``patch_head``, a second DINO head, or the DINO head itself when
+    shared. A DINO-only network has neither, so its state dict is what it always was.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, masked_modelling: bool = False,
+                 patch_head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        if masked_modelling:
+            self.mask_token = nn.Parameter(torch.zeros(int(backbone.num_features)))
+            if patch_head is not None:
+                self.patch_head = patch_head
+        elif patch_head is not None:
+            raise ValueError("a patch head scores masked patches: it needs masked_modelling")
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> CropOutputs:
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor, masks: torch.Tensor | None = None,
+                hide: bool = True) -> CropOutputs:
+        """Outputs of ``crops``. ``masks`` (global crops * B, rows, columns) marks patches of the first crop size
+        (the global crops): with ``hide`` (the student) their pixels are blanked (:func:`hide_patches`) and their
+        embeddings replaced by the mask token; without (the teacher) the crops are seen whole. Either way the patch
+        head scores the tokens at the masked places (``CropOutputs.masked``)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         sizes = torch.tensor([c.shape[-1] for c in crops])
         ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
         pooled, patches, start = [], [], 0
         for end in ends:
-            cls, patch = backbone_tokens(self.backbone, torch.cat(crops[start:end]))
+            images = torch.cat(crops[start:end])
+            if masks is not None and start == 0 and hide:
+                images = hide_patches(images, masks, patch_pixels(self.backbone))
+                cls, patch = backbone_tokens(self.backbone, images, masks, self.mask_token)
+            else:
+                cls, patch = backbone_tokens(self.backbone, images)
             pooled.append(cls)
             patches.append(patch)
             start = end
         cls = torch.cat(pooled)
-        return CropOutputs(cls=cls, patch=patches, head=self.head(cls))
+        masked = None if masks is None else self.score_patches(patches[0][masks.flatten(1)])
+        return CropOutputs(cls=cls, patch=patches, head=self.head(cls), masked=masked)
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        """The projection heads: the DINO head, and the patch head when it is a head of its own."""
+        return [self.head, *([self.patch_head] if hasattr(self, "patch_head") else [])]
+
+    def score_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch head's logits of patch tokens (N, D): the separate patch head, or the DINO head when shared."""
+        return getattr(self, "patch_head", self.head)(tokens)

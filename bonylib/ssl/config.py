@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from bonylib.config import option, section
+from bonylib.config import check_fractions, option, section
 from bonylib.errors import ConfigError
 from bonylib.runtime import PRECISIONS
 from bonylib.ssl.augment import CropConfig
@@ -57,15 +57,61 @@ class OptimConfig:
             raise ConfigError("optim.epochs, optim.batch_size and optim.accumulate must be at least 1")
 
 
+CENTERINGS = ("ema", "sinkhorn_knopp")
+OBJECTIVES = ("dino", "dinov2")
+
+
 @dataclass
 class LossConfig:
-    """DINO loss temperatures and centering."""
+    """Temperatures and centering of the self-distillation terms (DINO's, and iBOT's under objective: dinov2)."""
 
     warmup_teacher_temp: float = option(0.04, "teacher temperature at the start")
     teacher_temp: float = option(0.04, "teacher temperature after the warm-up")
     warmup_teacher_temp_epochs: int = option(0, "epochs of linear teacher-temperature warm-up")
     student_temp: float = option(0.1, "student temperature")
-    center_momentum: float = option(0.9, "EMA momentum of the teacher-output center")
+    center_momentum: float = option(0.9, "EMA momentum of the teacher-output center (centering: ema)")
+    centering: str = option("ema", "how the teacher's targets are centred: ema (DINO: subtract an EMA of the teacher's "
+                            "mean output) or sinkhorn_knopp (DINOv2: equal-partition targets of each global batch)")
+    sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp rounds (centering: sinkhorn_knopp; DINOv2: 3)")
+
+    def __post_init__(self) -> None:
+        if self.centering not in CENTERINGS:
+            raise ConfigError(f"loss.centering must be one of {', '.join(CENTERINGS)}, got '{self.centering}'")
+        if self.sinkhorn_iterations < 1:
+            raise ConfigError(f"loss.sinkhorn_iterations must be at least 1, got {self.sinkhorn_iterations}")
+
+
+@dataclass
+class DINOv2Config:
+    """The terms ``objective: dinov2`` trains beside DINO's, each with its weight (0 leaves a term out), and iBOT's
+    masks and patch head (read only under objective: dinov2)."""
+
+    dino_weight: float = option(1.0, "weight of the DINO term (image level: CLS of every crop)")
+    ibot_weight: float = option(1.0, "weight of the iBOT term: the student predicts the teacher's patch tokens at "
+                                "masked patches of the global crops (DINOv2: 1.0)")
+    koleo_weight: float = option(0.1, "weight of the KoLeo regulariser on the student's pre-head CLS of the global "
+                                 "crops, summed over the global crops (DINOv2: 0.1)")
+    kde_weight: float = option(0.0, "weight of the KDE (von Mises-Fisher kernel) regulariser on the same features, "
+                               "Virchow2's and Midnight's replacement for KoLeo")
+    kde_concentration: float = option(5.0, "concentration kappa of the KDE's von Mises-Fisher kernel (Virchow2: 5)")
+    mask_probability: float = option(0.5, "share of the global crops that are masked (DINOv2: 0.5)")
+    mask_ratio: list[float] = option([0.1, 0.5], "range of the share of a masked crop's patches hidden [min, max] "
+                                     "(DINOv2: 0.1-0.5), as blocks")
+    separate_patch_head: bool = option(False, "score patch tokens with a head of their own (same sizes as the DINO "
+                                       "head) rather than with the DINO head (DINOv2's default: shared)")
+
+    def __post_init__(self) -> None:
+        for name in ("dino_weight", "ibot_weight", "koleo_weight", "kde_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dinov2.{name} must be at least 0, got {getattr(self, name)}")
+        if self.dino_weight == 0:
+            raise ConfigError("dinov2.dino_weight must be above 0: the DINO term's teacher entropy is the run's "
+                              "collapse signal")
+        if self.kde_concentration <= 0:
+            raise ConfigError(f"dinov2.kde_concentration must be above 0, got {self.kde_concentration}")
+        check_fractions("dinov2", self, ("mask_probability",))
+        if len(self.mask_ratio) != 2 or not 0.0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1.0:
+            raise ConfigError(f"dinov2.mask_ratio must be [min, max] with 0 <= min <= max <= 1, got {self.mask_ratio}")
 
 
 @dataclass
@@ -75,6 +121,9 @@ class DataConfig:
     manifest: str = option("", "a bony tile manifest.parquet (tiles from its shards, or from the slides)")
     images: str = option("", "a folder of images (any size; crops are taken from each)")
     tile_px: int = option(224, "side of the tiles read from a manifest")
+    balance_by: str = option("", "a manifest column to balance the tiles drawn by: each epoch draws its tiles (with "
+                             "replacement) so that every value of the column is drawn as often, e.g. cluster, the "
+                             "column bony curate writes (empty: every tile once per epoch, shuffled)")
     workers: Union[int, str] = option("auto", "DataLoader worker processes: auto (from the CPUs this process may use: "
                                       "affinity, cgroup quota, SLURM_CPUS_PER_TASK) or a number (0: load in the trainer)")
 
@@ -98,10 +147,13 @@ class TrainConfig:
     :class:`bonylib.compose.pretrain.PretrainConfig`: it is an evaluation, which this stage does not import)."""
 
     seed: int = option(0, "seed of weights, data order and crops")
+    objective: str = option("dino", "dino: the DINO loss alone; dinov2: DINO plus the terms of the dinov2 section "
+                            "(iBOT masked patches, KoLeo or KDE) at their weights")
     model: ModelConfig = section(ModelConfig, "backbone and head")
     crops: CropConfig = section(CropConfig, "multi-crop views and histology augmentations")
     optim: OptimConfig = section(OptimConfig, "optimiser and schedules")
-    loss: LossConfig = section(LossConfig, "DINO loss")
+    loss: LossConfig = section(LossConfig, "self-distillation temperatures and centering")
+    dinov2: DINOv2Config = section(DINOv2Config, "the terms objective: dinov2 adds, and iBOT's masks")
     data: DataConfig = section(DataConfig, "pretraining images")
     log_every: int = option(10, "optimisation steps between log.jsonl lines")
     tensorboard: bool = option(False, "also write every log.jsonl value as a TensorBoard scalar under tensorboard/")
@@ -109,3 +161,12 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides checkpoint.pth")
     max_steps: int = option(0, "stop after this many optimisation steps (0: train all epochs); for tests and timing")
     resume: ResumeConfig = section(ResumeConfig, "resuming a run")
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
+
+    @property
+    def masked_modelling(self) -> bool:
+        """Whether the run masks the student's global crops (the iBOT term is on)."""
+        return self.objective == "dinov2" and self.dinov2.ibot_weight > 0

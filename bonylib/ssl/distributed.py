@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,3 +98,34 @@ def barrier() -> None:
     """Wait until every process gets here (nothing when alone)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class _GatherRows(torch.autograd.Function):
+    """``all_gather`` of equal-sized row blocks whose backward returns each process its rows' gradient summed over
+    every process (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.start, ctx.count = dist.get_rank() * len(rows), len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count]
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rows of every process, concatenated in rank order, with gradients flowing back to each process's own
+    (``rows`` itself when alone).
+
+    For a term of the whole global batch (KoLeo's nearest neighbours, the KDE's density), which every process then
+    computes alike: each process's backward gets the gradient of its rows summed over the W identical copies of the
+    term, W times the term's own, and DDP's averaging of the parameters' gradients divides it by W again. So two
+    processes of n images train as one process of the 2n images."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    return _GatherRows.apply(rows)

@@ -14,17 +14,25 @@ from torch import nn
 
 from bonylib.models.backbones import create_backbone
 from bonylib.models.head import CropOutputs, DINOHead, MultiCropWrapper
-from bonylib.ssl.config import ModelConfig, TrainConfig
+from bonylib.ssl.config import TrainConfig
 from bonylib.ssl.data import Batch
 from bonylib.ssl.ema import update_teacher
 from bonylib.ssl.losses import build_objectives
 
 
-def _network(cfg: ModelConfig, drop_path_rate: float) -> MultiCropWrapper:
-    backbone = create_backbone(cfg.backbone, drop_path_rate=drop_path_rate, stem=cfg.stem)
-    head = DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                    norm_last_layer=cfg.norm_last_layer)
-    return MultiCropWrapper(backbone, head)
+def _network(cfg: TrainConfig, drop_path_rate: float) -> MultiCropWrapper:
+    """Backbone + DINO head, and for masked-image modelling the mask token and, when asked, a patch head of the DINO
+    head's sizes (drawn after the DINO head: a DINO-only network draws exactly what it always drew)."""
+    model = cfg.model
+    backbone = create_backbone(model.backbone, drop_path_rate=drop_path_rate, stem=model.stem)
+
+    def head() -> DINOHead:
+        return DINOHead(backbone.num_features, model.out_dim, model.hidden_dim, model.bottleneck_dim,
+                        norm_last_layer=model.norm_last_layer)
+
+    dino_head = head()
+    patch_head = head() if cfg.masked_modelling and cfg.dinov2.separate_patch_head else None
+    return MultiCropWrapper(backbone, dino_head, cfg.masked_modelling, patch_head)
 
 
 class SelfDistillation(nn.Module):
@@ -39,8 +47,8 @@ class SelfDistillation(nn.Module):
                  distributed: bool = False) -> None:
         super().__init__()
         self.global_crops = cfg.crops.global_crops
-        student = _network(cfg.model, cfg.model.drop_path)
-        teacher = _network(cfg.model, 0.0)
+        student = _network(cfg, cfg.model.drop_path)
+        teacher = _network(cfg, 0.0)
         teacher.load_state_dict(student.state_dict())
         for p in teacher.parameters():
             p.requires_grad = False
@@ -62,10 +70,11 @@ class SelfDistillation(nn.Module):
 
     def forward(self, batch: Batch, epoch: int) -> tuple[dict[str, torch.Tensor], CropOutputs]:
         """The weighted loss of each objective on ``batch`` (crops already on the device), and the teacher's outputs
-        (for the objectives' metrics). Run it under the precision's autocast; the teacher runs without gradients."""
+        (for the objectives' metrics). Run it under the precision's autocast; the teacher runs without gradients.
+        With masks (iBOT) the student sees its global crops masked and the teacher sees them whole, as in DINOv2."""
         with torch.no_grad():
-            teacher = self.teacher(batch.crops[: self.global_crops])
-        student = self.student(batch.crops)
+            teacher = self.teacher(batch.crops[: self.global_crops], batch.masks, hide=False)
+        student = self.student(batch.crops, batch.masks)
         losses = {name: objective.weight * objective(student, teacher, batch, epoch)
                   for name, objective in self.objectives.items()}
         return losses, teacher

@@ -42,15 +42,17 @@ from torch.utils.data import DataLoader
 from bonylib.config import save_config, to_dict
 from bonylib.errors import BonyError
 from bonylib.files import append_line, ensure_writable_dir, write_text_atomic
-from bonylib.models.backbones import parameter_groups
+from bonylib.models.backbones import parameter_groups, patch_pixels
 from bonylib.models.export import export_encoder
 from bonylib.runtime import Precision, machine_record, plan_threads, resolve_precision
 from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import views_transform
 from bonylib.ssl.config import TrainConfig
-from bonylib.ssl.data import Batch, EpochSampler, SeededViews, collate_views, images_from
+from bonylib.ssl.data import (Batch, EpochSampler, SeededViews, balance_weights, collate_views, images_from,
+                              manifest_column)
 from bonylib.ssl.distributed import World, all_reduce_max, all_reduce_mean, barrier, init_distributed
+from bonylib.ssl.masking import BlockMasking
 from bonylib.ssl.model import SelfDistillation
 from bonylib.ssl.runs import RunLog
 from bonylib.ssl.schedules import cosine_schedule
@@ -93,12 +95,15 @@ class Trainer:
                  self.threads.workers, self.threads.cpus)
         torch.manual_seed(cfg.seed)
         images = images_from(cfg.data.manifest, cfg.data.images, cfg.data.tile_px)
-        self.views = SeededViews(images, views_transform(cfg.crops), cfg.seed)
-        self.sampler = EpochSampler(len(self.views), cfg.optim.batch_size, self.world.rank, self.world.size, cfg.seed)
+        weights = balance_weights(manifest_column(images, cfg.data.balance_by, cfg.data.manifest)) \
+            if cfg.data.balance_by else None
+        self.sampler = EpochSampler(len(images), cfg.optim.batch_size, self.world.rank, self.world.size, cfg.seed,
+                                    weights)
         self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
             raise BonyError(f"an epoch has {self.sampler.batches_per_epoch} batches, fewer than optim.accumulate")
         self.model = SelfDistillation(cfg, self.device, self._memory_format, distributed=self.world.size > 1)
+        self.views = SeededViews(images, views_transform(cfg.crops), cfg.seed, self._masking(), cfg.crops.global_crops)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model.student_network), lr=0.0, foreach=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         total_batch = cfg.optim.batch_size * cfg.optim.accumulate * self.world.size
@@ -129,6 +134,14 @@ class Trainer:
         record = {"machine": machine_record(), "precision": dataclasses.asdict(self.precision),
                   "threads": dataclasses.asdict(self.threads), "world_size": self.world.size}
         write_text_atomic(self.out / "runtime.json", json.dumps(record, indent=2) + "\n")
+
+    def _masking(self) -> BlockMasking | None:
+        """iBOT's block masks for the patch grid of a global crop (None when the run does not mask)."""
+        if not self.cfg.masked_modelling:
+            return None
+        side = self.cfg.crops.global_size // patch_pixels(self.model.student_network.backbone)
+        low, high = self.cfg.dinov2.mask_ratio
+        return BlockMasking((side, side), self.cfg.dinov2.mask_probability, low, high)
 
     @property
     def _memory_format(self) -> torch.memory_format:
@@ -237,8 +250,9 @@ class Trainer:
                     norm = p.grad.norm(2)
                     p.grad.mul_(torch.clamp(self.cfg.optim.clip_grad / (norm + 1e-6), max=1.0))
         if epoch < self.cfg.optim.freeze_last_layer:
-            for p in student.head.last_layer.parameters():
-                p.grad = None
+            for head in student.heads:
+                for p in head.last_layer.parameters():
+                    p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -376,8 +390,10 @@ class Trainer:
 
 
 def _mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric averaged over the micro-batches of a step."""
-    return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]} if metrics else {}
+    """Each metric averaged over the micro-batches of a step that have it (iBOT's patch entropies need a masked
+    patch)."""
+    keys = dict.fromkeys(key for m in metrics for key in m)
+    return {key: sum(m[key] for m in metrics if key in m) / sum(key in m for m in metrics) for key in keys}
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """The self-supervised objectives, one module per objective behind one interface
-(:class:`~bonylib.ssl.losses.base.Objective`), in the manner of dinov2's ``loss/`` package.
+(:class:`~bonylib.ssl.losses.base.Objective`), in the manner of dinov2's ``loss/`` package: ``dino`` (image level,
+every run), and under ``objective: dinov2`` ``ibot`` (masked patches), ``koleo`` and ``kde`` (spreading the
+features), each built when its weight is above 0; ``centering`` holds the two ways to centre the teacher (EMA,
+Sinkhorn-Knopp) that DINO and iBOT share.
 
 :data:`OBJECTIVES` maps each objective's name to the function that builds it from a run's config (or returns
 None where the config leaves it out). The trainer sums the weighted terms of every objective built, logs each
@@ -14,11 +17,14 @@ from collections.abc import Callable
 from torch import nn
 
 from bonylib.ssl.config import TrainConfig
-from bonylib.ssl.losses import dino
+from bonylib.ssl.losses import dino, ibot, kde, koleo
 from bonylib.ssl.losses.base import Objective
 
 OBJECTIVES: dict[str, Callable[[TrainConfig], Objective | None]] = {
     "dino": dino.build,
+    "ibot": ibot.build,
+    "koleo": koleo.build,
+    "kde": kde.build,
 }
 """Objectives by name, in the order their terms are summed."""
 

@@ -4,7 +4,8 @@ For every pair of a teacher view ``t`` (global crops only) and a student view ``
 ``H(P_t, P_s) = -sum_k P_t[k] log P_s[k]`` with ``P_s = softmax(g_s / tau_s)`` and
 ``P_t = softmax((g_t - c) / tau_t)``, averaged over pairs and images (Caron et al., 2021, eq. 1-3).
 Centering ``c`` (an EMA of the teacher's mean output, summed over all processes:
-:class:`~bonylib.ssl.losses.centering.EMACentering`) stops one dimension from dominating; the low teacher
+:class:`~bonylib.ssl.losses.centering.EMACentering`; or DINOv2's Sinkhorn-Knopp in its place,
+``loss.centering: sinkhorn_knopp``) stops one dimension from dominating; the low teacher
 temperature (sharpening) stops the output from going uniform. Together they avoid collapse; the notebook on
 DINO theory shows each alone failing.
 """
@@ -20,7 +21,7 @@ from bonylib.models.head import CropOutputs
 from bonylib.ssl.config import TrainConfig
 from bonylib.ssl.data import Batch
 from bonylib.ssl.losses.base import Objective
-from bonylib.ssl.losses.centering import EMACentering
+from bonylib.ssl.losses.centering import build_centering
 from bonylib.ssl.schedules import teacher_temperature_schedule
 
 
@@ -50,12 +51,13 @@ class DINOLoss(Objective):
 
     def __init__(self, out_dim: int, global_crops: int, total_crops: int, epochs: int,
                  warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
-                 student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+                 student_temp: float = 0.1, center_momentum: float = 0.9, centering: str = "ema",
+                 sinkhorn_iterations: int = 3, weight: float = 1.0) -> None:
         super().__init__()
         self.out_dim, self.global_crops, self.total_crops = out_dim, global_crops, total_crops
-        self.student_temp = student_temp
+        self.student_temp, self.weight = student_temp, weight
         self.pairs = crop_pairs(global_crops, total_crops)
-        self.centering = EMACentering(out_dim, center_momentum)
+        self.centering = build_centering(centering, out_dim, center_momentum, sinkhorn_iterations)
         self.teacher_temps = teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs)
 
     def teacher_temperature(self, epoch: int) -> float:
@@ -90,7 +92,11 @@ class DINOLoss(Objective):
 
 
 def build(cfg: TrainConfig) -> DINOLoss:
-    """The DINO term of a run: its prototypes, crops, temperatures and centering from the config."""
+    """The DINO term of a run: its prototypes, crops, temperatures and centering from the config, weighted by
+    ``dinov2.dino_weight`` under ``objective: dinov2`` (every run has it: its teacher entropy is the run's collapse
+    signal)."""
+    weight = cfg.dinov2.dino_weight if cfg.objective == "dinov2" else 1.0
     return DINOLoss(cfg.model.out_dim, cfg.crops.global_crops, cfg.crops.n_crops, cfg.optim.epochs,
                     cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs,
-                    cfg.loss.student_temp, cfg.loss.center_momentum)
+                    cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.centering, cfg.loss.sinkhorn_iterations,
+                    weight)
