@@ -362,18 +362,54 @@ def resolve_precision(requested: str, device: torch.device, flags: frozenset[str
 
 @dataclass(frozen=True)
 class Threads:
-    """How a job's CPUs are split: torch's intra-op threads in the main process and DataLoader workers."""
+    """How a job's CPUs are split: torch's intra-op threads in the main process and DataLoader workers, and why
+    torch got that many (the split, a pinned count, or the other processes found busy on the CPUs)."""
 
     cpus: int
     torch_threads: int
     workers: int
+    reason: str = "the split of the usable CPUs"
 
     def apply(self) -> None:
         """Set torch's thread count in this process (workers set their own to 1, as torch's DataLoader does)."""
         torch.set_num_threads(self.torch_threads)
 
 
-def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool = False) -> Threads:
+def busy_cpus(seconds: float = 0.5) -> float:
+    """How many of this process's CPUs other processes keep busy: their busy time in ``/proc/stat`` over
+    ``seconds`` (user, nice, system, irq, softirq and steal of the CPUs in the affinity mask), less this process's
+    own, per second of wall time. 0 where it cannot be read for this process alone: no ``/proc/stat``, or a cgroup
+    quota smaller than the mask (the cores are shared with others by time, and their load is not ours to count).
+
+    Why it matters: torch's OpenMP threads meet at a barrier after every op, so a thread that shares its core with
+    a busy process makes the others wait for its next time slice at every op. Measured on a 2-core Xeon (AMX) with
+    one core kept busy by another job: the demo recipe's XCiT-nano step ran 5.3 images/s on 2 threads and 17.7 on
+    one (``python benchmarks/bench_contention.py``)."""
+    if not hasattr(os, "sched_getaffinity") or not Path("/proc/stat").is_file():
+        return 0.0
+    mine = os.sched_getaffinity(0)
+    quota = _cgroup_cpu_limit()
+    if quota is not None and quota < len(mine):
+        return 0.0
+
+    def sample() -> tuple[float, float, float]:
+        ticks = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in mine:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                ticks += user + nice + system + irq + softirq + steal
+        own = os.times()
+        return ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+
+    busy0, own0, start = sample()
+    time.sleep(seconds)
+    busy1, own1, end = sample()
+    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (end - start))
+
+
+def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool = False,
+                 busy: float = 0.0) -> Threads:
     """Split ``cpus`` (default: :func:`usable_cpus`) between torch threads and DataLoader workers.
 
     On a CPU the model and the augmentations share the cores. Augmenting is cheap next to a training
@@ -386,6 +422,11 @@ def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool
     1 + 1 18.1: every split with both cores for torch is within the 10 % noise, and one thread costs a
     quarter. On a GPU the model needs little CPU: all but one CPU go to workers (at most 8), and torch
     keeps what is left. An explicit worker count is kept.
+
+    For the same reason torch takes no core that other processes keep busy (``busy``, from :func:`busy_cpus`):
+    a quarter lost when the guess is wrong against a step several times slower when a thread shares its core.
+    ``OMP_NUM_THREADS`` in the environment pins torch's count instead (at most the usable CPUs), for runs that
+    must repeat bit for bit: a different thread count sums in a different order.
     """
     cpus = usable_cpus() if cpus is None else max(1, cpus)
     if workers == "auto":
@@ -394,5 +435,11 @@ def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool
         count = int(workers)
         if count < 0:
             raise ConfigError(f"workers must be 'auto' or at least 0, got {workers}")
-    torch_threads = cpus - count if gpu else cpus - max(0, count - 1)
-    return Threads(cpus=cpus, torch_threads=max(1, torch_threads), workers=count)
+    torch_threads = max(1, cpus - count if gpu else cpus - max(0, count - 1))
+    pinned = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if pinned.isdigit() and int(pinned) > 0:
+        return Threads(cpus, min(int(pinned), cpus), count, f"OMP_NUM_THREADS={pinned}")
+    free = max(1, round(cpus - busy))
+    if free < torch_threads:
+        return Threads(cpus, free, count, f"other processes keep {busy:.1f} of the {cpus} CPUs busy")
+    return Threads(cpus, torch_threads, count)

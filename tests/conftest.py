@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -15,8 +16,14 @@ from bonylib.config import load_config
 from bonylib.data.synthetic import SynthConfig, synthesize
 from bonylib.data.samples import shared_data_dir
 from bonylib.report import ReportConfig, build_report
+from bonylib.runtime import usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Runs that a test compares bit for bit must use one thread count (another count sums in another order), and the
+# trainer would take fewer threads where it finds the machine busy (bonylib.runtime.plan_threads): pinned here,
+# for the notebooks the tests run too. tests/test_runtime.py unsets it to test the adaptation.
+os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
 
 
 @pytest.fixture(scope="session")

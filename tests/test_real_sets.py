@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bonylib.config import load_config
+from bonylib.data.sicapv2_tables import read_sheet
 from bonylib.data.sources import list_jobs
 from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError
@@ -167,3 +168,17 @@ def test_broken_sicapv2_tables_are_one_line_naming_file_and_row(sicap: Path, tmp
     sheet.to_excel(root / "partition" / "Test" / "Test.xlsx", index=False)
     with pytest.raises(BonyError, match=r"Test\.xlsx row 12: NC, G3, G4, G5 is not one-hot"):
         list_jobs("sicapv2", [root])
+
+
+def test_a_partition_sheet_reads_as_pandas_reads_it(sicap: Path) -> None:
+    """Every Train and Test sheet of the partial SICAPv2: the class and the cribriform flag of each patch, as the
+    one-hot and G4C columns give them (the dataset chapter's counts and its grid read them through this reader)."""
+    paths = sorted(p for p in (sicap / "partition").rglob("*.xlsx") if p.stem in ("Train", "Test"))
+    assert len(paths) >= 2
+    for path in paths:
+        raw = pd.read_excel(path)
+        table = read_sheet(path)
+        assert table["image_name"].tolist() == raw["image_name"].tolist()
+        assert [CLASSES[k] for k in table["label"]] == [CLASSES[row.argmax()] for row in raw[list(CLASSES)].to_numpy()]
+        assert table["cribriform"].tolist() == (raw["G4C"] == 1).tolist()
+        assert table["cribriform"].sum() == raw["G4C"].sum()

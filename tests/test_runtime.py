@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,10 +180,64 @@ def test_cgroup_quota_v1(tmp_path: Path) -> None:
     (16, "auto", True, 8, 8),    # GPU: the CPUs feed the GPU
     (3, "auto", True, 1, 2),
 ])
-def test_thread_plan(cpus, workers, gpu, threads, expected_workers) -> None:
+def test_thread_plan(cpus, workers, gpu, threads, expected_workers, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     plan = plan_threads(workers, cpus=cpus, gpu=gpu)
     assert (plan.torch_threads, plan.workers, plan.cpus) == (threads, expected_workers, cpus)
     assert plan.torch_threads + max(0, plan.workers - 1) <= cpus or plan.torch_threads == 1
+
+
+@pytest.mark.parametrize(("cpus", "busy", "threads"), [
+    (2, 0.0, 2), (2, 0.4, 2),    # a core mostly free is a core
+    (2, 0.6, 1), (2, 1.0, 1),    # one of two taken: one thread
+    (2, 2.5, 1),                 # never fewer than one
+    (16, 3.2, 13),               # the split's 15 less the 3 cores others hold
+    (16, 0.0, 15),
+])
+def test_torch_takes_no_core_others_keep_busy(cpus, busy, threads, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plan = plan_threads("auto", cpus=cpus, busy=busy)
+    assert plan.torch_threads == threads
+    assert ("busy" in plan.reason) == (threads < plan_threads("auto", cpus=cpus).torch_threads)
+
+
+def test_omp_num_threads_pins_the_count_whatever_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    plan = plan_threads("auto", cpus=16, busy=10.0)
+    assert (plan.torch_threads, plan.reason) == (2, "OMP_NUM_THREADS=2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    assert plan_threads("auto", cpus=16).torch_threads == 16   # at most the usable CPUs
+
+
+def test_busy_cpus_sees_a_competitor_and_not_this_process() -> None:
+    """A child process spinning on one of this process's CPUs counts (other load on the machine can only add to
+    it); this process's own spinning during the measurement does not."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        assert runtime.busy_cpus(1.0) >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # this process spinning in a thread while it measures, and another process measuring the same window: the other
+    # process counts the spinning thread, this one does not (the rest of the machine's load is in both)
+    probe = subprocess.Popen([sys.executable, "-c", "from bonylib import runtime\nprint('ready', flush=True)\n"
+                              "print(runtime.busy_cpus(2.0), flush=True)"], stdout=subprocess.PIPE, text=True)
+    assert probe.stdout.readline().strip() == "ready"
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
+    worker.start()
+    try:
+        own = runtime.busy_cpus(2.0)
+    finally:
+        stop.set()
+        worker.join()
+    outside = float(probe.stdout.readline())
+    probe.wait()
+    assert outside - own >= 0.3, (outside, own)
 
 
 # ---- the trainer runs and records what was resolved ------------------------------------------

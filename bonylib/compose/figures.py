@@ -21,6 +21,7 @@ from bonylib.data.datasets import TileDataset
 from bonylib.data.heatmaps import read_thumbnail
 from bonylib.data.labels import snap_codes
 from bonylib.data.quality import pen_mask
+from bonylib.data.sicapv2_tables import PATCH_CLASSES, partition_folder, read_sheet
 from bonylib.data.slides import open_slide
 from bonylib.models.stems import haar_dwt2
 
@@ -50,15 +51,15 @@ def panda_overview(root: Path, max_slides: int = 4) -> Figure:
 def sicapv2_grid(root: Path, per_class: int = 4) -> Figure:
     """SICAPv2 patches by class (from the test-partition spreadsheets), mask drawn over each."""
     root = Path(root)
-    table = pd.concat([pd.read_excel(root / "partition" / "Test" / f"{s}.xlsx") for s in ("Train", "Test")])
+    folder = partition_folder(root, "Test")
+    table = pd.concat([read_sheet(folder / f"{s}.xlsx") for s in ("Train", "Test")])
     images, titles = [], []
-    for label in ("NC", "G3", "G4", "G5"):
-        for name in table.loc[table[label] == 1, "image_name"].head(per_class):
-            rgb = _level(root / "images" / name, 0)
-            grades = _level(root / "masks" / name, 0)[..., 0]
+    for k, label in enumerate(PATCH_CLASSES):
+        for row in table[table["label"] == k].head(per_class).itertuples():
+            rgb = _level(root / "images" / row.image_name, 0)
+            grades = _level(root / "masks" / row.image_name, 0)[..., 0]
             images.append(plotting.overlay(rgb, snap_codes(grades, "sicapv2"), plotting.GLEASON_NAMES, alpha=0.3))
-            cribriform = " (G4C)" if int(table.loc[table.image_name == name, "G4C"].iloc[0]) else ""
-            titles.append(f"{label}{cribriform}")
+            titles.append(f"{label}{' (G4C)' if row.cribriform else ''}")
     return plotting.image_grid(images, titles, ncols=per_class)
 
 

@@ -55,8 +55,9 @@ def _workbook(path: Path) -> pd.DataFrame:
 
 
 def read_sheet(path: Path) -> pd.DataFrame:
-    """One partition spreadsheet: ``image_name`` (as written, with ``.jpg``) and ``label`` (index in
-    :data:`PATCH_CLASSES`) of each of its patches."""
+    """One partition spreadsheet: ``image_name`` (as written, with ``.jpg``), ``label`` (index in
+    :data:`PATCH_CLASSES`) and ``cribriform`` (SICAPv2's ``G4C`` flag of a G4 patch; False where the sheet has no such
+    column) of each of its patches."""
     table = _workbook(Path(path))
     if "image_name" not in table:
         raise BonyError(f"{path}: no image_name column (has {list(table.columns)})")
@@ -67,7 +68,9 @@ def read_sheet(path: Path) -> pd.DataFrame:
     bad = np.flatnonzero(((onehot != 0) & (onehot != 1)).any(1) | (onehot.sum(1) != 1))
     if len(bad):
         raise BonyError(f"{path} row {bad[0] + 2}: {', '.join(PATCH_CLASSES)} is not one-hot")
-    return pd.DataFrame({"image_name": table["image_name"].astype(str), "label": onehot.argmax(1)})
+    cribriform = pd.to_numeric(table["G4C"], errors="coerce").fillna(0).to_numpy() == 1 if "G4C" in table else False
+    return pd.DataFrame({"image_name": table["image_name"].astype(str), "label": onehot.argmax(1),
+                         "cribriform": cribriform})
 
 
 def gleason_text(primary: int, secondary: int) -> str:

@@ -56,7 +56,7 @@ from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError, one_line
 from bonylib.models.encoders import OUTPUTS, Encoder
 from bonylib.files import atomic_path, ensure_writable_dir, locked, read_json, sha256_file, write_text_atomic
-from bonylib.runtime import PRECISIONS, check_fits, plan_threads, resolve_device, resolve_precision
+from bonylib.runtime import PRECISIONS, busy_cpus, check_fits, plan_threads, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +345,11 @@ def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg:
         raise BonyError(f"{manifest}: the manifest has no tiles")
     device = resolve_device(cfg.device)
     encoder = dataclasses.replace(encoder, precision=resolve_precision(cfg.precision, device)).to(device)
-    threads = plan_threads(cfg.workers, gpu=device.type == "cuda")
+    on_cpu = device.type == "cpu"
+    threads = plan_threads(cfg.workers, gpu=not on_cpu, busy=busy_cpus() if on_cpu else 0.0)
     threads.apply()
+    log.info("%d torch threads (%s) and %d data workers on %d usable CPUs", threads.torch_threads, threads.reason,
+             threads.workers, threads.cpus)
     store = store_path(out, encoder, output)
     wanted = {
         "format": FORMAT, "encoder": encoder.name, "fingerprint": encoder.fingerprint(output),

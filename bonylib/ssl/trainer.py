@@ -44,7 +44,7 @@ from bonylib.errors import BonyError
 from bonylib.files import append_line, ensure_writable_dir, write_text_atomic
 from bonylib.models.backbones import parameter_groups, patch_pixels
 from bonylib.models.export import export_encoder
-from bonylib.runtime import Precision, machine_record, plan_threads, resolve_precision
+from bonylib.runtime import Precision, busy_cpus, machine_record, plan_threads, resolve_precision
 from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import views_transform
@@ -88,11 +88,12 @@ class Trainer:
         self.world = world or init_distributed()
         self.device = torch.device(f"cuda:{self.world.local_rank}" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(cfg.optim.precision, self.device)
-        self.threads = plan_threads(cfg.data.workers, gpu=self.device.type == "cuda")
+        on_cpu = self.device.type == "cpu"
+        self.threads = plan_threads(cfg.data.workers, gpu=not on_cpu, busy=busy_cpus() if on_cpu else 0.0)
         self.threads.apply()
-        log.info("precision %s (asked: %s; %s); %d torch threads and %d data workers on %d usable CPUs",
+        log.info("precision %s (asked: %s; %s); %d torch threads (%s) and %d data workers on %d usable CPUs",
                  self.precision.name, self.precision.requested, self.precision.reason, self.threads.torch_threads,
-                 self.threads.workers, self.threads.cpus)
+                 self.threads.reason, self.threads.workers, self.threads.cpus)
         torch.manual_seed(cfg.seed)
         images = images_from(cfg.data.manifest, cfg.data.images, cfg.data.tile_px)
         weights = balance_weights(manifest_column(images, cfg.data.balance_by, cfg.data.manifest)) \
