@@ -375,37 +375,63 @@ class Threads:
         torch.set_num_threads(self.torch_threads)
 
 
-def busy_cpus(seconds: float = 0.5) -> float:
-    """How many of this process's CPUs other processes keep busy: their busy time in ``/proc/stat`` over
-    ``seconds`` (user, nice, system, irq, softirq and steal of the CPUs in the affinity mask), less this process's
-    own, per second of wall time. 0 where it cannot be read for this process alone: no ``/proc/stat``, or a cgroup
-    quota smaller than the mask (the cores are shared with others by time, and their load is not ours to count).
+class CpuLoad:
+    """How many of this process's CPUs other processes keep busy, between two readings: the busy time of the CPUs
+    in the affinity mask in ``/proc/stat`` (user, nice, system, irq, softirq, steal), less this process's own and
+    its children's (DataLoader workers), per second of wall time. Reads 0 where that cannot be told for this
+    process alone: no ``/proc/stat``, or a cgroup quota smaller than the mask (the cores are shared with others by
+    time, and their load is not ours to count).
 
     Why it matters: torch's OpenMP threads meet at a barrier after every op, so a thread that shares its core with
     a busy process makes the others wait for its next time slice at every op. Measured on a 2-core Xeon (AMX) with
     one core kept busy by another job: the demo recipe's XCiT-nano step ran 5.3 images/s on 2 threads and 17.7 on
     one (``python benchmarks/bench_contention.py``)."""
-    if not hasattr(os, "sched_getaffinity") or not Path("/proc/stat").is_file():
-        return 0.0
-    mine = os.sched_getaffinity(0)
-    quota = _cgroup_cpu_limit()
-    if quota is not None and quota < len(mine):
-        return 0.0
 
-    def sample() -> tuple[float, float, float]:
+    def __init__(self) -> None:
+        self._cpus: set[int] | None = None
+        if hasattr(os, "sched_getaffinity") and Path("/proc/stat").is_file():
+            mine = os.sched_getaffinity(0)
+            quota = _cgroup_cpu_limit()
+            self._cpus = mine if quota is None or quota >= len(mine) else None
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        """(busy seconds of the mask's CPUs, CPU seconds of this process and its live children, monotonic time)."""
+        if self._cpus is None:
+            return 0.0, 0.0, time.monotonic()
+        hz = os.sysconf("SC_CLK_TCK")
         ticks = 0
         for line in Path("/proc/stat").read_text().splitlines():
             name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in mine:
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self._cpus:
                 user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
                 ticks += user + nice + system + irq + softirq + steal
         own = os.times()
-        return ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+        return ticks / hz, own.user + own.system + _children_ticks() / hz, time.monotonic()
 
-    busy0, own0, start = sample()
+    def busy(self) -> float:
+        """Other processes' busy CPUs since the last reading (or since this meter was made)."""
+        (busy0, own0, start), self._last = self._last, self._read()
+        busy1, own1, end = self._last
+        return max(0.0, (busy1 - busy0 - (own1 - own0)) / max(end - start, 1e-9))
+
+
+def _children_ticks() -> int:
+    """CPU clock ticks (user + system) of this process's live children, from their ``/proc/<pid>/stat``."""
+    me, total = os.getpid(), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            if int(fields[1]) == me:
+                total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def busy_cpus(seconds: float = 0.5) -> float:
+    """:class:`CpuLoad` over ``seconds`` from now: what a job finds when it starts."""
+    meter = CpuLoad()
     time.sleep(seconds)
-    busy1, own1, end = sample()
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (end - start))
+    return meter.busy()
 
 
 def plan_threads(workers: int | str = "auto", cpus: int | None = None, gpu: bool = False,

@@ -16,14 +16,15 @@ from bonylib.config import load_config
 from bonylib.data.synthetic import SynthConfig, synthesize
 from bonylib.data.samples import shared_data_dir
 from bonylib.report import ReportConfig, build_report
-from bonylib.runtime import usable_cpus
+from bonylib.runtime import busy_cpus, plan_threads
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs that a test compares bit for bit must use one thread count (another count sums in another order), and the
-# trainer would take fewer threads where it finds the machine busy (bonylib.runtime.plan_threads): pinned here,
-# for the notebooks the tests run too. tests/test_runtime.py unsets it to test the adaptation.
-os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
+# trainer would change it with the machine's load (bonylib.runtime.plan_threads): pinned here for the session, and
+# the notebooks the tests run, at what the load leaves when the session starts. tests/test_runtime.py unsets it to
+# test the adaptation.
+os.environ.setdefault("OMP_NUM_THREADS", str(plan_threads(0, busy=busy_cpus()).torch_threads))
 
 
 @pytest.fixture(scope="session")

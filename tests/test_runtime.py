@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -209,24 +210,27 @@ def test_omp_num_threads_pins_the_count_whatever_the_load(monkeypatch: pytest.Mo
     assert plan_threads("auto", cpus=16).torch_threads == 16   # at most the usable CPUs
 
 
-def test_busy_cpus_sees_a_competitor_and_not_this_process() -> None:
-    """A child process spinning on one of this process's CPUs counts (other load on the machine can only add to
-    it); this process's own spinning during the measurement does not."""
+SPIN = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
+"""A process keeping one CPU busy for at most 30 s."""
+
+
+def test_cpu_load_counts_other_processes_not_this_one_or_its_children() -> None:
+    """A spinning process that is not ours (a grandchild, through bash) counts; other load on the machine can only
+    add to it. This process spinning in a thread and a child of it spinning (as a DataLoader worker would) do not:
+    another process measuring the same window counts both, this one neither (the machine's other load in both)."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs")
-    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
-    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    competitor = subprocess.Popen(["bash", "-c", f'"{sys.executable}" -c "$0"; true', SPIN], start_new_session=True)
     try:
         time.sleep(0.5)
         assert runtime.busy_cpus(1.0) >= 0.6
     finally:
-        spinner.kill()
-        spinner.wait()
-    # this process spinning in a thread while it measures, and another process measuring the same window: the other
-    # process counts the spinning thread, this one does not (the rest of the machine's load is in both)
+        os.killpg(competitor.pid, signal.SIGKILL)
+        competitor.wait()
     probe = subprocess.Popen([sys.executable, "-c", "from bonylib import runtime\nprint('ready', flush=True)\n"
                               "print(runtime.busy_cpus(2.0), flush=True)"], stdout=subprocess.PIPE, text=True)
     assert probe.stdout.readline().strip() == "ready"
+    child = subprocess.Popen([sys.executable, "-c", SPIN])
     stop = threading.Event()
     worker = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
     worker.start()
@@ -235,9 +239,45 @@ def test_busy_cpus_sees_a_competitor_and_not_this_process() -> None:
     finally:
         stop.set()
         worker.join()
+        child.kill()
+        child.wait()
     outside = float(probe.stdout.readline())
     probe.wait()
-    assert outside - own >= 0.3, (outside, own)
+    assert outside - own >= 0.6, (outside, own)
+
+
+def test_the_trainer_follows_the_load(repo: Path, smoke_data: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A competitor arriving mid-run takes a thread from torch at the next logged step, and leaving gives it back;
+    the meter is scripted here (its readings are tested above)."""
+    from bonylib.ssl import trainer as trainer_module
+
+    readings = iter([0.0, 1.0, 1.0, 0.0, 0.0])
+
+    class Scripted:
+        def busy(self) -> float:
+            return next(readings, 0.0)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer_module, "busy_cpus", lambda seconds=0.5: 0.0)
+    monkeypatch.setattr(trainer_module, "CpuLoad", Scripted)
+    threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(trainer_module.Trainer, "_log", lambda self, *args: seen.append(torch.get_num_threads()))
+    cfg = load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml",
+                      [f"data.images={smoke_data / 'deepgleason' / 'tiles'}", "max_steps=5", "log_every=1",
+                       "data.workers=0"])
+    try:
+        with caplog.at_level("INFO", logger="bonylib.ssl.trainer"):
+            build_trainer(cfg, tmp_path / "run").train()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2, 2, 1, 1, 2]   # threads in use when each step was logged; the load read after it
+    changes = [r.getMessage() for r in caplog.records if "torch threads 2 -> 1" in r.getMessage()
+               or "torch threads 1 -> 2" in r.getMessage()]
+    assert len(changes) == 2 and "busy" in changes[0]
 
 
 # ---- the trainer runs and records what was resolved ------------------------------------------

@@ -44,7 +44,7 @@ from bonylib.errors import BonyError
 from bonylib.files import append_line, ensure_writable_dir, write_text_atomic
 from bonylib.models.backbones import parameter_groups, patch_pixels
 from bonylib.models.export import export_encoder
-from bonylib.runtime import Precision, busy_cpus, machine_record, plan_threads, resolve_precision
+from bonylib.runtime import CpuLoad, Precision, busy_cpus, machine_record, plan_threads, resolve_precision
 from bonylib.signals import catch_stop_signals, ignore_stop_signals, release_stop_signals, stop_received
 from bonylib.ssl import checkpoints
 from bonylib.ssl.augment import views_transform
@@ -91,6 +91,7 @@ class Trainer:
         on_cpu = self.device.type == "cpu"
         self.threads = plan_threads(cfg.data.workers, gpu=not on_cpu, busy=busy_cpus() if on_cpu else 0.0)
         self.threads.apply()
+        self._load = CpuLoad() if on_cpu else None  # read again at every logged step: the load changes during a run
         log.info("precision %s (asked: %s; %s); %d torch threads (%s) and %d data workers on %d usable CPUs",
                  self.precision.name, self.precision.requested, self.precision.reason, self.threads.torch_threads,
                  self.threads.reason, self.threads.workers, self.threads.cpus)
@@ -325,6 +326,7 @@ class Trainer:
                 self._step_start = None
                 if logged:
                     self._log(epoch, step_losses, _mean_metrics(metrics), images, started)
+                    self._follow_load()
                 losses, metrics = [], []
                 started, images = time.perf_counter(), 0
                 end_of_epoch = self.step % self.steps_per_epoch == 0
@@ -369,6 +371,19 @@ class Trainer:
         scores = self.monitor(self.model.teacher.backbone, self.precision)
         self.log.write({"step": self.step, "epoch": epoch, **scores})
         log.info("step %d: %s", self.step, ", ".join(f"{key} {value:.3f}" for key, value in scores.items()))
+
+    def _follow_load(self) -> None:
+        """On a CPU, give torch the threads that the load since the last logged step leaves free (a job that
+        started on the machine meanwhile, or left it): each process of a run on its own, since threads do not
+        change what processes exchange. OMP_NUM_THREADS pins the count (:func:`~bonylib.runtime.plan_threads`)."""
+        if self._load is None:
+            return
+        plan = plan_threads(self.cfg.data.workers, busy=self._load.busy())
+        if plan.torch_threads != self.threads.torch_threads:
+            log.info("torch threads %d -> %d at step %d: %s", self.threads.torch_threads, plan.torch_threads,
+                     self.step, plan.reason)
+            plan.apply()
+            self.threads = plan
 
     def _logs(self, step: int) -> bool:
         """Whether optimisation step ``step`` (counted from 1) writes a log.jsonl line."""
