@@ -167,31 +167,40 @@ def evaluate_arms(run: Path, config: Path, runs: dict[str, list[Path]], arms: tu
     return out
 
 
-TARGETS = ("PANDA tiles linear bal. acc.", "PANDA tiles knn bal. acc.", "DeepGleason patch-token classes mIoU")
-"""The columns issue 23 judges the objectives by: the grade task on held-out slides (linear probe and k-NN, balanced
-accuracy) and the patch tokens' mask decoding (mIoU), iBOT's natural judge."""
+TARGETS = (("panda", "linear", "balanced_accuracy"), ("panda", "knn", "balanced_accuracy"),
+           ("deepgleason", "patch", "mean_iou"))
+"""The (benchmark, head, metric) issue 23 judges the objectives by: the grade task on held-out slides (linear probe
+and k-NN, balanced accuracy) and the patch tokens' mask decoding (mIoU), iBOT's natural judge."""
+COMPARISON = ("arm", "column", "DINO", "arm mean", "gain", "run-to-run spread", "runs", "beats DINO beyond the spread",
+              "intervals apart")
 
 
-def against_dino(out: Path, arms: tuple[Arm, ...], columns: tuple[str, ...] = TARGETS) -> pd.DataFrame:
-    """Each arm against the DINO arm on ``columns``: both means, the difference (arm minus DINO, the metric's better
-    direction counted), the run-to-run spread (the larger of the two rows' standard deviations over their runs),
-    and whether the arm beats DINO by more than that spread and with its 95 % interval above DINO's."""
+def against_dino(out: Path, arms: tuple[Arm, ...], targets: tuple[tuple[str, str, str], ...] = TARGETS) -> pd.DataFrame:
+    """Each arm against the first (DINO) on the results columns of ``targets``: both means, the difference (arm
+    minus DINO, the metric's better direction counted), the run-to-run spread (the larger of the two rows' standard
+    deviations over their runs; none with one run, as k-NN has), and whether the arm beats DINO by more than that
+    spread and with its 95 % interval beyond DINO's. Columns are found by benchmark, head and metric, whatever
+    the split their name carries."""
     from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
     from bonylib.evaluation.results import read_results
 
-    long = read_results(out).set_index(["encoder", "column"])
+    long = read_results(out)
+    rank = {target: i for i, target in enumerate(targets)}
+    long = long.assign(rank=[rank.get(key) for key in zip(long["benchmark"], long["head"], long["metric"])])
+    long = long[long["rank"].notna()].sort_values("rank", kind="stable")
+    by_row = long.set_index(["encoder", "column"])
     base = arms[0]
     rows = []
     for arm in arms[1:]:
-        for column in columns:
-            if (arm.name, column) not in long.index or (base.name, column) not in long.index:
+        for column in dict.fromkeys(long["column"]):
+            if (arm.name, column) not in by_row.index or (base.name, column) not in by_row.index:
                 continue
-            a, b = long.loc[(arm.name, column)], long.loc[(base.name, column)]
+            a, b = by_row.loc[(arm.name, column)], by_row.loc[(base.name, column)]
             sign = -1.0 if a["metric"] in LOWER_IS_BETTER else 1.0
             gain = sign * float(a["mean"] - b["mean"])
-            spread = float(np.nanmax([a["std"], b["std"]]))
+            stds = [s for s in (a["std"], b["std"]) if np.isfinite(s)]
+            spread = max(stds) if stds else float("nan")
             apart = bool(a["ci_low"] > b["ci_high"] if sign > 0 else a["ci_high"] < b["ci_low"])
-            rows.append({"arm": arm.label, "column": column, base.label: float(b["mean"]), "arm mean": float(a["mean"]),
-                         "gain": gain, "run-to-run spread": spread, "runs": int(a["runs"]),
-                         "beats DINO beyond the spread": bool(gain > spread), "intervals apart": apart})
-    return pd.DataFrame(rows).set_index(["arm", "column"])
+            rows.append((arm.label, column, float(b["mean"]), float(a["mean"]), gain, spread, int(a["runs"]),
+                         bool(gain > spread), apart))
+    return pd.DataFrame(rows, columns=list(COMPARISON)).rename(columns={"DINO": base.label}).set_index(["arm", "column"])
