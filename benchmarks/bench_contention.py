@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,11 +36,13 @@ from bench_train_step import _crops, _trainer, bony_step  # noqa: E402
 from bonylib.runtime import busy_cpus, describe_machine, machine_record, plan_threads, usable_cpus  # noqa: E402
 
 
-def _spin(stop: multiprocessing.synchronize.Event) -> None:
-    """A competitor: one core kept busy until told to stop."""
-    while not stop.is_set():
-        for _ in range(100_000):
-            pass
+SPIN = "while True: pass"
+
+
+def _competitor() -> subprocess.Popen:
+    """A process keeping one core busy that is not a child of this one (bash starts it, in a session of its own): the
+    load meter counts this process's children as its own work, as it should for DataLoader workers."""
+    return subprocess.Popen(["bash", "-c", f'"{sys.executable}" -c "$0"; true', SPIN], start_new_session=True)
 
 
 def _rate(trainer, crops: list[torch.Tensor], threads: int, seconds: float, batch: int) -> float:
@@ -66,10 +70,7 @@ def main() -> None:
     crops = _crops(demo, torch.device("cpu"))
     rows = []
     for count in sorted(set(args.contend)):
-        stop = multiprocessing.Event()
-        competitors = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(count)]
-        for process in competitors:
-            process.start()
+        competitors = [_competitor() for _ in range(count)]
         time.sleep(1.0)
         try:
             busy = busy_cpus(1.0)
@@ -79,9 +80,9 @@ def main() -> None:
             for name, threads in (("all threads", cpus), ("one thread", 1), ("bony", plan.torch_threads)):
                 row[name] = _rate(trainer, crops, threads, args.seconds, demo.batch)
         finally:
-            stop.set()
             for process in competitors:
-                process.join()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         rows.append(row)
         print(f"{count} competitors (busy {busy:.2f} CPUs): all threads ({cpus}) {row['all threads']:.1f}, one thread "
               f"{row['one thread']:.1f}, bony ({plan.torch_threads}) {row['bony']:.1f} images/s", flush=True)
