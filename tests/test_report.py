@@ -200,17 +200,9 @@ def test_build_only_names_the_chapters_that_were_not_run(tmp_path: Path) -> None
 def test_a_parameters_file_reaches_the_notebook(tmp_path: Path) -> None:
     """What a notebook array task does: one notebook, its papermill parameters from a YAML file."""
     from bonylib.cli import main
+    from tests.test_hostile_inputs import who_book
 
-    book = tmp_path / "book_root"
-    (book / "notebooks").mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml"):
-        (book / name).write_text("title: t\n")
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("run_dir = ''\nwho = 'default'")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("open(run_dir + '/who.txt', 'w').write(who)")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, book / "notebooks" / "01_who.ipynb")
+    book = who_book(tmp_path)
     (tmp_path / "params.yaml").write_text("who: array task 3\n")
     run = tmp_path / "run"
     assert main(["report", "--run", str(run), "--book", str(book), "--parameters", str(tmp_path / "params.yaml"),
