@@ -10,7 +10,7 @@ is what a config file may hold.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,6 +135,17 @@ def describe(schema: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
 def _is_section(field: dataclasses.Field) -> bool:
     factory = field.default_factory
     return factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory)
+
+
+def flat_keys(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted key: value}``, the form overrides and refusals name keys in."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def help_text(schema: type) -> str:

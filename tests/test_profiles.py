@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bonylib.compose.pretrain import PretrainConfig
-from bonylib.config import load_config, to_dict
+from bonylib.config import flat_keys, load_config, to_dict
 
 DINO_DEFAULTS: dict[str, Any] = {
     "seed": 0, "model.hidden_dim": 2048, "model.bottleneck_dim": 256, "model.norm_last_layer": True,
@@ -58,18 +58,8 @@ RUN_KEYS = {"data.manifest", "data.workers", "data.images", "checkpoint_every"}
 def seed_profile(repo: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the keys seed.yaml sets, flattened; the config it loads into)."""
     path = repo / "configs" / "pretrain" / "seed.yaml"
-    written = _flat(yaml.safe_load(path.read_text()))
-    return written, _flat(to_dict(load_config(PretrainConfig, path)))
-
-
-def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    written = flat_keys(yaml.safe_load(path.read_text()))
+    return written, flat_keys(to_dict(load_config(PretrainConfig, path)))
 
 
 def test_every_value_of_the_seed_profile_is_the_reports_or_dinos_default(seed_profile) -> None:
@@ -101,9 +91,9 @@ def test_the_step_and_its_learning_rate_read_as_dino_scales_them(seed_profile) -
 
 def test_the_recommended_profile_says_why_it_departs_from_the_seeds(repo: Path) -> None:
     """cluster.yaml keeps the seed's scale and states a reason for each key it sets otherwise."""
-    seed = _flat(to_dict(load_config(PretrainConfig, repo / "configs" / "pretrain" / "seed.yaml")))
+    seed = flat_keys(to_dict(load_config(PretrainConfig, repo / "configs" / "pretrain" / "seed.yaml")))
     text = (repo / "configs" / "pretrain" / "cluster.yaml").read_text()
-    ours = _flat(to_dict(load_config(PretrainConfig, repo / "configs" / "pretrain" / "cluster.yaml")))
+    ours = flat_keys(to_dict(load_config(PretrainConfig, repo / "configs" / "pretrain" / "cluster.yaml")))
     departures = {key for key in seed if seed[key] != ours[key] and key not in RUN_KEYS}
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     named = {"crops.pipeline": "pipeline", "loss.teacher_temp": "0.07", "loss.warmup_teacher_temp_epochs": "30 epochs",

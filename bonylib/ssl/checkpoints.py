@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from bonylib.config import flat_keys
 from bonylib.errors import BonyError
 from bonylib.files import atomic_path, sha256_file, write_text_atomic
 
@@ -140,16 +141,6 @@ def objectives_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {"dino.centering.center": state[LEGACY_CENTER]}
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                    defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (value in saved, value in current)}`` for every key whose value differs.
@@ -158,7 +149,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
     checkpoint was written (``model.stem``) has its default in a run that predates it, so resuming such a run
     with the default is no change.
     """
-    old, new = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
+    old, new = {**flat_keys(defaults or {}), **flat_keys(saved)}, flat_keys(current)
     missing = object()
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key, missing) != new.get(key, missing)}
@@ -169,6 +160,6 @@ def refused_changes(changes: Mapping[str, tuple[Any, Any]], allowed: Iterable[st
     """The changes a resume may not make: keys of the training schema ``trained`` (a config as a dict) that are
     neither run-only keys nor named in ``allowed``."""
     permitted = (*RUN_ONLY_KEYS, *allowed)
-    schema = _flatten(trained)
+    schema = flat_keys(trained)
     return {key: values for key, values in changes.items() if key in schema
             and not any(key == p or (p.endswith(".") and key.startswith(p)) for p in permitted)}
