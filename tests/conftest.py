@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bonylib.config import load_config
-from bonylib.data.synthetic import SynthConfig, synthesize
 from bonylib.data.samples import shared_data_dir
+from bonylib.data.synthetic import SynthConfig, synthesize
 from bonylib.report import ReportConfig, build_report
 from bonylib.runtime import busy_cpus, plan_threads
 
@@ -43,6 +43,12 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory, smoke_config: SynthConf
     root = tmp_path_factory.mktemp("synth")
     synthesize("all", root, smoke_config)
     return root
+
+
+@pytest.fixture(scope="session")
+def images(smoke_data: Path) -> Path:
+    """The smoke DeepGleason tiles: a folder of images the pretraining tests train on (``data.images=``)."""
+    return smoke_data / "deepgleason" / "tiles"
 
 
 @pytest.fixture(scope="session")

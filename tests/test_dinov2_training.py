@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonylib.compose.pretrain import PretrainConfig, build_trainer
-from bonylib.config import load_config
+from bonylib.compose.pretrain import build_trainer
 from bonylib.errors import BonyError, ConfigError
-
-
-@pytest.fixture(scope="module")
-def images(smoke_data: Path) -> Path:
-    return smoke_data / "deepgleason" / "tiles"
-
-
-def config(repo: Path, images: Path, *overrides: str) -> PretrainConfig:
-    return load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [f"data.images={images}", *overrides])
+from tests.test_pretrain import config
 
 
 def logged(out: Path) -> list[dict]:

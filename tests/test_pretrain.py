@@ -21,11 +21,6 @@ from bonylib.models.backbones import create_backbone
 from bonylib.ssl.trainer import STOPPED
 
 
-@pytest.fixture(scope="module")
-def images(smoke_data: Path) -> Path:
-    return smoke_data / "deepgleason" / "tiles"
-
-
 def config(repo: Path, images: Path, *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [f"data.images={images}", *overrides])
 

@@ -21,15 +21,7 @@ from bonylib.errors import BonyError
 from bonylib.files import DiskFullError
 from bonylib.models.export import load_backbone
 from bonylib.ssl import checkpoints
-
-
-@pytest.fixture(scope="module")
-def images(smoke_data: Path) -> Path:
-    return smoke_data / "deepgleason" / "tiles"
-
-
-def config(repo: Path, images: Path, *overrides: str) -> PretrainConfig:
-    return load_config(PretrainConfig, repo / "configs" / "pretrain" / "smoke.yaml", [f"data.images={images}", *overrides])
+from tests.test_pretrain import config
 
 
 def logged_steps(out: Path) -> list[int]:
