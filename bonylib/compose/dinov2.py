@@ -30,12 +30,15 @@ from PIL import Image
 
 from bonylib import plotting
 from bonylib.compose.curation import curate
+from bonylib.compose.figures import read_tiles
 from bonylib.compose.pretrain import PretrainConfig, build_trainer, training_differences
 from bonylib.config import load_config
 from bonylib.data.curation import CurateConfig
 from bonylib.errors import BonyError
+from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
 from bonylib.evaluation.embeddings import EmbedConfig, embed
 from bonylib.evaluation.evaluate import EncoderEntry, EvaluateConfig, evaluate
+from bonylib.evaluation.results import read_results
 from bonylib.models.registry import encoder_from_spec
 from bonylib.ssl.masking import BlockMasking
 from bonylib.ssl.runs import training_log
@@ -68,8 +71,6 @@ ARMS = (
 def masked_examples(manifest: Path, count: int = 6, side: int = 96, patch: int = 16, seed: int = 0) -> Figure:
     """``count`` labelled tiles of ``manifest`` as the student sees a masked global crop: at ``side`` pixels, with
     a block mask of DINOv2's (every crop masked here, to show it) over their ``patch``-pixel patches greyed out."""
-    from bonylib.compose.figures import read_tiles
-
     frame = pd.read_parquet(manifest)
     picks = frame[frame["label_name"] != ""].sample(count, random_state=seed)
     torch.manual_seed(seed)
@@ -181,9 +182,6 @@ def against_dino(out: Path, arms: tuple[Arm, ...], targets: tuple[tuple[str, str
     deviations over their runs; none with one run, as k-NN has), and whether the arm beats DINO by more than that
     spread and with its 95 % interval beyond DINO's. Columns are found by benchmark, head and metric, whatever
     the split their name carries."""
-    from bonylib.evaluation.benchmarks.common import LOWER_IS_BETTER
-    from bonylib.evaluation.results import read_results
-
     long = read_results(out)
     rank = {target: i for i, target in enumerate(targets)}
     long = long.assign(rank=[rank.get(key) for key in zip(long["benchmark"], long["head"], long["metric"])])
