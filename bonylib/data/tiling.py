@@ -288,8 +288,7 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
         block_columns: dict[str, np.ndarray] = {"x": x, "y": y, "tissue": fraction[r, c], "keep": keep, "reason": reason,
                                                 **measures}
         if mask_slide is not None and mask_level is not None:
-            # the codes are in the red channel: only it is cut out
-            codes = _grid(mask_slide.read_region(location, mask_level, (bw, bh))[..., 0], size)[r - r0, :, c - c0]
+            codes = _grid(mask_slide.read_codes(location, mask_level, (bw, bh)), size)[r - r0, :, c - c0]
             try:
                 block_columns["fractions"] = class_fractions(codes, job.encoding or "")
             except ValueError as exc:
