@@ -72,17 +72,22 @@ class Slide(ABC):
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
     @abstractmethod
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    cells: np.ndarray | None = None) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels at ``level``, top-left ``location`` in level-0 pixels.
 
-        Parts outside the image, and transparent pixels, read as white (glass).
+        Parts outside the image, and transparent pixels, read as white (glass). ``cells``, a (rows, cols) bool
+        array that divides the region into equal cells, says which cells the caller will look at: only those are
+        sure to hold the image, and a reader that decodes the file tile by tile skips the tiles that touch none
+        (tiling reads a block of grid tiles at once, and tissue seldom fills a block's bounding box).
         """
 
-    def read_codes(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_codes(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                   cells: np.ndarray | None = None) -> np.ndarray:
         """The red channel of a region as (h, w) uint8: a label mask's codes (PANDA and DeepGleason keep them there).
         Readers that can paste one channel do so, a third of the copying of :meth:`read_region` (tiling reads a
-        mask block for every image block)."""
-        return np.ascontiguousarray(self.read_region(location, level, size)[..., 0])
+        mask block for every image block). ``cells`` as in :meth:`read_region`."""
+        return np.ascontiguousarray(self.read_region(location, level, size, cells)[..., 0])
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as RGB (for low-resolution levels: thumbnails, tissue detection, masks)."""
@@ -136,7 +141,8 @@ class OpenSlideSlide(Slide):
     def level_downsamples(self) -> list[float]:
         return list(self._slide.level_downsamples)
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    cells: np.ndarray | None = None) -> np.ndarray:
         try:
             region = self._slide.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
@@ -174,14 +180,18 @@ class TiffSlide(Slide):
         super().__init__(path, mpp if mpp is not None else _tiff_mpp(self._pages[0]))
         self.level_dimensions = [(p.imagewidth, p.imagelength) for p in self._pages]
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return self._read(location, level, size, None)
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    cells: np.ndarray | None = None) -> np.ndarray:
+        return self._read(location, level, size, None, cells)
 
-    def read_codes(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return self._read(location, level, size, 0)
+    def read_codes(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                   cells: np.ndarray | None = None) -> np.ndarray:
+        return self._read(location, level, size, 0, cells)
 
-    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int], channel: int | None) -> np.ndarray:
-        """A region as RGB (``channel`` None) or as one channel, pasted from the tiles it touches."""
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int], channel: int | None,
+              cells: np.ndarray | None) -> np.ndarray:
+        """A region as RGB (``channel`` None) or as one channel, pasted from the file tiles that touch its wanted
+        ``cells`` (all of it when None)."""
         page = self._pages[level]
         ds = self.level_downsamples[level]
         x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
@@ -204,8 +214,11 @@ class TiffSlide(Slide):
         across = -(-page.imagewidth // tw)
         rows = range(max(0, y // th), min(-(-page.imagelength // th), -(-(y + h) // th)))
         cols = range(max(0, x // tw), min(across, -(-(x + w) // tw)))
+        wanted = _touched(cells, (h, w), (th, tw), (x, y))
         for ty in rows:
             for tx in cols:
+                if wanted is not None and (ty, tx) not in wanted:
+                    continue
                 tile = self._tile(level, ty * across + tx)
                 if tile is None:  # a tile that was never written reads as glass
                     _paste(out, np.broadcast_to(np.uint8(255), (th, tw, *shape[2:])), tx * tw, ty * th, x, y)
@@ -244,6 +257,23 @@ class TiffSlide(Slide):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _touched(cells: np.ndarray | None, size: tuple[int, int], tile: tuple[int, int],
+             origin: tuple[int, int]) -> set[tuple[int, int]] | None:
+    """The file tiles (row, column in the level) that touch a wanted cell of a region of ``size`` (h, w) at
+    ``origin`` (x, y) divided into ``cells``; None (all of them) without ``cells``."""
+    if cells is None:
+        return None
+    (h, w), (th, tw), (x, y) = size, tile, origin
+    ch, cw = h // cells.shape[0], w // cells.shape[1]
+    wanted: set[tuple[int, int]] = set()
+    for row, col in zip(*np.nonzero(cells)):
+        # a cell may span several file tiles: every one from its first pixel's to its last pixel's
+        for ty in range((y + row * ch) // th, (y + (row + 1) * ch - 1) // th + 1):
+            for tx in range((x + col * cw) // tw, (x + (col + 1) * cw - 1) // tw + 1):
+                wanted.add((int(ty), int(tx)))
+    return wanted
 
 
 def _paste(out: np.ndarray, tile: np.ndarray, tile_x: int, tile_y: int, x: int, y: int) -> None:
@@ -306,7 +336,8 @@ class ImageSlide(Slide):
                 raise SlideError(f"{self.path}: cannot read image ({exc})") from None
         return self._rgb
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    cells: np.ndarray | None = None) -> np.ndarray:
         if level != 0:
             raise SlideError(f"{self.path}: a plain image has only level 0")
         out = np.full((size[1], size[0], 3), 255, np.uint8)

@@ -281,14 +281,16 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
         r0, c0 = int(r.min()), int(c.min())
         bh, bw = (int(r.max()) - r0 + 1) * size, (int(c.max()) - c0 + 1) * size
         location = (int(round(c0 * size * ds)), int(round(r0 * size * ds)))
-        grid = _grid(slide.read_region(location, level, (bw, bh)), size)
+        cells = np.zeros((bh // size, bw // size), bool)
+        cells[r - r0, c - c0] = True
+        grid = _grid(slide.read_region(location, level, (bw, bh), cells), size)
         measures = grid_measures(grid, r - r0, c - c0)
         keep, reason = keep_tiles(measures, cfg.quality)
         x, y = np.round(c * size * ds).astype(np.int64), np.round(r * size * ds).astype(np.int64)
         block_columns: dict[str, np.ndarray] = {"x": x, "y": y, "tissue": fraction[r, c], "keep": keep, "reason": reason,
                                                 **measures}
         if mask_slide is not None and mask_level is not None:
-            codes = _grid(mask_slide.read_codes(location, mask_level, (bw, bh)), size)[r - r0, :, c - c0]
+            codes = _grid(mask_slide.read_codes(location, mask_level, (bw, bh), cells), size)[r - r0, :, c - c0]
             try:
                 block_columns["fractions"] = class_fractions(codes, job.encoding or "")
             except ValueError as exc:
