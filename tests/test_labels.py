@@ -71,6 +71,23 @@ def test_class_fractions_follow_each_encoding() -> None:
         class_fractions(mask, "karolinska")
 
 
+def test_class_fractions_of_a_stack_equal_a_count_per_tile() -> None:
+    rng = np.random.default_rng(0)
+    stack = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(7, 12, 12))
+    stack[2] = 1  # a tile inside one region
+    stack[5] = 0
+    stack[6, :6] = 5  # two codes only
+    table = {0: "background", 1: "benign", 2: "benign", 3: "G3", 4: "G4", 5: "G5"}
+    expected = np.zeros((7, len(LABEL_NAMES)))
+    for i, tile in enumerate(stack):
+        for code, name in table.items():
+            expected[i, LABEL_NAMES.index(name)] += (tile == code).sum() / tile.size
+    assert class_fractions(stack, "radboud") == pytest.approx(expected)
+    stack[3, 0, 0] = 255
+    with pytest.raises(ValueError, match=r"mask values \[255\] are not radboud codes"):
+        class_fractions(stack, "radboud")
+
+
 def test_jpeg_masks_snap_to_the_nearest_code() -> None:
     sicap = np.zeros((10, 10), np.uint8)
     sicap[:, :5] = 2  # reads as 3

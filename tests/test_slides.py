@@ -42,6 +42,32 @@ def test_tifffile_reads_level_zero_as_written(panda_slide: Path) -> None:
         assert np.array_equal(slide.read_region((300, 500), 0, (320, 200)), expected)
 
 
+def test_a_region_read_by_cells_decodes_only_the_tiles_they_touch(panda_slide: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (x, y), size, cell = (300, 200), (3 * 224, 2 * 224), 224
+    cells = np.array([[True, False, False], [False, False, True]])
+    with TiffSlide(panda_slide) as slide:
+        whole = slide.read_region((x, y), 0, size)
+        codes = slide.read_codes((x, y), 0, size)
+        page = slide._pages[0]
+        decoded: list[int] = []
+        original = TiffSlide._tile
+        monkeypatch.setattr(TiffSlide, "_tile",
+                            lambda self, level, index, channel=None: decoded.append(index) or original(self, level, index))
+        slide._cache.clear()
+        some = slide.read_region((x, y), 0, size, cells)
+    boxes = [(x + col * cell, y + row * cell) for row, col in zip(*np.nonzero(cells))]
+    for bx, by in boxes:
+        box = np.s_[by - y:by - y + cell, bx - x:bx - x + cell]
+        assert np.array_equal(some[box], whole[box])
+    tw, th, across = page.tilewidth, page.tilelength, -(-page.imagewidth // page.tilewidth)
+    overlapping = {ty * across + tx for ty in range(10) for tx in range(10)
+                   if any(tx * tw < bx + cell and bx < (tx + 1) * tw and ty * th < by + cell and by < (ty + 1) * th
+                          for bx, by in boxes)}
+    assert sorted(decoded) == sorted(overlapping) and len(overlapping) < 12, "12 file tiles lie under the whole region"
+    assert np.array_equal(codes, whole[..., 0]), "read_codes is the red channel"
+
+
 def test_plain_image_is_a_one_level_slide_over_white(tmp_path: Path) -> None:
     rgba = np.zeros((40, 60, 4), np.uint8)
     rgba[..., 0] = 200

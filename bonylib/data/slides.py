@@ -169,7 +169,7 @@ class TiffSlide(Slide):
     def __init__(self, path: Path, mpp: float | None = None, require_rgb: bool = True) -> None:
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, int | None], np.ndarray | None] = OrderedDict()
         self._cached_bytes = 0
         series = self._tif.series[0]
         self._pages = [level.keyframe for level in series.levels]
@@ -202,13 +202,10 @@ class TiffSlide(Slide):
         # one more write of every pixel
         out = np.empty(shape, np.uint8) if covered and page.is_tiled else np.full(shape, 255, np.uint8)
 
-        def pick(pixels: np.ndarray) -> np.ndarray:
-            return pixels if channel is None else pixels[..., channel]
-
         if not page.is_tiled:
             with self._lock:
-                full = page.asarray()
-            _paste(out, pick(_tiff_rgb(full, page)), 0, 0, x, y)
+                full = _tiff_rgb(page.asarray(), page)
+            _paste(out, full if channel is None else full[..., channel], 0, 0, x, y)
             return out
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
@@ -219,18 +216,19 @@ class TiffSlide(Slide):
             for tx in cols:
                 if wanted is not None and (ty, tx) not in wanted:
                     continue
-                tile = self._tile(level, ty * across + tx)
+                tile = self._tile(level, ty * across + tx, channel)
                 if tile is None:  # a tile that was never written reads as glass
                     _paste(out, np.broadcast_to(np.uint8(255), (th, tw, *shape[2:])), tx * tw, ty * th, x, y)
                     continue
                 # edge tiles are padded past the image: only the image part is pasted
                 inside = tile[: page.imagelength - ty * th, : page.imagewidth - tx * tw]
-                _paste(out, pick(inside), tx * tw, ty * th, x, y)
+                _paste(out, inside, tx * tw, ty * th, x, y)
         return out
 
-    def _tile(self, level: int, index: int) -> np.ndarray | None:
-        """Decoded tile ``index`` of ``level``, from a small cache: neighbouring regions share edge tiles."""
-        key = (level, index)
+    def _tile(self, level: int, index: int, channel: int | None = None) -> np.ndarray | None:
+        """Decoded tile ``index`` of ``level`` as RGB, or only its ``channel`` (contiguous), from a small cache:
+        neighbouring regions share edge tiles."""
+        key = (level, index, channel)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -245,7 +243,9 @@ class TiffSlide(Slide):
         tile = None
         if decoded is not None:
             tile = _tiff_rgb(decoded[0], page)
-            if tile.shape[-1] == 1:  # grey pages (label masks) are seen as three equal channels, without a copy
+            if channel is not None:
+                tile = np.ascontiguousarray(tile[..., min(channel, tile.shape[-1] - 1)])
+            elif tile.shape[-1] == 1:  # grey pages (label masks) are seen as three equal channels, without a copy
                 tile = np.broadcast_to(tile, (*tile.shape[:2], 3))
         with self._lock:
             self._cache[key] = tile
