@@ -106,7 +106,7 @@ def read_masks(frame: pd.DataFrame, data: Path, where: str) -> np.ndarray:
         with open_slide(job.mask, require_rgb=False) as mask:
             for row in rows:
                 tile = frame.iloc[row]
-                codes = mask.read_region((int(tile["x"]), int(tile["y"])), int(tile["level"]), (size, size))[..., 0]
+                codes = mask.read_codes((int(tile["x"]), int(tile["y"])), int(tile["level"]), (size, size))
                 masks[row] = lookup[snap_codes(codes, "deepgleason")]
         if (masks[rows] == 255).any():
             raise BonyError(f"{job.mask}: values that are not DeepGleason codes {sorted(encoding)}")
