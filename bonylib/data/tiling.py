@@ -1,8 +1,9 @@
 """``bony tile``: cut slides into tiles, keep the tissue, label them from masks, write the manifest.
 
 Per slide: find tissue on a low-resolution level, read only the grid tiles that touch tissue
-(in blocks, so each JPEG tile of the file is decoded about once), measure each tile's quality,
-label kept tiles from the mask read at the same level and place, and write the slide's rows to
+(in blocks, so each JPEG tile of the file is decoded about once, and only the file tiles under
+those grid tiles), measure each tile's quality, label kept tiles from the mask's code channel
+read at the same level and place (counted per block), and write the slide's rows to
 ``parts/<slide_id>.parquet`` in one atomic step. A slide is done when its part exists: a rerun
 (after a crash, ``kill -9`` or pre-emption) tiles only the others, and the manifest is assembled
 from the parts, so it is the same as an uninterrupted run's. A slide that fails is recorded in
