@@ -117,7 +117,8 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
 
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", type=Path, metavar="SWEEP",
-                        help="a sweep file (configs/pretrain/sweeps/): a base recipe and its arms, named sets of overrides")
+                        help="a sweep file (configs/pretrain/sweeps/): a base recipe and its arms, named sets of overrides; "
+                        "--config RECIPE replaces the base (the same arms at another scale: configs/pretrain/demo.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="folder of the arms' runs: OUT/<arm> each; rerun to resume")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME|INDEX",
                         help="train only this arm, by name or by index in the file (0 first; repeat for several); "
