@@ -46,6 +46,7 @@ from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks import BENCHMARKS
 from bonylib.evaluation.benchmarks.common import Benchmark, Head, RunOutput, bootstrap_interval
 from bonylib.evaluation.benchmarks.deepgleason import DeepGleasonConfig
+from bonylib.evaluation.benchmarks.heads import HEADS_VERSION
 from bonylib.evaluation.benchmarks.images import ImagesConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
@@ -258,7 +259,8 @@ class Evaluation:
             for split, seed in head.runs:
                 record = (self.out / "runs" / bench.name / head.name / row.name / f"m{index}-{split}-s{seed}.json")
                 settings_sha = _digest({"settings": self.settings[(bench.name, head.name)], "head": head.name,
-                                        "split": split, "seed": seed, "fingerprint": encoder.fingerprint(head.output)})
+                                        "split": split, "seed": seed, "fingerprint": encoder.fingerprint(head.output),
+                                        "heads_version": HEADS_VERSION})
                 row.records.append(record)
                 if _finished(record, settings_sha):
                     self.kept += 1
