@@ -115,6 +115,42 @@ def _pretrain_run(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", type=Path, metavar="SWEEP",
+                        help="a sweep file (configs/pretrain/sweeps/): a base recipe and its arms, named sets of overrides; "
+                        "--config RECIPE replaces the base (the same arms at another scale: configs/pretrain/demo.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the arms' runs: OUT/<arm> each; rerun to resume")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME|INDEX",
+                        help="train only this arm, by name or by index in the file (0 first; repeat for several); "
+                        "default: every arm in turn")
+    parser.add_argument("--print", action="store_true", dest="print_arguments",
+                        help="train nothing: print the arm's bony pretrain arguments one per line (CONFIG, OUT, then "
+                        "the overrides), as slurm/sweep.sbatch hands them to slurm/pretrain.sbatch; needs one --arm")
+
+
+def _sweep_run(args: argparse.Namespace, cfg: Any) -> int:
+    from bonylib.compose.sweeps import arm_overrides, pick_arm, read_sweep, train_arms
+    from bonylib.ssl.trainer import Preempted
+
+    # --config replaces the sweep's base recipe (the demo scale: the same arms on configs/pretrain/demo.yaml); cfg,
+    # that recipe with the overrides, has checked the overrides' keys and values before any arm is resolved
+    sweep = read_sweep(args.sweep)
+    arms = [pick_arm(sweep, which) for which in args.arm]
+    if args.print_arguments:
+        if len(arms) != 1:
+            raise BonyError("--print needs exactly one --arm")
+        base = args.config if args.config is not None else sweep.base
+        print("\n".join([str(base), str(args.out / arms[0]), *arm_overrides(sweep, arms[0], args.overrides)]))
+        return 0
+    try:
+        for path in train_arms(sweep, args.out, arms, args.config, args.overrides).values():
+            print(path)
+    except Preempted as exc:
+        print(f"bony sweep: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     from bonylib.models.encoders import OUTPUTS
     from bonylib.models.registry import spec_forms
@@ -275,6 +311,8 @@ def _commands() -> list[Command]:
                 TileConfig, _tile_arguments, _tile_run),
         Command("pretrain", "DINO (objective=dinov2: DINOv2-style) self-distillation of an XCiT/ViT on tiles (one CPU, or GPUs with torchrun/srun)",
                 PretrainConfig, _pretrain_arguments, _pretrain_run),
+        Command("sweep", "the arms of a pretraining experiment (a sweep file: a recipe and named overrides), each a "
+                "bony pretrain run", PretrainConfig, _sweep_arguments, _sweep_run),
         Command("embed", "embeddings of a tile manifest by a frozen encoder, written once to a resumable store",
                 EmbedConfig, _embed_arguments, _embed_run),
         Command("curate", "cluster a manifest's tiles by their embeddings, for pretraining balanced over the clusters",

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from bonylib.compose.pretrain import PretrainConfig
+from bonylib.compose.sweeps import arm_config, read_sweep
 from bonylib.config import flat_keys, load_config, to_dict
 
 DINO_DEFAULTS: dict[str, Any] = {
@@ -195,3 +196,35 @@ def test_the_seed_evaluations_quotes_are_in_the_report(repo: Path) -> None:
     text = " ".join(report.read_text().split())
     for key, (_, quote) in EVAL_FROM_THE_REPORT.items():
         assert " ".join(quote.split()) in text, key
+
+
+WAVELET_QUOTE = ("nous avons pu mener de petites expériences en utilisant les ondelettes de Haar en considérant une seule "
+                 "échelle de décomposition et en considérant l'\"Approximation\" de l'image")
+"""§9.2.4: the report's wavelet experiment, one level of the Haar transform and its approximation band."""
+
+
+def test_the_seeds_wavelet_run_is_the_reports_approximation_band(repo: Path) -> None:
+    """The wavelet run at the seed's scale is seed.yaml behind the one-level approximation band (model.stem=haar_approx),
+    the report's variant; haar_bands (every band) is Bony's, a second arm of the same sweep. The report benchmarked
+    neither (its §8 has no wavelet row), so they are rows of Bony's evaluation (evaluate/cluster.yaml), not of the
+    report's protocol (evaluate/seed.yaml)."""
+    assert "une seule échelle" in WAVELET_QUOTE and "Approximation" in WAVELET_QUOTE
+    sweep = read_sweep(repo / "configs" / "pretrain" / "sweeps" / "wavelet.yaml")
+    assert list(sweep.arms) == ["haar_approx", "haar_bands"] and sweep.base.resolve().name == "seed.yaml"
+    report_arm = flat_keys(to_dict(arm_config(sweep, "haar_approx")))
+    seed = flat_keys(to_dict(load_config(PretrainConfig, repo / "configs" / "pretrain" / "seed.yaml")))
+    assert {key for key in seed if seed[key] != report_arm[key]} == {"model.stem"}
+    assert report_arm["model.stem"] == "haar_approx"
+    rows = {row["name"]: row for row in yaml.safe_load((repo / "configs" / "evaluate" / "cluster.yaml").read_text())["encoders"]}
+    assert rows["dino-haar"]["specs"] == ["bony:runs/seed/wavelet/haar_approx"]
+    assert "haar_approx" in rows["dino-haar"]["label"] and "report" in rows["dino-haar"]["label"]
+    assert rows["dino-haar-bands"]["specs"] == ["bony:runs/seed/wavelet/haar_bands"]
+    demo = load_config(PretrainConfig, repo / "configs" / "pretrain" / "demo_wavelet.yaml")
+    assert demo.model.stem == "haar_approx", "the wavelet chapter compares the report's variant"
+
+
+def test_the_wavelet_quote_is_in_the_report(repo: Path) -> None:
+    report = repo.parent / "shared" / "report" / "000_279bfb63f361bb68.txt"
+    if not report.is_file():
+        pytest.skip(f"{report}: the seed's report is not here")
+    assert " ".join(WAVELET_QUOTE.split()) in " ".join(report.read_text().split())

@@ -42,12 +42,15 @@ def test_notebooks_run_and_book_builds_offline(smoke_report: BuiltReport, repo: 
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3, "PANDA, SICAPv2 and DeepGleason figures"
-    for later in ("02_dino_theory", "04_pretraining", "03_xcit_attention", "08_wavelet_experiment", "09_results"):
+    for later in ("02_dino_theory", "04_pretraining", "03_xcit_attention", "08_wavelet_experiment", "09_results",
+                  "12_report_experiments"):
         executed = nbformat.read(book / "book" / "executed" / f"{later}.ipynb", as_version=4)
         assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert (run / "pretrain" / "teacher_backbone.safetensors").is_file()
-    stemmed = json.loads((run / "pretrain_haar" / "teacher_backbone.json").read_text())
-    assert stemmed["stem"] == "haar_bands", "the wavelet chapter trained and exported the stemmed run"
+    stemmed = json.loads((run / "pretrain_haar_approx" / "teacher_backbone.json").read_text())
+    assert stemmed["stem"] == "haar_approx", "the wavelet chapter trained and exported the report's stemmed run"
+    for sweep, arms in {"out_dim": 5, "single_view": 3}.items():  # the report's experiments, every arm trained
+        assert len(list((run / "sweeps" / sweep).glob("*/teacher_backbone.json"))) == arms, sweep
     assert (run / "report.yaml").is_file()
 
     assert index == book / "_build" / "html" / "index.html" and index.is_file()
@@ -57,7 +60,7 @@ def test_notebooks_run_and_book_builds_offline(smoke_report: BuiltReport, repo: 
     assert not re.search(r"<script[^>]+src=\"https?://", page), "no script loaded from the network"
     assert (book / "_build" / "html" / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
     figures = {"03_xcit_attention": 3 if shared_data_dir() is None else 5, "08_wavelet_experiment": 2,
-               "06_benchmark_deepgleason": 3, "07_benchmark_sicapv2": 2, "09_results": 1}
+               "06_benchmark_deepgleason": 3, "07_benchmark_sicapv2": 2, "09_results": 1, "12_report_experiments": 2}
     for chapter, least in figures.items():  # 03: the cost plot, the demo tiles, two slide maps (+ real tiles, a scan)
         html = (book / "_build" / "html" / "book" / "executed" / f"{chapter}.html").read_text()
         assert len(re.findall(r"<img ", html)) >= least, chapter
