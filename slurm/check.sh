@@ -14,7 +14,9 @@
 #      the report job chained afterok (slurm/report.sbatch): every executed notebook free of errors,
 #      and the book's pages.
 # It prints each job's state and the stops and resumptions, stops the cluster, and exits non-zero on
-# the first check that fails. About 10 minutes on 2 cores; not part of `make test`.
+# the first check that fails; and
+#   5. a 2-arm pretraining sweep as an array (slurm/sweep.sbatch): each task trains its arm into its own folder.
+# About 10 minutes on 2 cores; not part of `make test`.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=${BONY_SLURM_CHECK:-/tmp/bony-slurm-check}
@@ -137,6 +139,18 @@ embed_array=$(submit --array=0-1 --gres=none --cpus-per-task=1 --mem=3G --output
 embed_assemble=$(submit --dependency=afterany:"$embed_array" --cpus-per-task=1 --mem=3G --output="$work/logs/embed-assemble-%j.out" \
   --wrap "python -m bonylib embed ${embed[*]} --out $work/embed-slurm")
 
+# --- 5. a pretraining sweep as an array: one task per arm ---------------------------------------------
+say "5. sweep: a 2-arm sweep (out_dim) as an array, each task a pretraining job"
+cat > "$work/sweep.yaml" <<EOF
+base: $repo/configs/pretrain/smoke.yaml
+arms:
+  out_dim_32: [model.out_dim=32]
+  out_dim_64: [model.out_dim=64]
+EOF
+sweep_array=$(BONY_LAUNCHER=srun submit --array=0-1 --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --gpus-per-node=0 \
+  --mem=3G --time=10 --output="$work/logs/sweep-%A_%a.out" slurm/sweep.sbatch "$work/sweep.yaml" "$work/sweep" \
+  "data.manifest=$work/tiles-local/manifest.parquet" data.workers=0 optim.epochs=2)
+
 # --- 3. notebook array and the chained report job ------------------------------------------------------
 # in a copy of the book's files, so that the check leaves this checkout's executed notebooks and book alone
 say "3. notebooks: an array over the smoke parameters, one task at a time, then the book (afterok)"
@@ -166,7 +180,7 @@ notebook_array=$(submit --chdir="$book" --array=0-$((notebooks - 1))%1 --cpus-pe
 report=$(submit --chdir="$book" --dependency=afterok:"$notebook_array" --output="$work/logs/report-%j.out" slurm/report.sbatch "$run")
 
 jobs=("$tile_array" "$assemble" "$pretrain_torchrun" "$pretrain_srun" "$pretrain_crash" "$embed_array" "$embed_assemble"
-      "$notebook_array" "$report")
+      "$sweep_array" "$notebook_array" "$report")
 wait_for "${jobs[@]}"
 say "jobs:"
 for job in "${jobs[@]}"; do
@@ -233,6 +247,22 @@ worst = float(np.abs(local_rows - slurm_rows).max())
 assert worst <= 1e-5, f"embeddings differ by up to {worst:.1e}"
 print(f"   embeddings: the array's store equals the local one ({local_rows.shape[0]} tiles x {local_rows.shape[1]}, "
       f"largest difference {worst:.1e}: float32 rounding of other thread counts)")
+EOF
+
+[ "$(state "$sweep_array")" = COMPLETED ] || fail "sweep array (see $work/logs/sweep-*)"
+python - "$work/sweep" <<'EOF'
+import sys
+from pathlib import Path
+
+import yaml
+
+for arm, out_dim in (("out_dim_32", 32), ("out_dim_64", 64)):
+    run = Path(sys.argv[1], arm)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["out_dim"] == out_dim and config["data"]["workers"] == 0, f"{arm}: {config['model']}"
+    steps = [line for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps and list(run.glob("checkpoint*")), f"{arm}: no steps or no checkpoint"
+    print(f"   sweep arm {arm}: its own run folder, model.out_dim={out_dim}, {len(steps)} logged steps, a checkpoint")
 EOF
 
 [ "$(state "$notebook_array")" = COMPLETED ] && [ "$(state "$report")" = COMPLETED ] || fail "notebook or report job (see $work/logs/notebook-* and report-*)"
