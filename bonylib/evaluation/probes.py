@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.metrics import accuracy, balanced_accuracy, quadratic_weighted_kappa
 
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-"""What a classification head reads: tile embeddings (N, D), or N bags of tile embeddings (n_i, D)."""
+Inputs = torch.Tensor | Features | Sequence[torch.Tensor]
+"""What a classification head reads: tile embeddings (N, D) (a tensor, or :class:`Features` read batch by batch), or
+N bags of tile embeddings (n_i, D) (a list, or :class:`~bonylib.evaluation.features.Bags` read bag by bag)."""
 
 SEED_MLP_HIDDEN = (8192, 2048, 512, 128)
 """Hidden widths of the seed's PANDA tile classifier."""
@@ -98,8 +100,9 @@ def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rows(inputs: Inputs, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The head's arguments for rows ``index``: tile embeddings as they are, bags padded with their mask."""
-    if isinstance(inputs, torch.Tensor):
+    """The head's arguments for rows ``index``: tile embeddings as they are, bags padded with their mask; only these
+    rows are read (the whole input is never gathered)."""
+    if isinstance(inputs, (torch.Tensor, Features)):
         return (inputs[index],)
     return pad_bags([inputs[i] for i in index.tolist()])
 
