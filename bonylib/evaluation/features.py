@@ -140,6 +140,17 @@ def moments(features: Features, block_rows: int | None = None) -> tuple[np.ndarr
     return mean, np.sqrt(squares / (count - 1))
 
 
+def group_means(features: Features, group_of_row: np.ndarray, groups: int) -> torch.Tensor:
+    """(groups, *row_shape) float32: the mean of each group's rows (a patch's tiles, an image's tiles), summed block by
+    block in row order, as one ``index_add_`` over all rows would; a group without rows is NaN."""
+    sums = torch.zeros(groups, *features.shape[1:])
+    rows = features.block_rows()
+    for start, block in zip(range(0, len(features), rows), features.blocks(rows)):
+        sums.index_add_(0, torch.from_numpy(np.asarray(group_of_row[start : start + rows], dtype=np.int64)), block)
+    counts = torch.from_numpy(np.bincount(group_of_row, minlength=groups)).to(sums.dtype)
+    return sums / counts.reshape(-1, *[1] * (sums.ndim - 1))
+
+
 class Bags(Sequence[torch.Tensor]):
     """Bags of rows (one slide's tiles each), each read when it is asked for: ``bags[i]`` is a float32 tensor
     (n_i, D) of ``features``' rows ``rows[i]``."""
