@@ -21,7 +21,7 @@ from bonylib.data.tiling import TileConfig, tile
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import bootstrap_interval, ladder_size, overlap_scores, score, select_tiles
-from bonylib.evaluation.benchmarks.deepgleason import CLASSES, DeepGleasonConfig, DeepGleasonMasks
+from bonylib.evaluation.benchmarks.deepgleason import CLASSES, DeepGleasonConfig, DeepGleasonMasks, class_maps
 from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.isup import IsupConfig, SlideIsup
 from bonylib.evaluation.benchmarks.panda import PandaConfig, PandaTiles
@@ -158,7 +158,8 @@ def test_deepgleason_masks_are_read_where_the_tiles_are(data: dict[str, Path], t
     for row, tile_row in bench.frame.iterrows():
         codes = np.asarray(Image.open(data["deepgleason-data"] / table.loc[tile_row["slide_id"], "mask"]))
         y, x, size = int(tile_row["y"]), int(tile_row["x"]), int(tile_row["size"])
-        assert np.array_equal(bench.masks[row], np.vectorize(lookup.get)(codes[y : y + size, x : x + size]))
+        assert np.array_equal(bench.codes[row], codes[y : y + size, x : x + size])
+        assert np.array_equal(class_maps(bench.codes[row]), np.vectorize(lookup.get)(codes[y : y + size, x : x + size]))
     assert list(CLASSES) == ["background", "benign", "G3", "G4", "G5"]
     groups = bench.frame["group"].to_numpy()
     assert (pd.Series(bench.parts).groupby(groups).nunique() == 1).all()
@@ -172,7 +173,7 @@ def mask_features(masks: np.ndarray, side: int = 7) -> np.ndarray:
 
 def test_deepgleason_decoders_read_the_mask_from_informative_features(data: dict[str, Path], tmp_path: Path) -> None:
     bench = DeepGleasonMasks(dg_config(data), tmp_path)
-    informative = mask_features(bench.masks)
+    informative = mask_features(class_maps(bench.codes))
     noise = np.random.default_rng(0).normal(size=informative.shape).astype(np.float32)
     learned, guessed = (bench.fit("mask", "test", 0, f, CPU) for f in (informative, noise))
     assert learned.metrics["mse"] < 0.6 * guessed.metrics["mse"]
@@ -255,7 +256,7 @@ def test_sicapv2_reconstruction_target_is_the_blurred_tile_and_scores_recompute(
     expected = np.stack([ndimage.gaussian_filter(tile[..., c], 1.0, mode="mirror", truncate=3.0) for c in range(3)])
     assert np.allclose(bench.blurred[0].numpy(), expected, atol=1e-5)
     features = bench.blurred.flatten(1).numpy()
-    result = bench.fit("reconstruction", "Test", 0, features, CPU)
+    result = bench.fit("reconstruction", "test", 0, features, CPU)
     shown_true, shown_pred = result.arrays["example_true"].astype(np.float64), result.arrays["example_pred"]
     by_hand = ((shown_true - shown_pred.astype(np.float64)) ** 2).reshape(len(shown_true), -1).mean(1)
     assert np.allclose(result.arrays["mse"][: len(shown_true)], by_hand, atol=1e-3)

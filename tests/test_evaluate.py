@@ -98,7 +98,7 @@ def test_every_benchmark_head_and_run_has_a_record(run: tuple[Path, Path]) -> No
     expected = {f"panda/{h}/rnd/m{m}-test-s{s}.json" for h in ("mlp", "linear") for m in (0, 1) for s in (0, 1)}
     expected |= {f"panda/knn/rnd/m{m}-test-s0.json" for m in (0, 1)}
     expected |= {f"deepgleason/{h}/rnd/m{m}-test-s0.json" for h in ("mask", "classes", "patch") for m in (0, 1)}
-    expected |= {f"sicapv2/reconstruction/rnd/m{m}-Test-s0.json" for m in (0, 1)}
+    expected |= {f"sicapv2/reconstruction/rnd/m{m}-test-s0.json" for m in (0, 1)}
     expected |= {f"sicapv2/patches/rnd/m{m}-{p}-s0.json" for p in ("Test", "Val1", "Val2") for m in (0, 1)}
     expected |= {f"isup/abmil/rnd/m{m}-test-s{s}.json" for m in (0, 1) for s in (0, 1)}
     assert found == expected
@@ -279,8 +279,8 @@ def test_two_rows_compared_metric_by_metric(run: tuple[Path, Path]) -> None:
     table = pd.read_csv(out / "results.csv").set_index("encoder")
     compared = row_comparison(out, "rnd", "hand", headline=False)
     assert len(compared) > 5 and not compared.index.str.contains("patch-token").any(), "hand has no patch tokens"
-    errors = {"DeepGleason mask MSE (test)", "SICAPv2 reconstruction MSE (Test)"}
-    assert errors <= set(compared.index) and "SICAPv2 reconstruction PSNR (dB) (Test)" in compared.index
+    errors = {"DeepGleason mask MSE (test)", "SICAPv2 reconstruction MSE (test)"}
+    assert errors <= set(compared.index) and "SICAPv2 reconstruction PSNR (dB) (test)" in compared.index
     for column, line in compared.iterrows():
         a, b = table.loc["rnd", f"{column}: mean"], table.loc["hand", f"{column}: mean"]
         assert (line["rnd"], line["hand"]) == (a, b) and np.isclose(line["difference"], b - a)
@@ -308,7 +308,7 @@ def test_results_page_puts_one_number_per_benchmark_first(run: tuple[Path, Path]
     _, out = run
     table = summary_table(out)
     assert list(table.columns) == ["PANDA tiles mlp accuracy (test) ↑", "DeepGleason mask MSE (test) ↓",
-                                   "SICAPv2 reconstruction MSE (Test) ↓", "PANDA slides ISUP ABMIL QWK (test) ↑", "note"]
+                                   "SICAPv2 reconstruction MSE (test) ↓", "PANDA slides ISUP ABMIL QWK (test) ↑", "note"]
     assert list(table.index) == ["ours, never trained", "random init (2 seeds)", "hand"]
     mse = {name: np.mean([json.loads(p.read_text())["metrics"]["mse"]
                           for p in (out / "runs/deepgleason/mask" / name).glob("*.json")]) for name in ("rnd", "hand")}

@@ -24,11 +24,12 @@ SEED_START = 7
 
 
 class Decoder(nn.Module):
-    """Embedding → image by transposed convolutions, each doubling the side; the seed's by default.
+    """Embedding → image by transposed convolutions, each doubling the side: the seed's decoder as its report prints it.
 
-    From a vector (B, D), as the seed: Linear(D → width·7·7), then ConvTranspose2d(k=4, s=2, p=1) stages
-    7 → 14 → 28 → 56 → 112 → 224, channels halving from ``width`` = 256, BatchNorm + ReLU after each but
-    the last, which outputs ``out_channels``. From patch tokens (B, N, D) with ``grid`` set (N =
+    From a vector (B, D), as the seed: Linear(D → width·7·7), then ConvTranspose2d(kernel_size=3, stride=2,
+    padding=1, output_padding=1) stages 7 → 14 → 28 → 56 → 112 → 224, channels halving from ``width`` =
+    256 (256 → 128 → 64 → 32 → 16), BatchNorm + ReLU after each but the last, which outputs
+    ``out_channels``. From patch tokens (B, N, D) with ``grid`` set (N =
     grid², raster order as timm emits them): a 1×1 convolution to ``width`` channels on the grid, then
     the same stages (14 → 224 is four). ``out_size`` must be the start side times a power of two; a
     smaller one (56) makes tests and demos cheap with the same architecture minus stages.
@@ -53,7 +54,8 @@ class Decoder(nn.Module):
         channels = [width // 2**i for i in range(int(stages))] + [out_channels]
         layers: list[nn.Module] = []
         for i, (channels_in, channels_out) in enumerate(zip(channels, channels[1:])):
-            layers.append(nn.ConvTranspose2d(channels_in, channels_out, kernel_size=4, stride=2, padding=1))
+            layers.append(nn.ConvTranspose2d(channels_in, channels_out, kernel_size=3, stride=2, padding=1,
+                                             output_padding=1))
             if i < len(channels) - 2:
                 layers += [nn.BatchNorm2d(channels_out), nn.ReLU()]
         self.upsample = nn.Sequential(*layers)

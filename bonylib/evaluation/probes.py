@@ -26,7 +26,11 @@ Inputs = torch.Tensor | Features | Sequence[torch.Tensor]
 N bags of tile embeddings (n_i, D) (a list, or :class:`~bonylib.evaluation.features.Bags` read bag by bag)."""
 
 SEED_MLP_HIDDEN = (8192, 2048, 512, 128)
-"""Hidden widths of the seed's PANDA tile classifier."""
+"""Hidden widths of the seed's PANDA tile classifier as Bony reads them: the report prints
+``hidden dims=[7192, 2048, 512, 128]``, most likely a slip for 8192 (every other width is a power of two);
+``configs/evaluate/seed.yaml`` sets the printed 7192."""
+OPTIMIZERS = ("adamw", "sgd")
+"""How heads step: AdamW (kaiko eva's probes) or SGD with momentum 0.9 (facebookresearch/dino's linear evaluation)."""
 
 VALIDATION_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {
     "balanced_accuracy": lambda truth, predicted, classes: balanced_accuracy(truth, predicted),
@@ -139,17 +143,22 @@ class FitResult:
 def fit_head(head: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              batch: Callable[[torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor]], train_size: int,
              validate: Callable[[nn.Module], float], metric: str, maximize: bool, *, lr: float, batch_size: int,
-             max_steps: int, eval_every: int, patience: int, seed: int) -> FitResult:
-    """Train ``head`` from a fresh initialisation and return it at its best validation score.
+             max_steps: int, eval_every: int, patience: int, seed: int, optimizer: str = "adamw") -> FitResult:
+    """Train ``head`` from a fresh initialisation and return it at its best validation score, or at its last step.
 
     ``batch(row indices)`` gives the head's arguments and the target of those training rows;
-    ``validate(head)`` scores the head (called in eval mode, without gradients). AdamW at ``lr`` with
-    a cosine decay to zero over ``max_steps`` (eva's schedule), shuffled batches drawn epoch after
-    epoch, validation every ``eval_every`` steps and after the last; training stops after
-    ``patience`` validations without a strictly better score. The head's weights are re-initialised
-    from ``seed`` (as is the batch order), so a run is reproducible on one machine and runs differ
-    only by their seed, which is what "mean ± std over 5 runs" needs.
+    ``validate(head)`` scores the head (called in eval mode, without gradients). ``optimizer`` at ``lr``
+    with a cosine decay to zero over ``max_steps`` (eva's schedule): ``adamw`` (eva's) or ``sgd``
+    (facebookresearch/dino's ``eval_linear.py``: momentum 0.9, no weight decay). Shuffled batches are
+    drawn epoch after epoch, validation every ``eval_every`` steps and after the last; training stops
+    after ``patience`` validations without a strictly better score and returns the best. ``patience=0``
+    is the seed's protocol: a fixed length, no early stopping, and the *last* weights are returned (the
+    validation score is then an honest estimate, not the maximum of many looks). The head's weights are
+    re-initialised from ``seed`` (as is the batch order), so a run is reproducible on one machine and
+    runs differ only by their seed, which is what "mean ± std over 5 runs" needs.
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if train_size == 0:
         raise ValueError("no training rows")
     device = next(head.parameters()).device
@@ -159,8 +168,9 @@ def fit_head(head: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     order_rng = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
+    step_rule = (torch.optim.AdamW(head.parameters(), lr=lr) if optimizer == "adamw"
+                 else torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(step_rule, T_max=max_steps)
     better = (lambda new, old: new > old) if maximize else (lambda new, old: new < old)
     best_score, best_step, best_state = (-math.inf if maximize else math.inf), 0, None
     curve: list[dict[str, float]] = []
@@ -173,9 +183,9 @@ def fit_head(head: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch
         inputs, target = batch(order[position : position + batch_size])
         position += batch_size
         step_loss = loss(head(*(x.to(device) for x in inputs)), target.to(device))
-        optimizer.zero_grad(set_to_none=True)
+        step_rule.zero_grad(set_to_none=True)
         step_loss.backward()
-        optimizer.step()
+        step_rule.step()
         schedule.step()
         running, steps_run = running + step_loss.detach(), steps_run + 1
         if step % eval_every and step != max_steps:
@@ -186,16 +196,19 @@ def fit_head(head: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch
         head.train()
         curve.append({"step": step, "train_loss": float(running) / steps_run, metric: score})
         running, steps_run = torch.zeros((), device=device), 0
-        if better(score, best_score):
+        if not patience:
+            best_score, best_step = score, step
+        elif better(score, best_score):
             best_score, best_step, since_best = score, step, 0
             best_state = {name: value.detach().clone() for name, value in head.state_dict().items()}
         else:
             since_best += 1
             if since_best >= patience:
                 break
-    if best_state is None:
+    if not math.isfinite(best_score):
         raise ValueError(f"validation {metric} was never a number: is the validation set empty?")
-    head.load_state_dict(best_state)
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
     return FitResult(head, metric, best_step, best_score, curve)
 
@@ -205,7 +218,7 @@ def fit_head(head: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch
 
 def fit_classifier(head: nn.Module, train: tuple[Inputs, torch.Tensor], val: tuple[Inputs, torch.Tensor], *,
                    metric: str = "balanced_accuracy", lr: float = 3e-4, batch_size: int = 256, max_steps: int = 12_500,
-                   eval_every: int = 250, patience: int = 10, seed: int = 0) -> FitResult:
+                   eval_every: int = 250, patience: int = 10, seed: int = 0, optimizer: str = "adamw") -> FitResult:
     """Train a classification head with cross-entropy on ``(inputs, labels)``; early-stop on ``metric`` of ``val``.
 
     The defaults are kaiko eva's linear-probe protocol (AdamW, lr 3e-4, batch 256, at most 12,500
@@ -228,7 +241,7 @@ def fit_classifier(head: nn.Module, train: tuple[Inputs, torch.Tensor], val: tup
 
     return fit_head(head, F.cross_entropy, lambda index: (_rows(train_inputs, index), train_labels[index]),
                     len(train_labels), validate, metric, maximize=True, lr=lr, batch_size=batch_size,
-                    max_steps=max_steps, eval_every=eval_every, patience=patience, seed=seed)
+                    max_steps=max_steps, eval_every=eval_every, patience=patience, seed=seed, optimizer=optimizer)
 
 
 def fit_abmil(model: GatedAttentionMIL, train: tuple[Sequence[torch.Tensor], torch.Tensor],

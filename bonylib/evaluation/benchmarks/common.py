@@ -251,7 +251,7 @@ def check_heads(section: str, heads: Sequence[str], known: Sequence[str]) -> Non
         raise ConfigError(f"{section}.heads: unknown head {unknown[0]!r} (choose from {', '.join(known)})")
 
 
-RUN_KEYS = ("runs", "heads", "partitions")
+RUN_KEYS = ("runs", "heads", "partitions", "scored_parts")
 """Config keys that say which runs exist, not how one is fitted: adding runs or heads keeps the finished ones."""
 
 
@@ -263,6 +263,34 @@ def settings_of(cfg: Any, manifest: Path, unused: Sequence[str] = ()) -> dict[st
         section, _, leaf = key.rpartition(".")
         (settings[section] if section else settings).pop(leaf)
     return {**settings, "manifest_sha256": sha256_file(manifest)}
+
+
+SCORED_PARTS = ("val", "test")
+"""The parts a benchmark's heads can be scored on: test (ours), and val, where the seed reported its numbers."""
+
+
+def check_scored(where: str, scored: Sequence[str]) -> None:
+    """Refuse ``<where>.scored_parts`` that is empty, repeats a part, or names one that is not val or test."""
+    bad = [part for part in scored if part not in SCORED_PARTS]
+    if bad or not scored or len(set(scored)) != len(scored):
+        raise ConfigError(f"{where}.scored_parts: need one or more distinct parts of {', '.join(SCORED_PARTS)}, "
+                          f"got {list(scored)}")
+
+
+class LastFit:
+    """The last fitted head's outputs on every scored part, so that a head scored on val and on test is trained once
+    per seed: the runner asks for (val, seed) and (test, seed) one after the other, with the same features."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._features: object = None
+        self._value: Any = None
+
+    def __call__(self, key: tuple[Any, ...], features: object, fit: Callable[[], Any]) -> Any:
+        """``fit()``'s result, computed again unless ``key`` and ``features`` (by identity) are the last call's."""
+        if key != self._key or features is not self._features:
+            self._key, self._features, self._value = key, features, fit()
+        return self._value
 
 
 def with_validation(parts: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 Three heads on the same tiles and split:
 
-- ``mask`` (the seed's §8 metric): the decoder regresses the mask as a grey image, class index / (C - 1)
-  in [0, 1] with classes background, benign, G3, G4, G5 (an ordinal scale), sigmoid output, MSE;
+- ``mask`` (the seed's §8 metric): the decoder regresses the mask as a grey image, sigmoid output, MSE. Its
+  scale is ``mask_scale``: ``classes`` (ours) is class index / (C - 1) in [0, 1] with classes background,
+  benign, G3, G4, G5 (an ordinal scale over the whole range); ``codes`` (the seed's) is the mask file's own
+  code / 255, the mask read as an 8-bit image into [0, 1] ("normalisées entre 0 et 1"): codes 0-5 span
+  0-0.02, which is why the seed's MSEs are of order 1e-6 and ours of order 1e-2 for the same errors;
 - ``classes``: the same decoder with a class per pixel (cross-entropy), scored by per-class Dice and mIoU;
 - ``patch``: the class decoder reading the patch tokens on their grid instead of one vector, which keeps
   where things are in the tile (encoders without patch tokens have no such run).
@@ -31,8 +34,9 @@ from bonylib.data.slides import open_slide
 from bonylib.data.sources import list_jobs
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, check_parts,
-                                                  ladder_size, benchmark_tiles, check_heads, settings_of)
+from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, LastFit, RunOutput, check_classes,
+                                                  check_parts, check_scored, ladder_size, benchmark_tiles, check_heads,
+                                                  settings_of)
 from bonylib.evaluation.benchmarks.heads import DecoderConfig, fit_and_decode
 from bonylib.evaluation.splits import split_by_slide
 
@@ -40,6 +44,7 @@ HEADS = ("mask", "classes", "patch")
 CLASSES = tuple(name for name in LABEL_NAMES if name in set(MASK_ENCODINGS["deepgleason"].values()))
 """Mask classes in the manifest vocabulary: background (with artefact, as tiling counts it), benign, G3, G4, G5."""
 SPLITS = ("dataset", "slides")
+MASK_SCALES = ("classes", "codes")
 
 
 @dataclass
@@ -55,11 +60,18 @@ class DeepGleasonConfig:
                         "with fractions")
     fractions: list[float] = option([0.8, 0.1, 0.1], "train / val / test shares of the slides (split=slides)")
     split_seed: int = option(0, "seed of the split by slide (split=slides)")
+    scored_parts: list[str] = option(["test"], "parts scored, each a column of the table: test, val (the seed "
+                                     "reported validation MSE; the first is the results page's summary)")
+    mask_scale: str = option("classes", "target of the mask head: classes (class index / 4, ours) or codes (the mask "
+                             "file's code / 255, the seed's)")
     max_tiles: int = option(0, "seeded sample of at most this many tiles (0: all), for CPU demos")
     decoder: DecoderConfig = section(DecoderConfig, "decoder training")
 
     def __post_init__(self) -> None:
         check_heads("deepgleason", self.heads, HEADS)
+        check_scored("deepgleason", self.scored_parts)
+        if self.mask_scale not in MASK_SCALES:
+            raise ConfigError(f"deepgleason.mask_scale must be one of {', '.join(MASK_SCALES)}, got {self.mask_scale!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"deepgleason.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.runs < 1 or self.max_tiles < 0:
@@ -80,13 +92,21 @@ def tile_parts(frame: pd.DataFrame, split: str, fractions: list[float], seed: in
     return parts
 
 
-def read_masks(frame: pd.DataFrame, data: Path, where: str) -> np.ndarray:
-    """Class index maps (N, size, size) uint8 (indices into :data:`CLASSES`) of the manifest's tiles, read from their
-    mask files.
+def class_maps(codes: np.ndarray) -> np.ndarray:
+    """Class index maps (indices into :data:`CLASSES`) of DeepGleason mask codes, mapped by the dataset's encoding
+    to the manifest vocabulary (artefact is background, as in tiling)."""
+    lookup = np.zeros(256, np.uint8)
+    for code, name in MASK_ENCODINGS["deepgleason"].items():
+        lookup[code] = CLASSES.index(name)
+    return lookup[codes]
+
+
+def read_mask_codes(frame: pd.DataFrame, data: Path, where: str) -> np.ndarray:
+    """The mask codes (N, size, size) uint8 of the manifest's tiles, read from their mask files and checked to be
+    DeepGleason codes (:func:`class_maps` gives the classes).
 
     The mask of each tile's source image comes from the dataset listing (:func:`list_jobs`), the codes from
-    its red channel at the tile's place and level, mapped by the dataset's encoding to the manifest
-    vocabulary (artefact is background, as in tiling).
+    its red channel at the tile's place and level.
     """
     jobs = {job.slide_id: job for job in list_jobs("deepgleason", [Path(data)])}
     sizes = frame["size"].unique()
@@ -94,9 +114,8 @@ def read_masks(frame: pd.DataFrame, data: Path, where: str) -> np.ndarray:
         raise BonyError(f"{where}: tiles of several sizes {sorted(sizes)[:3]}; decode one tiling at a time")
     size = int(sizes[0])
     encoding = MASK_ENCODINGS["deepgleason"]
-    lookup = np.full(256, 255, np.uint8)
-    for code, name in encoding.items():
-        lookup[code] = CLASSES.index(name)
+    valid = np.zeros(256, bool)
+    valid[list(encoding)] = True
     masks = np.empty((len(frame), size, size), np.uint8)
     for slide_id, rows in frame.groupby("slide_id", sort=False).indices.items():
         job = jobs.get(slide_id)
@@ -107,8 +126,8 @@ def read_masks(frame: pd.DataFrame, data: Path, where: str) -> np.ndarray:
             for row in rows:
                 tile = frame.iloc[row]
                 codes = mask.read_region((int(tile["x"]), int(tile["y"])), int(tile["level"]), (size, size))[..., 0]
-                masks[row] = lookup[snap_codes(codes, "deepgleason")]
-        if (masks[rows] == 255).any():
+                masks[row] = snap_codes(codes, "deepgleason")
+        if not valid[masks[rows]].all():
             raise BonyError(f"{job.mask}: values that are not DeepGleason codes {sorted(encoding)}")
     return masks
 
@@ -134,29 +153,32 @@ class DeepGleasonMasks:
         self.parts = tile_parts(self.frame, cfg.split, cfg.fractions, cfg.split_seed, str(source))
         self.source = source
         self._classes = list(CLASSES)
-        runs = tuple(("test", s) for s in range(cfg.runs))
+        runs = tuple((part, s) for s in range(cfg.runs) for part in cfg.scored_parts)
         self.heads = {h: Head(h, "patch" if h == "patch" else "cls", runs) for h in cfg.heads}
         self.columns = []
         for head in cfg.heads:
-            if head == "mask":
-                self.columns.append(Column(head, "mse", ("test",), f"{self.title} mask {METRIC_NAMES['mse']}"))
-                continue
-            name = "classes" if head == "classes" else "patch-token classes"
-            self.columns += [Column(head, m, ("test",), f"{self.title} {name} {METRIC_NAMES[m]}")
-                             for m in ("mean_iou", "mean_dice")]
-            self.columns += [Column(head, f"dice_{c}", ("test",), f"{self.title} {name} Dice {c}", headline=False)
-                             for c in self._classes]
+            for part in cfg.scored_parts:
+                if head == "mask":
+                    self.columns.append(Column(head, "mse", (part,), f"{self.title} mask {METRIC_NAMES['mse']}"))
+                    continue
+                name = "classes" if head == "classes" else "patch-token classes"
+                self.columns += [Column(head, m, (part,), f"{self.title} {name} {METRIC_NAMES[m]}")
+                                 for m in ("mean_iou", "mean_dice")]
+                self.columns += [Column(head, f"dice_{c}", (part,), f"{self.title} {name} Dice {c}", headline=False)
+                                 for c in self._classes]
+        self._last = LastFit()
 
     @cached_property
-    def masks(self) -> np.ndarray:
-        """Every tile's class map at tile resolution, read once (only when a run is due); masks whose training tiles
+    def codes(self) -> np.ndarray:
+        """Every tile's mask codes at tile resolution, read once (only when a run is due); masks whose training tiles
         and test tiles hold one class are refused (a decoder trained on them cannot be wrong)."""
-        masks = read_masks(self.frame, Path(self.cfg.data), str(self.source))
+        codes = read_mask_codes(self.frame, Path(self.cfg.data), str(self.source))
+        masks = class_maps(codes)
         present = {part: np.unique(masks[self.parts == part]) for part in ("train", "test")}
         check_classes(np.concatenate(list(present.values())),
                       np.repeat(list(present), [len(v) for v in present.values()]), self._classes,
                       f"{self.source}: deepgleason mask classes")
-        return masks
+        return codes
 
     def settings(self, head: str) -> dict[str, Any]:
         return settings_of(self.cfg, self.manifest)
@@ -165,6 +187,8 @@ class DeepGleasonMasks:
         return self._classes
 
     def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
+        """Scores on the rows of part ``split`` (val or test) of the decoder fitted with ``seed`` (fitted once for
+        both)."""
         cfg = self.cfg.decoder
         x = torch.from_numpy(np.asarray(features, np.float32))
         grid = None
@@ -174,28 +198,33 @@ class DeepGleasonMasks:
             if grid * grid != x.shape[1]:
                 raise BonyError(f"{x.shape[1]} patch tokens do not form a square grid")
             side = ladder_size(grid, cfg.out_size)
-        masks = resized(self.masks, side)
+        codes = resized(self.codes, side)
         count = len(self._classes)
-        test = self.parts == "test"
+        scored = self.parts == split
         if head == "mask":
-            targets = torch.from_numpy(masks[:, None].astype(np.float32) / (count - 1))
-            decoded, info = fit_and_decode(x, targets, self.parts, 1, "regression", cfg, seed, device, side)
-            truth = targets[torch.from_numpy(test)]
+            scale = 255 if self.cfg.mask_scale == "codes" else count - 1
+            targets = torch.from_numpy((codes if self.cfg.mask_scale == "codes" else class_maps(codes))[:, None]
+                                       .astype(np.float32) / scale)
+            decoded, fitted = self._last((head, seed), features, lambda: fit_and_decode(
+                x, targets, self.parts, 1, "regression", cfg, seed, device, side, scored=self.cfg.scored_parts))
+            truth, decoded = targets[torch.from_numpy(scored)], decoded[split]
             scores = {"mse": metrics.mse(truth, decoded)}
             values = {"mse": float(scores["mse"].mean())}
         else:
-            targets = torch.from_numpy(masks.astype(np.int64))
-            decoded, info = fit_and_decode(x, targets, self.parts, count, "classes", cfg, seed, device, side, grid)
-            truth = targets[torch.from_numpy(test)]
+            targets = torch.from_numpy(class_maps(codes).astype(np.int64))
+            decoded, fitted = self._last((head, seed), features, lambda: fit_and_decode(
+                x, targets, self.parts, count, "classes", cfg, seed, device, side, grid,
+                scored=self.cfg.scored_parts))
+            truth, decoded = targets[torch.from_numpy(scored)], decoded[split]
             dice = metrics.dice_per_class(truth, decoded, count)
             values = {f"dice_{c}": float(d) for c, d in zip(self._classes, dice)}
             values.update(mean_dice=float(np.nanmean(dice)), mean_iou=metrics.mean_iou(truth, decoded, count))
             scores = {"confusion": np.stack([metrics.confusion_matrix(t, p, count) for t, p in zip(truth, decoded)])}
         shown = slice(0, cfg.examples)
-        groups = self.frame["group"].to_numpy()[test]
-        info.update(classes=self._classes, n_test=int(test.sum()), n_test_slides=int(len(set(groups))),
-                    n_train=int((self.parts == "train").sum()))
-        arrays = {"rows": self.ids[test], "groups": groups, **scores,
-                  "example_rows": self.ids[test][shown], "example_true": truth[shown].numpy(),
+        groups = self.frame["group"].to_numpy()[scored]
+        info = {**fitted, "classes": self._classes, "n_test": int(scored.sum()), "n_test_slides": int(len(set(groups))),
+                "n_train": int((self.parts == "train").sum())}
+        arrays = {"rows": self.ids[scored], "groups": groups, **scores,
+                  "example_rows": self.ids[scored][shown], "example_true": truth[shown].numpy(),
                   "example_pred": decoded[shown].numpy()}
         return RunOutput(values, arrays, info)

@@ -125,8 +125,9 @@ class ImageClasses:
         x = torch.from_numpy(np.asarray(features, np.float32))
         sums = torch.zeros(len(self.images), x.shape[1]).index_add_(0, torch.from_numpy(self.tile_image), x)
         means = sums / torch.from_numpy(np.bincount(self.tile_image, minlength=len(self.images))).unsqueeze(1)
-        predicted, info = classify(head, means, torch.from_numpy(self.targets), parts, len(self._classes),
-                                   self.cfg.probe, seed, device)
+        predictions, info = classify(head, means, torch.from_numpy(self.targets), parts, len(self._classes),
+                                     self.cfg.probe, seed, device)
+        predicted = predictions["test"]
         test = parts == "test"
         truth = self.targets[test]
         info.update(classes=self._classes, n_test=int(test.sum()), n_test_slides=int(len(set(self.units[test]))),

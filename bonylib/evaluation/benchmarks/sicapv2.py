@@ -19,7 +19,10 @@
 Both read the partition spreadsheets SICAPv2 publishes (``partition/Test/{Train,Test}.xlsx``,
 ``partition/Validation/Val<k>/{Train,Test}.xlsx``); the patients of each partition's Train sheet are
 split again by patient for the validation part early stopping needs. The reconstruction uses the
-``Test`` partition.
+``Test`` partition, or with ``reconstruction_fractions`` (the seed's 0.8 / 0.1 / 0.1) a split of all the
+patients at those shares; its ``scored_parts`` add the validation score the seed reported. The seed does
+not state its blur's σ: ``blur_sigma`` is ours (2 px at 224), and the SICAPv2 chapter shows how the score
+moves with it.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ from bonylib.data.labels import MINOR_PATTERN_FRACTION, gleason_score, isup_grad
 from bonylib.data.sicapv2_tables import PATCH_CLASSES, partition_folder, read_sheet, read_slide_labels, slide_of
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
-from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, RunOutput, check_classes,
-                                                  label_scores, benchmark_tiles, check_heads, settings_of,
-                                                  with_validation)
+from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, Column, Head, LastFit, RunOutput,
+                                                  check_classes, check_parts, check_scored, label_scores,
+                                                  benchmark_tiles, check_heads, settings_of, with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
-from bonylib.evaluation.benchmarks.panda import ISUP_GRADES
+from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split
+from bonylib.evaluation.splits import split_by_slide
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +78,22 @@ class Sicapv2Config:
     runs: int = option(5, "fits per head, partition and encoder, seeds 0..runs-1")
     val_fraction: float = option(0.2, "share of each partition's training patients held out for early stopping")
     split_seed: int = option(0, "seed of that hold-out")
-    blur_sigma: float = option(2.0, "standard deviation in pixels (at out_size) of the Gaussian blur of the target")
+    blur_sigma: float = option(2.0, "standard deviation in pixels (at out_size) of the Gaussian blur of the target "
+                               "(the seed does not state it: 2 is ours)")
+    reconstruction_fractions: list[float] = option([], "train / val / test shares of the patients for the "
+                                                   "reconstruction (the seed's: 0.8, 0.1, 0.1); empty: the Test "
+                                                   "partition, val_fraction of its training patients held out")
+    scored_parts: list[str] = option(["test"], "parts the reconstruction is scored on, each a column: test, val (the "
+                                     "seed reported validation MSE; the first is the results page's summary)")
     max_tiles: int = option(0, "seeded sample of at most this many tiles (0: all), for CPU demos")
     probe: ProbeConfig = section(ProbeConfig, "patch classifier (linear probe) training")
     decoder: DecoderConfig = section(DecoderConfig, "reconstruction decoder training")
 
     def __post_init__(self) -> None:
         check_heads("sicapv2", self.heads, HEADS)
+        check_scored("sicapv2", self.scored_parts)
+        if self.reconstruction_fractions:
+            check_split(self.reconstruction_fractions, self.runs, self.max_tiles, "sicapv2.reconstruction")
         bad = [p for p in self.partitions if not _PARTITION.match(str(p))]
         if bad or len(set(self.partitions)) != len(self.partitions):
             raise ConfigError(f"sicapv2.partitions: {bad[0] if bad else 'a repeated name'!r} is not one of Test, "
@@ -136,13 +149,14 @@ class Sicapv2:
         if "slides" in cfg.heads:
             self._read_slides(Path(cfg.data))
         runs = tuple((p, s) for p in cfg.partitions for s in range(cfg.runs))
-        self.heads = {h: Head(h, "cls", tuple((RECONSTRUCTION_PARTITION, s) for s in range(cfg.runs))
+        self.heads = {h: Head(h, "cls", tuple((part, s) for s in range(cfg.runs) for part in cfg.scored_parts)
                               if h == "reconstruction" else tuple((p, 0) for p in cfg.partitions)
                               if PATCH_HEADS[h] == "knn" else runs) for h in cfg.heads}
         self.columns = []
         if "reconstruction" in cfg.heads:
-            self.columns += [Column("reconstruction", m, (RECONSTRUCTION_PARTITION,),
-                                    f"{self.title} reconstruction {METRIC_NAMES[m]}") for m in IMAGE_METRICS]
+            self.columns += [Column("reconstruction", m, (part,), f"{self.title} reconstruction {METRIC_NAMES[m]}")
+                             for part in cfg.scored_parts for m in IMAGE_METRICS]
+        self._last = LastFit()
         folds = tuple(p for p in cfg.partitions if p != "Test")
         groups = [splits for splits in ((("Test",) if "Test" in cfg.partitions else ()), folds) if splits]
         for head, what, shown in (("patches", "patches", PATCH_METRICS), ("patches_knn", "patches k-NN", PATCH_METRICS),
@@ -214,7 +228,7 @@ class Sicapv2:
     def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
         x = torch.from_numpy(np.asarray(features, np.float32))
         if head == "reconstruction":
-            return self._reconstruct(x, seed, device)
+            return self._reconstruct(x, split, seed, device, features)
         if head == "slides":
             return self._grade_slides(self._patch_means(x), split, seed, device)
         patch_parts = self.patch_parts[split]
@@ -223,8 +237,9 @@ class Sicapv2:
         used = np.flatnonzero(patch_parts != "")
         means = self._patch_means(x)
         parts = patch_parts[used]
-        predicted, info = classify(PATCH_HEADS[head], means[used], torch.from_numpy(self.labels[used]), parts,
-                                   len(PATCH_CLASSES), self.cfg.probe, seed, device)
+        predictions, info = classify(PATCH_HEADS[head], means[used], torch.from_numpy(self.labels[used]), parts,
+                                     len(PATCH_CLASSES), self.cfg.probe, seed, device)
+        predicted = predictions["test"]
         test = used[parts == "test"]
         truth = self.labels[test]
         info.update(classes=list(PATCH_CLASSES), n_test=int(len(test)),
@@ -242,8 +257,9 @@ class Sicapv2:
         training = np.isin(self.patch_parts[split], ("train", "val"))
         parts = np.where(on_test_slide, "test", np.where(training, "train", ""))
         used = np.flatnonzero(parts != "")
-        predicted, info = classify(PATCH_HEADS["slides"], means[used], torch.from_numpy(self.labels[used]), parts[used],
-                                   len(PATCH_CLASSES), self.cfg.probe, seed, device)
+        predictions, info = classify(PATCH_HEADS["slides"], means[used], torch.from_numpy(self.labels[used]),
+                                     parts[used], len(PATCH_CLASSES), self.cfg.probe, seed, device)
+        predicted = predictions["test"]
         test_patches = used[parts[used] == "test"]
         slide_rows = np.flatnonzero(self.test_slides[split])
         scores, grades = [], []
@@ -264,18 +280,32 @@ class Sicapv2:
                          {"rows": self.slides[slide_rows], "groups": self.slide_patients[slide_rows], "y_true": truth,
                           "y_pred": estimate}, info)
 
-    def _reconstruct(self, x: torch.Tensor, seed: int, device: torch.device) -> RunOutput:
-        """Decode the blurred tile from each tile's embedding, on the Test partition's patients."""
+    @cached_property
+    def reconstruction_parts(self) -> np.ndarray:
+        """train / val / test of each tile for the reconstruction: the Test partition's (with its held-out
+        validation patients), or the patients split at ``reconstruction_fractions``."""
+        if not self.cfg.reconstruction_fractions:
+            return self.patch_parts[RECONSTRUCTION_PARTITION][self.tile_patch]
+        groups = self.frame["group"].to_numpy()
+        parts = split_by_slide(groups, self.cfg.reconstruction_fractions, seed=self.cfg.split_seed)
+        check_parts(parts, groups, f"{self.cfg.manifest}: sicapv2 reconstruction")
+        return parts
+
+    def _reconstruct(self, x: torch.Tensor, split: str, seed: int, device: torch.device, features: object) -> RunOutput:
+        """Decode the blurred tile from each tile's embedding; scored on the ``split`` part's tiles."""
         cfg = self.cfg.decoder
-        parts = self.patch_parts[RECONSTRUCTION_PARTITION][self.tile_patch]
-        decoded, info = fit_and_decode(x, self.blurred, parts, 3, "regression", cfg, seed, device, cfg.out_size)
-        test = parts == "test"
+        parts = self.reconstruction_parts
+        decoded, info = self._last(("reconstruction", seed), features, lambda: fit_and_decode(
+            x, self.blurred, parts, 3, "regression", cfg, seed, device, cfg.out_size, scored=self.cfg.scored_parts))
+        test = parts == split
+        decoded = decoded[split]
         truth = self.blurred[torch.from_numpy(test)]
         scores = {"mse": metrics.mse(truth, decoded), "psnr": metrics.psnr(truth, decoded),
                   "ssim": metrics.ssim(truth, decoded)}
         groups = self.frame["group"].to_numpy()[test]
         shown = slice(0, cfg.examples)
-        info.update(n_test=int(test.sum()), n_test_slides=int(len(set(groups))), n_train=int((parts == "train").sum()))
+        info = {**info, "n_test": int(test.sum()), "n_test_slides": int(len(set(groups))),
+                "n_train": int((parts == "train").sum())}
         return RunOutput({name: float(values.mean()) for name, values in scores.items()},
                          {"rows": self.ids[test], "groups": groups, **scores, "example_rows": self.ids[test][shown],
                           "example_true": truth[shown].numpy().astype(np.float16),
