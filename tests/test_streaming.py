@@ -18,11 +18,14 @@ import pytest
 import torch
 
 from bonylib.errors import BonyError
+from bonylib.evaluation.benchmarks.heads import ProbeConfig, classify
 from bonylib.evaluation import embeddings
 from bonylib.evaluation.embeddings import VERIFIED, load_embeddings, open_embeddings, write_store
 from bonylib.evaluation.features import Bags, Features, moments
 from bonylib.evaluation.knn import weighted_knn
-from bonylib.evaluation.probes import predict_logits
+from bonylib.evaluation.probes import fit_classifier, predict_logits, seed_mlp
+
+CPU = torch.device("cpu")
 
 
 def synthetic_manifest(path: Path, rows: int, slides: int = 10) -> Path:
@@ -188,3 +191,38 @@ def test_a_pass_over_a_store_holds_blocks_not_the_store(tmp_path: Path) -> None:
     growth, _, predicted = done.stdout.split()
     assert int(predicted) == rows
     assert int(growth) < 40 * 2**20, f"the passes grew the resident set by {int(growth) / 2**20:.0f} MiB (store: 128 MiB)"
+
+
+def in_memory_classify(kind: str, x: torch.Tensor, targets: torch.Tensor, parts: np.ndarray, classes: int,
+                       cfg: ProbeConfig, seed: int) -> np.ndarray:
+    """What ``bony evaluate`` computed before it streamed: the whole array in memory as one float32 tensor, z-scored
+    by torch's mean and std of the train rows, the head fitted on tensors; k-NN by brute force."""
+    train, val, test = (torch.from_numpy(parts == part) for part in ("train", "val", "test"))
+    if kind == "knn":
+        return brute_force_knn(x[train].numpy(), targets[train].numpy(), x[test].numpy(), classes, cfg.knn_k,
+                               cfg.knn_temperature)
+    reference = x[train]
+    spread = reference.std(0)
+    z = (x - reference.mean(0)) / torch.where(spread > 0, spread, torch.ones_like(spread))
+    head = seed_mlp(x.shape[1], classes, cfg.mlp_hidden) if kind == "mlp" else torch.nn.Linear(x.shape[1], classes)
+    fit = fit_classifier(head, (z[train], targets[train]), (z[val], targets[val]), metric="balanced_accuracy",
+                         lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps, eval_every=cfg.eval_every,
+                         patience=cfg.patience, seed=seed)
+    return predict_logits(fit.head, z[test]).argmax(1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear", "knn"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streamed_heads_give_the_numbers_of_the_whole_array_in_memory(tmp_path: Path, kind: str, dtype: str) -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 900)
+    values = (rng.normal(size=(3, 24))[labels] * 0.6 + rng.normal(size=(900, 24)) + 5.0).astype(dtype)
+    values[:, 4] *= 300.0  # scales apart, as the handcrafted baseline's channels are
+    parts = np.array(["train", "val", "test"])[np.repeat(np.arange(30) % 5 // 2, 30)]  # whole "slides" of 30 rows
+    store = stored(tmp_path, values)
+    cfg = ProbeConfig(max_steps=60, eval_every=20, patience=2, mlp_hidden=[32], batch_size=64)
+    streamed, _ = classify(kind, Features(open_embeddings(store)), torch.from_numpy(labels), parts, 3, cfg, 0, CPU)
+    before = in_memory_classify(kind, torch.from_numpy(values.astype(np.float32)), torch.from_numpy(labels), parts, 3,
+                                cfg, 0)
+    np.testing.assert_array_equal(streamed["test"], before)
+    assert 0.5 < (before == labels[parts == "test"]).mean() < 1.0, "a task the head can get partly wrong"
