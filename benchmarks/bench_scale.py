@@ -91,7 +91,8 @@ def write_data(folder: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> 
     labels = (rng.random(rows)[:, None] > cumulative).sum(1).clip(0, len(CLASSES) - 1)
     names = np.array([f"slide{i:06d}" for i in range(slides)])
     (folder / "panda").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"image_id": names, "isup_grade": grades}).to_csv(folder / "panda" / "train.csv", index=False)
+    pd.DataFrame({"image_id": names, "data_provider": "radboud", "isup_grade": grades}).to_csv(
+        folder / "panda" / "train.csv", index=False)
     manifest = folder / "manifest.parquet"
     pd.DataFrame({"slide_id": names[slide_of], "level": 0, "x": within * 224, "y": 0, "size": 224,
                   "label_name": np.array(CLASSES)[labels]}).to_parquet(manifest)

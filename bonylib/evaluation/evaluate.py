@@ -3,7 +3,8 @@
 A config names the encoders (rows of the table) and the benchmarks with their protocol. For each
 encoder and benchmark manifest, the embeddings are computed once into the store of ``bony embed``
 (a rerun, or another benchmark on the same tiles, reads them back); each head is then fitted on them
-once per run (seed, split), and each run writes::
+once per run (seed, split), reading them from the store on demand (:mod:`bonylib.evaluation.features`: memory bounded
+by batches and blocks, not by the row count), and each run writes::
 
     <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides
                                                                             (or why none),
