@@ -65,6 +65,9 @@ def test_rows_read_in_any_order_equal_the_array(tmp_path: Path, values: np.ndarr
     np.testing.assert_array_equal(rows.read(picks), values[picks])
     np.testing.assert_array_equal(rows.read(np.arange(95, 1050)), values[95:])
     np.testing.assert_array_equal(load_embeddings(store)[1], values)
+    assert rows.read([]).shape == (0, 12)
+    with pytest.raises(IndexError):
+        rows.read([1050])
     features = Features(rows)
     assert features[picks].dtype == torch.float32
     np.testing.assert_array_equal(features.subset(picks[::-1])[5:20].numpy(), values[picks[::-1][5:20]].astype(np.float32))

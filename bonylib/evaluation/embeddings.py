@@ -517,7 +517,9 @@ class StoredRows:
     def read(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Rows ``positions`` (manifest row numbers; repeats allowed) as (n, *row_shape), stored dtype."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+        if not len(positions):
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        if positions.min() < 0 or positions.max() >= len(self):
             raise IndexError(f"row positions must be in 0..{len(self) - 1}")
         order = np.argsort(positions, kind="stable")
         ordered = positions[order]
