@@ -235,8 +235,12 @@ def fit_classifier(head: nn.Module, train: tuple[Inputs, torch.Tensor], val: tup
         raise ValueError("the validation set is empty")
     score = VALIDATION_METRICS[metric]
 
+    # tiles are validated 256 at a time at least (fewer passes), bags as many as a training batch: 256 padded bags of
+    # PANDA slides (up to 269 tiles x 4096 on average) would be 1.1 GB, twice over (the bags and their padding)
+    rows_at_once = max(batch_size, 256) if isinstance(val_inputs, (torch.Tensor, Features)) else batch_size
+
     def validate(model: nn.Module) -> float:
-        logits = predict_logits(model, val_inputs, batch_size=max(batch_size, 256))
+        logits = predict_logits(model, val_inputs, batch_size=rows_at_once)
         return score(val_labels, logits.argmax(1), logits.shape[1])
 
     return fit_head(head, F.cross_entropy, lambda index: (_rows(train_inputs, index), train_labels[index]),
