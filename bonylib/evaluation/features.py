@@ -49,7 +49,7 @@ class ArrayRows:
 def _positions(key: slice | int | np.ndarray | torch.Tensor | Sequence[int], length: int) -> np.ndarray:
     """Row numbers (0 .. length-1) that ``key`` picks: a slice, a number, positions, or a boolean mask."""
     if isinstance(key, slice):
-        return np.arange(length)[key]
+        return np.arange(*key.indices(length))  # not np.arange(length)[key]: a pass in blocks would be quadratic
     if isinstance(key, torch.Tensor):
         key = key.cpu().numpy()
     key = np.asarray(key)
