@@ -442,3 +442,24 @@ def run_curves(logs: dict[str, pd.DataFrame], columns: dict[str, str]) -> Figure
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def lines_against(frame: pd.DataFrame, x: str, series: str, panels: dict[str, str], xlabel: str,
+                  reference: tuple[str, str] | None = None, log_x: bool = True) -> Figure:
+    """One panel per column of ``panels`` (its axis label), that column against ``x`` with a line per value of
+    ``series``; ``reference`` (a column, its legend) is drawn once, dashed black, in the first panel (a floor every
+    line is read against)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), layout="constrained", squeeze=False)
+    for i, (ax, (column, label)) in enumerate(zip(axes[0], panels.items())):
+        for name, group in frame.groupby(series, sort=False):
+            ax.plot(group[x], group[column], "o-", label=str(name))
+        if reference is not None and i == 0:
+            first = frame.drop_duplicates(x).sort_values(x)
+            ax.plot(first[x], first[reference[0]], "k--", label=reference[1])
+        ax.set(xlabel=xlabel, ylabel=label, xscale="log" if log_x else "linear")
+        ticks = np.sort(frame[x].unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig

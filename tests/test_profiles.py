@@ -102,3 +102,96 @@ def test_the_recommended_profile_says_why_it_departs_from_the_seeds(repo: Path) 
     for key in departures:
         assert re.search(re.escape(named[key]), header), key
     assert ours["model.backbone"] == seed["model.backbone"] and ours["model.out_dim"] == seed["model.out_dim"]
+
+
+# ---- the evaluation profile: configs/evaluate/seed.yaml --------------------------------------------------------------
+
+EVAL_FROM_THE_REPORT: dict[str, tuple[Any, str]] = {
+    "benchmarks": (["panda", "deepgleason", "sicapv2"], "Model PANDA test subset (Accuracy)"),
+    "panda.classes": (["background", "benign", "G3", "G4", "G5"],
+                      "0: background de l'image, 1: Tissu sain, 2: Gleason 3, 3: Gleason 4, 4: Gleason 5"),
+    "panda.heads": (["mlp"], "Ce décodeur est un MLP"),
+    "panda.fractions": ([0.8, 0.1, 0.1], "le trainval-test split a été fait en (0.8 0.1 0.1)"),
+    "panda.scored_parts": (["test", "val"], "une performance sur le test de 0.81"),
+    "panda.probe.mlp_hidden": ([7192, 2048, 512, 128], "hidden dims=[7192, 2048, 512, 128]"),
+    "panda.probe.patience": (0, "il a été choisi de définir un nombre d'epochs fixe"),
+    "deepgleason.heads": (["mask"], "comparée au mask obtenu précédemment par une MSE"),
+    "deepgleason.mask_scale": ("codes", "quand on sait que les images sont normalisées entre 0 et 1"),
+    "deepgleason.fractions": ([0.8, 0.1, 0.1], "le train-val-test split a été fait en (0.8 0.1 0.1)"),
+    "deepgleason.scored_parts": (["val", "test"], "Fonction de coût de validation (segmentation)"),
+    "deepgleason.decoder.out_size": (224, "jusqu'à avoir une image en 224x224"),
+    "deepgleason.decoder.width": (256, "self.fc = nn.Linear(num_features, 256 * 7 * 7)"),
+    "sicapv2.heads": (["reconstruction"], "la même image d'entrée mais \"blurrée\""),
+    "sicapv2.reconstruction_fractions": ([0.8, 0.1, 0.1], "le train-val-test split a été fait en $(0.8 \\quad 0.1"),
+    "sicapv2.scored_parts": (["val", "test"], "On résume les performances sur la validation"),
+    "sicapv2.decoder.out_size": (224, "jusqu'à avoir une image en 224x224 qui sera ensuite comparée"),
+}
+"""Evaluation keys set from the report's sentences (chapters 7 and 8)."""
+
+EVAL_DINO_DEFAULTS: dict[str, Any] = {
+    "panda.probe.epochs": 100, "panda.probe.optimizer": "sgd", "panda.probe.batch_size": 128,
+    "panda.probe.lr": 0.0005,
+}
+"""facebookresearch/dino's eval_linear.py, the head DINO trains on frozen features: --epochs 100, SGD with momentum 0.9
+and no weight decay, --batch_size_per_gpu 128, --lr 0.001 for 256 images (x 128 / 256 on one GPU)."""
+
+EVAL_BONYS: dict[str, tuple[Any, str]] = {
+    "panda.providers": (["radboud"], "Karolinska's masks grade no pattern"),
+    "deepgleason.split": ("slides", "Bony splits whole slides"),
+    "deepgleason.decoder.patience": (0, "the report trains for a fixed length"),
+    "sicapv2.decoder.patience": (0, "as DeepGleason's"),
+    "sicapv2.decoder.width": (256, "the DeepGleason decoder's"),
+    "sicapv2.blur_sigma": (2.0, "the report does not state its σ"),
+    "panda.probe.eval_every": (1000, "with patience 0 it picks nothing"),
+    **{f"{bench}.decoder.{key}": (value, "not stated") for bench in ("deepgleason", "sicapv2")
+       for key, value in (("max_epochs", 50), ("lr", 0.001), ("batch_size", 64))},
+}
+"""Keys neither the report nor DINO sets, or readings of the report: each is Bony's and its comment says so."""
+
+EVAL_RUN_KEYS = {"bootstrap", "embed.batch_size", "embed.device", "embed.precision", "embed.workers",
+                 *(f"{bench}.{key}" for bench in ("panda", "deepgleason", "sicapv2") for key in ("manifest", "data", "runs"))}
+"""Where the data are, how the job runs and how many seeds repeat it: not the protocol."""
+
+
+def key_comments(text: str) -> dict[str, str]:
+    """The comment on each YAML line, by the line's dotted key (nesting read from the indentation)."""
+    path: list[tuple[int, str]] = []
+    comments = {}
+    for line in text.splitlines():
+        match = re.match(r"^( *)([A-Za-z_][\w]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match[1]), match[2], match[3]
+        path = [(i, k) for i, k in path if i < indent] + [(indent, key)]
+        comments[".".join(k for _, k in path)] = rest.partition("#")[2]
+    return comments
+
+
+def test_every_value_of_the_seed_evaluation_is_the_reports_dinos_or_said_to_be_bonys(repo: Path) -> None:
+    from bonylib.evaluation.evaluate import EvaluateConfig
+
+    path = repo / "configs" / "evaluate" / "seed.yaml"
+    raw = yaml.safe_load(path.read_text())
+    written = flat_keys({k: v for k, v in raw.items() if k != "encoders"})
+    loaded = flat_keys(to_dict(load_config(EvaluateConfig, path)))
+    table = {**EVAL_FROM_THE_REPORT, **{k: (v, "DINO default") for k, v in EVAL_DINO_DEFAULTS.items()}, **EVAL_BONYS}
+    assert len(EVAL_FROM_THE_REPORT) + len(EVAL_DINO_DEFAULTS) >= 20
+    unsourced = sorted(set(written) - set(table) - EVAL_RUN_KEYS)
+    assert not unsourced, f"evaluate/seed.yaml sets keys with no source in this table: {unsourced}"
+    wrong = {key: (loaded[key], value) for key, (value, _) in table.items() if loaded[key] != value}
+    assert not wrong, wrong
+    assert sorted(set(table) - set(written)) == [], "every sourced key is written out in seed.yaml"
+    comments = key_comments(path.read_text())
+    unmarked = [key for key in EVAL_BONYS if not re.search(r"Bony's|as DeepGleason's|the DeepGleason decoder's|the "
+                                                           r"report trains", comments.get(key, ""))]
+    assert not unmarked, f"readings of Bony's without a comment saying so: {unmarked}"
+    assert [entry["name"] for entry in raw["encoders"]][0] == "dino-head", "the report's heads read the 4096-d output"
+
+
+def test_the_seed_evaluations_quotes_are_in_the_report(repo: Path) -> None:
+    report = repo.parent / "shared" / "report" / "000_279bfb63f361bb68.txt"
+    if not report.is_file():
+        pytest.skip(f"{report}: the seed's report is not here")
+    text = " ".join(report.read_text().split())
+    for key, (_, quote) in EVAL_FROM_THE_REPORT.items():
+        assert " ".join(quote.split()) in text, key

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bonylib.data.samples import shared_data_dir
-from bonylib.evaluation.results_page import PUBLISHED, published_table
+from bonylib.evaluation.results_page import PROTOCOL_ROW, PUBLISHED, published_table
 
 NAMES = {"Bony": "Bony (XCiT-M/16, DINO)", "Hibou": "Hibou-B", "Histoencoder": "HistoEncoder"}
 
@@ -46,7 +46,10 @@ def test_the_published_rows_are_the_reports_numbers() -> None:
 
 def test_the_published_table_prints_as_the_report_does() -> None:
     table = published_table()
-    assert list(table.index) == list(PUBLISHED)
+    assert list(table.index) == [*PUBLISHED, PROTOCOL_ROW]
+    protocols = table.loc[PROTOCOL_ROW].tolist()
+    assert protocols[0].endswith("test accuracy") and all(p.endswith("validation MSE") for p in protocols[1:])
+    assert "7192" in protocols[0] and "code / 255" in protocols[1] and "σ not stated" in protocols[2]
     assert table.loc["Bony (XCiT-M/16, DINO)"].tolist() == ["81.2 %", "2.934e-06", "0.0008"]
     assert table.loc["Hibou-B"].tolist() == ["83.1 %", "1.455e-06", "0.1"]
     assert table.loc["HistoEncoder"].iloc[2] == "not run in the report"

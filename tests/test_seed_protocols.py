@@ -22,6 +22,7 @@ from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2
 from bonylib.evaluation.decoders import Decoder
 from bonylib.evaluation.probes import fit_classifier, fit_head
 from bonylib.evaluation.features import Features
+from bonylib.evaluation.sensitivity import mean_image_mse
 from tests.test_benchmarks import CPU, bench_data, dg_config, panda_config, separable, sicap_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning",
@@ -189,3 +190,18 @@ def test_the_seeds_reconstruction_split_is_by_patient_at_its_shares(data: dict[s
     assert list(val.arrays["rows"]) == list(bench.ids[parts == "val"])
     official = Sicapv2(sicap_config(data, heads="[reconstruction]"), tmp_path)
     assert np.array_equal(official.reconstruction_parts, official.patch_parts["Test"][official.tile_patch])
+
+
+def test_the_mean_image_floor_and_the_blur_it_moves_with(data: dict[str, Path], tmp_path: Path) -> None:
+    """The floor of the blur sensitivity is the MSE of the mean training tile, by hand; it falls as σ widens (less
+    left to rebuild), and features that hold the blurred tile beat it."""
+    floors = []
+    for sigma in (0.5, 2.0):
+        bench = Sicapv2(sicap_config(data, heads="[reconstruction]", blur_sigma=sigma), tmp_path)
+        parts, targets = bench.reconstruction_parts, bench.blurred.numpy().astype(np.float64)
+        by_hand = ((targets[parts == "test"] - targets[parts == "train"].mean(0)) ** 2).mean()
+        floors.append(mean_image_mse(bench.blurred, parts, "test"))
+        assert floors[-1] == pytest.approx(by_hand)
+    assert floors[1] < floors[0]
+    result = bench.fit("reconstruction", "test", 0, Features(bench.blurred.flatten(1).numpy()), CPU)
+    assert result.metrics["mse"] < floors[1]

@@ -47,6 +47,7 @@ from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation.benchmarks import BENCHMARKS
 from bonylib.evaluation.benchmarks.common import Benchmark, Head, RunOutput, bootstrap_interval
 from bonylib.evaluation.benchmarks.deepgleason import DeepGleasonConfig
+from bonylib.evaluation.benchmarks.heads import HEADS_VERSION
 from bonylib.evaluation.benchmarks.images import ImagesConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
@@ -263,6 +264,7 @@ class Evaluation:
                 stored = stored_dtype(head.output, self.cfg.embed.pooled_dtype)
                 settings_sha = _digest({"settings": self.settings[(bench.name, head.name)], "head": head.name,
                                         "split": split, "seed": seed, "fingerprint": encoder.fingerprint(head.output),
+                                        "heads_version": HEADS_VERSION,
                                         # float16 rows give other numbers; the default adds no key (runs are kept)
                                         **({"stored": stored} if stored != STORED_DTYPES[head.output] else {})})
                 row.records.append(record)

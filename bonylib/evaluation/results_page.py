@@ -31,9 +31,19 @@ PUBLISHED = {
     "HistoEncoder": (0.816, 1.003e-06, float("nan")),
 }
 """The seed report's §8 as printed: PANDA test-subset accuracy, DeepGleason MSE and SICAPv2 MSE per model (the
-report did not run HistoEncoder on SICAPv2). Validation numbers on the real datasets under the report's own protocols,
-so a reference for the seed's columns, not a row to rank this run's encoders against."""
+report did not run HistoEncoder on SICAPv2). Numbers on the real datasets under the report's own protocols
+(:data:`PUBLISHED_PROTOCOLS`), so a reference for the seed's columns, not a row to rank this run's encoders against."""
 PUBLISHED_COLUMNS = ("PANDA test subset accuracy ↑", "DeepGleason MSE ↓", "SICAPv2 MSE ↓")
+PUBLISHED_PROTOCOLS = (
+    "5 classes (background, benign, G3, G4, G5); MLP 4096 → 7192 → 2048 → 512 → 128 → 5 on the 4096-d DINO head "
+    "output, a fixed number of epochs; split 0.8 / 0.1 / 0.1; test accuracy",
+    "Linear → 256·7·7, five ConvTranspose2d (kernel 3, stride 2) with BatchNorm + ReLU, sigmoid, on the 4096-d output; "
+    "MSE against the mask read as an 8-bit image (code / 255); split 0.8 / 0.1 / 0.1; validation MSE",
+    "the same decoder, RGB, against the 224-px tile Gaussian-blurred (σ not stated); split 0.8 / 0.1 / 0.1; "
+    "validation MSE",
+)
+"""How the report obtained each column (§7), as configs/evaluate/seed.yaml reproduces it."""
+PROTOCOL_ROW = "protocol (configs/evaluate/seed.yaml)"
 
 
 def _summary_lines(out: Path) -> pd.DataFrame:
@@ -53,14 +63,14 @@ def summary_table(out: Path) -> pd.DataFrame:
 
 def published_table() -> pd.DataFrame:
     """:data:`PUBLISHED` as the report prints it (accuracy in percent, errors to four significant digits), its
-    missing cell said to be missing."""
+    missing cell said to be missing, and a last row naming each column's protocol."""
     def cell(column: int, value: float) -> str:
         if not np.isfinite(value):
             return "not run in the report"
         return f"{100 * value:.1f} %" if column == 0 else f"{value:.4g}"
 
-    return pd.DataFrame({name: [cell(i, v) for i, v in enumerate(values)] for name, values in PUBLISHED.items()},
-                        index=list(PUBLISHED_COLUMNS)).T
+    rows = {name: [cell(i, v) for i, v in enumerate(values)] for name, values in PUBLISHED.items()}
+    return pd.DataFrame({**rows, PROTOCOL_ROW: list(PUBLISHED_PROTOCOLS)}, index=list(PUBLISHED_COLUMNS)).T
 
 
 def benchmark_tables(out: Path) -> list[tuple[str, pd.DataFrame]]:
