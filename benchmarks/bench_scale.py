@@ -2,7 +2,7 @@
 projection to the seed's PANDA (2,852,703 tiles of 10,616 slides, 4096-d head output).
 
     python benchmarks/bench_scale.py [--sizes 10000 30000 100000 300000 1000000] [--dim 4096] [--dtype float16]
-                                     [--quick] [--knn-max-rows 300000] [--skip tile embed]
+                                     [--quick] [--device cpu] [--knn-max-rows 300000] [--skip tile embed]
                                      [--work /tmp/bench-scale] [--json benchmarks/results/scale.json]
 
 For each size a synthetic PANDA is written: a tile manifest (about 270 tiles a slide, as PANDA's 2.85 M / 10,616),
@@ -119,13 +119,13 @@ def write_data(folder: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> 
             "write_s": written, "verify_s": verified}
 
 
-def config(data: dict[str, Any], head: str, dim: int, dtype: str, quick: bool, path: Path) -> Path:
+def config(data: dict[str, Any], head: str, dtype: str, quick: bool, device: str, path: Path) -> Path:
     """The ``bony evaluate`` config of one measurement."""
     import yaml
 
     protocol = settings(quick)
     cfg: dict[str, Any] = {"encoders": [{"name": "synthetic", "specs": [SPEC]}], "benchmarks": [HEADS[head]],
-                           "bootstrap": protocol["bootstrap"], "embed": {"pooled_dtype": dtype, "device": "cpu"}}
+                           "bootstrap": protocol["bootstrap"], "embed": {"pooled_dtype": dtype, "device": device}}
     if HEADS[head] == "panda":
         cfg["panda"] = {"manifest": str(data["manifest"]), "data": str(data["data"]), "heads": [head], "runs": 1,
                         "probe": protocol["probe"]}
@@ -250,19 +250,33 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096, help="embedding width (the seed's head output: 4096)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the store's dtype")
     parser.add_argument("--quick", action="store_true", help="few steps, a narrow MLP, one tiling round")
+    parser.add_argument("--device", default="cpu", help="where the heads train: cpu, auto (a GPU if there is one), cuda")
     parser.add_argument("--knn-max-rows", type=int, default=300_000, help="largest size k-NN is measured at (0: all)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tile", "embed", *HEADS], help="sections to leave out")
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic data (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep each size's data")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
     args = parser.parse_args()
-    machine, line = bench_tiling._machine()
-    print(f"machine: {line}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    # the sibling benchmarks' scratch folders (theirs and their children's) go under work, deleted with it
+    (work / "tmp").mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(work / "tmp")
+    try:
+        run(args, work)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Every size and section of one benchmark call, into ``work``."""
+    machine, line = bench_tiling._machine()
+    print(f"machine: {line}", flush=True)
     itemsize = np.dtype(args.dtype).itemsize
     heads = {h: [] for h in HEADS if h not in args.skip}
     report: dict[str, Any] = {"machine": machine, "machine_line": line, "dim": args.dim, "dtype": args.dtype,
+                              "device": args.device,
                               "quick": args.quick, "protocol": settings(args.quick), "stores": [], "skipped": []}
     for rows in sorted(args.sizes):
         need_gb = rows * args.dim * itemsize / 1e9 * 1.05
@@ -282,7 +296,7 @@ def main() -> None:
         for head in heads:
             if head == "knn" and args.knn_max_rows and rows > args.knn_max_rows:
                 continue
-            cfg = config(data, head, args.dim, args.dtype, args.quick, folder / f"{head}.yaml")
+            cfg = config(data, head, args.dtype, args.quick, args.device, folder / f"{head}.yaml")
             point = {"rows": rows, **measure(data, head, cfg)}
             heads[head].append(point)
             print(f"  {head:7s} {point['seconds']:8.1f} s (fit {point['fit_seconds']:.1f} s), "
@@ -307,8 +321,6 @@ def main() -> None:
         print(f"bony embed ({e['encoder']}, {e['precision']}): {e['tiles_per_s']['bony_embed']:.1f} tiles/s"
               + (f" (model limit {limit:.1f})" if limit else "")
               + f"; PANDA: {e['panda_hours_one_device']:.1f} h on one such device")
-    if not args.keep and args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"saved {args.json}")
