@@ -22,10 +22,10 @@ from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import bootstrap_interval, ladder_size, overlap_scores, score, select_tiles
 from bonylib.evaluation.benchmarks.deepgleason import CLASSES, DeepGleasonConfig, DeepGleasonMasks, class_maps
-from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.isup import IsupConfig, SlideIsup
 from bonylib.evaluation.benchmarks.panda import PandaConfig, PandaTiles
 from bonylib.evaluation.benchmarks.sicapv2 import PATCH_CLASSES, Sicapv2, Sicapv2Config, read_partition
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.intervals import group_bootstrap
 
 CPU = torch.device("cpu")
@@ -95,7 +95,7 @@ def test_panda_split_keeps_slides_whole_and_isup_shares_it(data: dict[str, Path]
 @pytest.mark.parametrize("head", ["linear", "mlp", "knn"])
 def test_panda_heads_are_near_perfect_on_separable_features(data: dict[str, Path], tmp_path: Path, head: str) -> None:
     bench = PandaTiles(panda_config(data, heads=f"[{head}]"), tmp_path)
-    result = bench.fit(head, "test", 0, separable(bench.targets, len(bench.classes(head))), CPU)
+    result = bench.fit(head, "test", 0, Features(separable(bench.targets, len(bench.classes(head)))), CPU)
     truth, predicted = result.arrays["y_true"], result.arrays["y_pred"]
     assert result.metrics["accuracy"] >= 0.95
     assert result.metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
@@ -121,7 +121,7 @@ def test_isup_abmil_scores_match_sklearn(data: dict[str, Path], tmp_path: Path) 
     isup = SlideIsup(load_config(IsupConfig, None, [f"manifest={data['panda']}", f"data={data['panda-data']}",
                                                      "fractions=[0.5,0.25,0.25]", "max_epochs=5"]), tmp_path)
     frame = pd.read_parquet(isup.manifest)
-    result = isup.fit("abmil", "test", 0, separable(np.zeros(len(frame), int), 6), CPU)
+    result = isup.fit("abmil", "test", 0, Features(separable(np.zeros(len(frame), int), 6)), CPU)
     truth, predicted = result.arrays["y_true"], result.arrays["y_pred"]
     assert list(result.arrays["rows"]) == list(isup.slides[isup.parts == "test"])
     assert result.metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
@@ -175,10 +175,10 @@ def test_deepgleason_decoders_read_the_mask_from_informative_features(data: dict
     bench = DeepGleasonMasks(dg_config(data), tmp_path)
     informative = mask_features(class_maps(bench.codes))
     noise = np.random.default_rng(0).normal(size=informative.shape).astype(np.float32)
-    learned, guessed = (bench.fit("mask", "test", 0, f, CPU) for f in (informative, noise))
+    learned, guessed = (bench.fit("mask", "test", 0, Features(f), CPU) for f in (informative, noise))
     assert learned.metrics["mse"] < 0.6 * guessed.metrics["mse"]
     assert learned.metrics["mse"] == pytest.approx(learned.arrays["mse"].mean())
-    classes, chance = (bench.fit("classes", "test", 0, f, CPU) for f in (informative, noise))
+    classes, chance = (bench.fit("classes", "test", 0, Features(f), CPU) for f in (informative, noise))
     assert classes.metrics["mean_iou"] > chance.metrics["mean_iou"] + 0.1
     truth, predicted = classes.arrays["example_true"], classes.arrays["example_pred"]
     assert truth.shape == predicted.shape == (min(8, int((bench.parts == "test").sum())), 14, 14)
@@ -194,11 +194,11 @@ def test_deepgleason_decoders_read_the_mask_from_informative_features(data: dict
 def test_deepgleason_patch_decoder_starts_from_the_token_grid(data: dict[str, Path], tmp_path: Path) -> None:
     bench = DeepGleasonMasks(dg_config(data, heads="[patch]"), tmp_path)
     tokens = np.random.default_rng(0).normal(size=(len(bench.frame), 4, 8)).astype(np.float16)
-    result = bench.fit("patch", "test", 0, tokens, CPU)
+    result = bench.fit("patch", "test", 0, Features(tokens), CPU)
     assert result.info["out_size"] == ladder_size(2, 14) == 16
     assert result.arrays["example_pred"].shape[-1] == 16
     with pytest.raises(BonyError, match="square grid"):
-        bench.fit("patch", "test", 0, tokens[:, :3], CPU)
+        bench.fit("patch", "test", 0, Features(tokens[:, :3]), CPU)
     assert ladder_size(6, 56) == 48 and ladder_size(14, 224) == 224 and ladder_size(16, 224) == 256
 
 
@@ -256,7 +256,7 @@ def test_sicapv2_reconstruction_target_is_the_blurred_tile_and_scores_recompute(
     expected = np.stack([ndimage.gaussian_filter(tile[..., c], 1.0, mode="mirror", truncate=3.0) for c in range(3)])
     assert np.allclose(bench.blurred[0].numpy(), expected, atol=1e-5)
     features = bench.blurred.flatten(1).numpy()
-    result = bench.fit("reconstruction", "test", 0, features, CPU)
+    result = bench.fit("reconstruction", "test", 0, Features(features), CPU)
     shown_true, shown_pred = result.arrays["example_true"].astype(np.float64), result.arrays["example_pred"]
     by_hand = ((shown_true - shown_pred.astype(np.float64)) ** 2).reshape(len(shown_true), -1).mean(1)
     assert np.allclose(result.arrays["mse"][: len(shown_true)], by_hand, atol=1e-3)
@@ -268,7 +268,7 @@ def test_sicapv2_patch_probe_matches_sklearn(data: dict[str, Path], tmp_path: Pa
     bench = Sicapv2(sicap_config(data, heads="[patches]"), tmp_path)
     # noise-free: two training patches in this fold, and z-scoring makes noise as loud as the signal
     features = separable(bench.labels[bench.tile_patch], len(PATCH_CLASSES), noise=0.0)
-    result = bench.fit("patches", "Val1", 0, features, CPU)
+    result = bench.fit("patches", "Val1", 0, Features(features), CPU)
     truth, predicted = result.arrays["y_true"], result.arrays["y_pred"]
     assert result.metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted)) == 1.0
     assert set(result.arrays["groups"]) == set(bench.patients[bench.patch_parts["Val1"] == "test"])
@@ -286,12 +286,12 @@ def test_sicapv2_refuses_partition_names_that_are_paths(data: dict[str, Path]) -
 def test_standardize_uses_training_rows_only() -> None:
     features = torch.tensor([[1.0, 5.0], [3.0, 5.0], [100.0, -7.0]])
     train = torch.tensor([True, True, False])
-    out = standardize(features, train)
+    out = Features(features).standardized(train)[:]
     assert torch.allclose(out[:2], torch.tensor([[-1.0, 0.0], [1.0, 0.0]]) / 2**0.5)  # sample std of (1, 3): sqrt 2
     assert torch.allclose(out[2], torch.tensor([(100.0 - 2.0) / 2**0.5, -12.0]))  # constant channel: centred only
     tokens = torch.randn(4, 3, 2) * 5 + 2
-    assert torch.allclose(standardize(tokens, torch.ones(4, dtype=torch.bool)).reshape(-1, 2).mean(0), torch.zeros(2),
-                          atol=1e-5)
+    assert torch.allclose(Features(tokens).standardized(torch.ones(4, dtype=torch.bool))[:].reshape(-1, 2).mean(0),
+                          torch.zeros(2), atol=1e-5)
 
 
 def test_scores_and_intervals_recompute_from_saved_predictions() -> None:

@@ -22,6 +22,7 @@ from bonylib.evaluation.benchmarks import sicapv2 as sicapv2_benchmark
 from bonylib.evaluation.benchmarks.images import ImageClasses, ImagesConfig
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2, Sicapv2Config
 from bonylib.evaluation.evaluate import EvaluateConfig, rooted
+from bonylib.evaluation.features import Features
 from tests.test_benchmarks import FAST_PROBE, bench_data, separable
 
 CPU = torch.device("cpu")
@@ -75,13 +76,13 @@ def test_image_heads_read_the_mean_of_an_images_tiles_and_score_like_sklearn(tmp
     features = separable(bench.targets[bench.tile_image], len(CLASSES), noise=0.0) + shift
     pooled = []
     for k in range(1, 6):
-        result = bench.fit("knn", f"fold{k}", 0, features, CPU)
+        result = bench.fit("knn", f"fold{k}", 0, Features(features), CPU)
         truth, predicted = result.arrays["y_true"], result.arrays["y_pred"]
         assert result.metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted)) == 1.0
         assert set(result.arrays["rows"]) == set(bench.images[bench.fold == k])
         pooled.append(result.arrays["rows"])
     assert sorted(np.concatenate(pooled)) == sorted(bench.images), "every image tested once over the folds"
-    linear = bench.fit("linear", "fold2", 0, features, CPU)
+    linear = bench.fit("linear", "fold2", 0, Features(features), CPU)
     assert linear.metrics["balanced_accuracy"] == pytest.approx(
         balanced_accuracy_score(linear.arrays["y_true"], linear.arrays["y_pred"]))
     assert linear.info["folds_by"] == "image" and linear.info["n_test"] == 8 and linear.info["n_train"] < 32
@@ -129,7 +130,7 @@ def test_slides_take_their_score_from_their_patches_by_the_grading_rules(data: d
     bench = Sicapv2(sicap_config(data["sicapv2"], root, heads="[patches_knn,slides]"), tmp_path)
     assert [run[1] for run in bench.heads["slides"].runs] == [0] * 5, "k-NN: one run per partition"
     features = separable(bench.labels[bench.tile_patch], 4)
-    knn = bench.fit("patches_knn", "Val1", 0, features, CPU)
+    knn = bench.fit("patches_knn", "Val1", 0, Features(features), CPU)
     assert "best_step" not in knn.info, "k-NN is not trained"
     assert knn.info["n_train"] == np.isin(bench.patch_parts["Val1"], ("train", "val")).sum(), "val patients vote"
 
@@ -144,7 +145,7 @@ def test_slides_take_their_score_from_their_patches_by_the_grading_rules(data: d
     wsi = pd.read_excel(root / "wsi_labels.xlsx").set_index("slide_id")
     tested = []
     for partition in ("Test", "Val1", "Val2", "Val3", "Val4"):
-        result = bench.fit("slides", partition, 0, features, CPU)
+        result = bench.fit("slides", partition, 0, Features(features), CPU)
         names = set(pd.read_excel(root / "partition" / ("Test" if partition == "Test" else f"Validation/{partition}")
                                   / "Test.xlsx")["image_name"].str.split("_Block_Region_").str[0])
         assert set(result.arrays["rows"]) == names & set(bench.slides)
@@ -170,9 +171,9 @@ def test_the_official_partition_runs_on_the_real_partial_sicapv2(shared_data: Pa
     test_patients = {str(wsi.loc[name.split("_Block_Region_")[0], "patient_id"]) for name in listed_test}
     assert test_patients == {"471646", "757015", "474321"}
     features = np.random.default_rng(0).normal(size=(len(bench.frame), 8)).astype(np.float32)
-    result = bench.fit("patches", "Test", 0, features, CPU)
+    result = bench.fit("patches", "Test", 0, Features(features), CPU)
     assert sorted(result.arrays["rows"]) == listed_test and set(result.arrays["groups"]) == test_patients
-    slides = bench.fit("slides", "Test", 0, features, CPU)
+    slides = bench.fit("slides", "Test", 0, Features(features), CPU)
     assert sorted(slides.arrays["rows"]) == ["16B0024177", "16B0026795", "17B0031108"]
     assert slides.info["n_test_patches"] > len(listed_test), "a test slide's unlisted patches are graded too"
 

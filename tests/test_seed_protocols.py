@@ -21,6 +21,7 @@ from bonylib.evaluation.benchmarks.panda import PandaTiles, benchmarked, read_sl
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2
 from bonylib.evaluation.decoders import Decoder
 from bonylib.evaluation.probes import fit_classifier, fit_head
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.sensitivity import mean_image_mse
 from tests.test_benchmarks import CPU, bench_data, dg_config, panda_config, separable, sicap_config
 
@@ -108,7 +109,7 @@ def test_sgd_is_dinos_linear_evaluation_step() -> None:
 def test_epochs_set_the_length_in_passes_over_the_training_rows(data: dict[str, Path], tmp_path: Path) -> None:
     bench = PandaTiles(panda_config(data, heads="[linear]", **{"probe.epochs": 3, "probe.patience": 0,
                                                                 "probe.batch_size": 7}), tmp_path)
-    result = bench.fit("linear", "test", 0, separable(bench.targets, len(bench.classes("linear"))), CPU)
+    result = bench.fit("linear", "test", 0, Features(separable(bench.targets, len(bench.classes("linear")))), CPU)
     train = int((bench.parts == "train").sum())
     assert result.info["curve"][-1]["step"] == result.info["best_step"] == 3 * math.ceil(train / 7)
     with pytest.raises(ConfigError, match="epochs and patience"):
@@ -129,14 +130,15 @@ def test_val_and_test_come_from_one_fit_and_score_their_own_rows(data: dict[str,
     assert bench.heads["mlp"].runs == (("val", 0), ("test", 0))
     assert [c.name for c in bench.columns][:4] == ["PANDA tiles mlp accuracy (val)", "PANDA tiles mlp bal. acc. (val)",
                                                    "PANDA tiles mlp macro-F1 (val)", "PANDA tiles mlp accuracy (test)"]
-    features = separable(bench.targets, len(bench.classes("mlp")))
+    raw = separable(bench.targets, len(bench.classes("mlp")))
+    features = Features(raw)
     val, test = (bench.fit("mlp", part, 0, features, CPU) for part in ("val", "test"))
     assert fits == [0], "one fit served both parts"
     for result, part in ((val, "val"), (test, "test")):
         rows = bench.parts == part
         assert list(result.arrays["rows"]) == list(bench.ids[rows])
         assert list(result.arrays["y_true"]) == list(bench.targets[rows])
-    bench.fit("mlp", "val", 0, features.copy(), CPU)
+    bench.fit("mlp", "val", 0, Features(raw.copy()), CPU)
     assert fits == [0, 0], "other features (another encoder) are fitted again"
     with pytest.raises(ConfigError, match="scored_parts"):
         panda_config(data, scored_parts="[train]")
@@ -160,7 +162,7 @@ def test_the_seeds_mask_scale_is_the_mask_file_read_as_an_8_bit_image(data: dict
     bench = DeepGleasonMasks(dg_config(data, heads="[mask]", mask_scale="codes", **{"decoder.out_size": 56,
                                                                                      "decoder.max_epochs": 2}), tmp_path)
     features = np.random.default_rng(0).normal(size=(len(bench.frame), 8)).astype(np.float32)
-    result = bench.fit("mask", "test", 0, features, CPU)
+    result = bench.fit("mask", "test", 0, Features(features), CPU)
     table = pd.read_csv(data["deepgleason-data"] / "tiles.csv").set_index("tile_id")
     frame = bench.frame.set_index(bench.ids)
     for row, target in zip(result.arrays["example_rows"], result.arrays["example_true"]):
@@ -184,7 +186,7 @@ def test_the_seeds_reconstruction_split_is_by_patient_at_its_shares(data: dict[s
     assert (pd.Series(parts).groupby(patients).nunique() == 1).all() and set(parts) == {"train", "val", "test"}
     assert bench.heads["reconstruction"].runs == (("val", 0), ("test", 0))
     features = bench.blurred.flatten(1).numpy()
-    val = bench.fit("reconstruction", "val", 0, features, CPU)
+    val = bench.fit("reconstruction", "val", 0, Features(features), CPU)
     assert list(val.arrays["rows"]) == list(bench.ids[parts == "val"])
     official = Sicapv2(sicap_config(data, heads="[reconstruction]"), tmp_path)
     assert np.array_equal(official.reconstruction_parts, official.patch_parts["Test"][official.tile_patch])
@@ -201,5 +203,5 @@ def test_the_mean_image_floor_and_the_blur_it_moves_with(data: dict[str, Path], 
         floors.append(mean_image_mse(bench.blurred, parts, "test"))
         assert floors[-1] == pytest.approx(by_hand)
     assert floors[1] < floors[0]
-    result = bench.fit("reconstruction", "test", 0, bench.blurred.flatten(1).numpy(), CPU)
+    result = bench.fit("reconstruction", "test", 0, Features(bench.blurred.flatten(1).numpy()), CPU)
     assert result.metrics["mse"] < floors[1]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.probes import FitResult, fit_head
 
 Task = Literal["regression", "classes"]
@@ -76,7 +77,7 @@ def decoder_loss(decoder: Decoder, output: torch.Tensor, target: torch.Tensor) -
 
 
 @torch.no_grad()
-def decode(decoder: Decoder, embeddings: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def decode(decoder: Decoder, embeddings: torch.Tensor | Features, batch_size: int = 64) -> torch.Tensor:
     """The decoder's answer for each embedding, on the CPU, in eval mode: images (N, C, H, W) in [0, 1]
     for regression, class maps (N, H, W) for classes."""
     device = next(decoder.parameters()).device
@@ -90,7 +91,8 @@ def decode(decoder: Decoder, embeddings: torch.Tensor, batch_size: int = 64) -> 
     return torch.cat(outputs)
 
 
-def fit_decoder(decoder: Decoder, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+def fit_decoder(decoder: Decoder, train: tuple[torch.Tensor | Features, torch.Tensor],
+                val: tuple[torch.Tensor | Features, torch.Tensor], *,
                 lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 50, patience: int = 5, seed: int = 0) -> FitResult:
     """Train ``decoder`` on (embeddings, targets) and keep the epoch with the lowest validation loss.
 

@@ -13,10 +13,28 @@ encoder over a manifest is written to a *store*, a folder named by the encoder's
 
 A chunk is written atomically, ids first, its checksum, and embeddings last, so a chunk is complete exactly when
 its ``.npy`` and its checksum exist: a kill loses at most the chunk in progress, and a rerun computes only missing
-chunks. Reading a chunk checks its bytes against the checksum and its values for NaN and infinity, so a damaged
-or edited chunk is refused by name instead of being scored. Patch tokens are stored as float16 to bound the size
-(PANDA's 2.85 M tiles x 196 tokens x 768 is 860 GB even so); a token outside float16's range is refused rather
-than stored as infinity.
+chunks. Patch tokens are stored as float16 to bound the size (PANDA's 2.85 M tiles x 196 tokens x 768 is 860 GB even
+so); a token outside float16's range is refused rather than stored as infinity. Pooled outputs are float32 unless
+``embed.pooled_dtype: float16`` halves them (the seed's 2.85 M x 4096 head output: 46.7 GB in float32, 23.4 GB in
+float16; heads read them as float32 either way), in a folder of its own (``<fingerprint[:16]>-float16``).
+
+**Verified once, recorded.** A chunk's bytes are checked against its checksum, its ids against the manifest's and its
+values for NaN and infinity the first time a complete store is opened (the unsharded ``bony embed`` that finishes a
+store does it), and each chunk that passed is recorded in ``verified.json`` with the size and modification time of
+its files and its checksum. Later opens re-check only the chunks whose files differ from the record (a stat each):
+hashing PANDA's 16 GB head-output store at every ``bony evaluate`` would cost about a minute of disk reading before
+any head starts. What the record cannot see is a change that keeps a file's size within one tick of the filesystem's
+clock; delete ``verified.json`` to have every chunk checked again.
+
+**Read on demand** (:class:`StoredRows`). ``bony evaluate`` never holds a store in memory: heads gather the rows of
+each batch, and passes over many rows (statistics, k-NN, predictions) read them in blocks. The format stays the
+chunked ``.npy`` files: each chunk's header is read once for the offset of its data, and rows are read with
+positioned reads (``os.preadv``) straight into the batch's buffer, a contiguous run of rows in one call. Two
+alternatives were weighed. Memory-mapping each chunk (``np.load(mmap_mode="r")``) reads the same bytes, but every
+page a process touches through a map counts in its resident set until the map is dropped: one pass over a 16 GB store
+shows as 16 GB of RSS, which is what SLURM's memory accounting and OOM kills read, although the kernel could reclaim
+it. zarr would add a dependency and a second on-disk format for what a header offset and a read already give: the
+chunks are written once and never resized, and compression buys little on float embeddings.
 
 Several runs may write one store at once (the tasks of an array, a rerun started beside one still running): a
 chunk is written under the store's lock (``.lock``), and skipped if another run finished it meanwhile; the
@@ -26,7 +44,8 @@ A store holds one encoder (fingerprint: weights, output, input size, normalisati
 (its SHA-256): a run that finds other meta in the folder stops with an error naming both, so embeddings
 of two encoders or two versions of a manifest are never mixed. ``--shard i/n`` computes chunks
 i, i+n, ... (a SLURM array task each); the unsharded run computes what is left and checks that every
-chunk is there and fits, and :func:`load_embeddings` reads the store back in manifest order.
+chunk is there and fits; :func:`open_embeddings` opens the store for reading in manifest order, and
+:func:`load_embeddings` reads all of it into memory (for the small stores of curation and tests).
 
 Chunks are keyed by the manifest's row ids (:func:`bonylib.data.manifest.read_manifest`, which refuses a
 manifest whose rows could name files outside it or repeat a tile) before anything is computed.
@@ -38,7 +57,9 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -62,12 +83,16 @@ log = logging.getLogger(__name__)
 
 FORMAT = "bony-embeddings-1"
 STORED_DTYPES = {"cls": "float32", "cls+mean": "float32", "patch": "float16"}
-"""dtype of each output on disk: pooled features stay float32 (small); patch tokens are N times larger."""
+"""dtype of each output on disk by default: pooled features float32; patch tokens, N times larger, float16."""
+POOLED_DTYPES = ("float32", "float16")
+"""What ``pooled_dtype`` may choose for pooled outputs (patch tokens are always float16)."""
 META_KEYS = ("encoder", "fingerprint", "output", "row_shape", "dtype", "rows", "chunk_rows", "manifest", "precision",
              "precision_reason")
 """What the code reads from a store's meta.json (besides its format)."""
 CHECKSUM_SUFFIX = ".sha256"
 LOCK = ".lock"
+VERIFIED = "verified.json"
+"""The record of chunks checked whole (checksum, ids, values) and the stat of their files when they were."""
 
 
 @dataclass
@@ -81,6 +106,8 @@ class EmbedConfig:
     workers: Union[int, str] = option("auto", "DataLoader worker processes reading tiles: auto (from the CPUs this "
                                       "process may use) or a number (0: read in the main process)")
     chunk_rows: int = option(1024, "rows per chunk file: what a kill can lose; fixed when the store is created")
+    pooled_dtype: str = option("float32", "dtype of pooled outputs (cls, cls+mean) on disk: float32, or float16 (half "
+                               "the disk and page cache; heads compute in float32); a store of its own")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_rows < 1:
@@ -89,6 +116,8 @@ class EmbedConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"workers must be auto or a number >= 0, got '{self.workers}'")
+        if self.pooled_dtype not in POOLED_DTYPES:
+            raise ConfigError(f"pooled_dtype must be one of {', '.join(POOLED_DTYPES)}, got '{self.pooled_dtype}'")
 
 
 # ---- batched inference (the one code path of the store and the k-NN monitor) -----------------
@@ -143,9 +172,16 @@ class EmbedResult:
     missing: int
 
 
-def store_path(out: Path, encoder: Encoder, output: str = "cls") -> Path:
-    """The store folder of ``encoder``'s ``output`` under ``out``."""
-    return Path(out) / encoder.fingerprint(output)[:16]
+def stored_dtype(output: str, pooled_dtype: str = "float32") -> str:
+    """The dtype ``output`` is stored in: patch tokens float16, pooled outputs ``pooled_dtype``."""
+    return STORED_DTYPES[output] if output == "patch" else pooled_dtype
+
+
+def store_path(out: Path, encoder: Encoder, output: str = "cls", dtype: str | None = None) -> Path:
+    """The store folder of ``encoder``'s ``output`` under ``out``; a dtype other than the output's default
+    (``float16`` pooled outputs) gets a folder of its own, so the two never meet in one store."""
+    name = encoder.fingerprint(output)[:16]
+    return Path(out) / (name if dtype in (None, STORED_DTYPES[output]) else f"{name}-{dtype}")
 
 
 def _chunk_paths(store: Path, chunk: int) -> tuple[Path, Path]:
@@ -181,8 +217,10 @@ def _meta_problem(meta: dict[str, Any]) -> str:
     """What is wrong with the values of a store's meta.json that the store's code computes with, or ""."""
     if not all(isinstance(meta[key], str) for key in ("encoder", "fingerprint", "precision", "precision_reason")):
         return "encoder, fingerprint and precision are not text"
-    if meta["output"] not in OUTPUTS or meta["dtype"] != STORED_DTYPES[meta["output"]]:
-        return f"output {meta['output']!r} stored as {meta['dtype']!r} is not one of {STORED_DTYPES}"
+    if meta["output"] not in OUTPUTS or meta["dtype"] not in (
+            (STORED_DTYPES["patch"],) if meta["output"] == "patch" else POOLED_DTYPES):
+        return (f"output {meta['output']!r} stored as {meta['dtype']!r} is not one of {STORED_DTYPES} (pooled outputs "
+                f"may be {' or '.join(POOLED_DTYPES)})")
     if not _whole(meta["rows"], 1) or not _whole(meta["chunk_rows"], 1):
         return f"rows {meta['rows']!r} and chunk_rows {meta['chunk_rows']!r} are not whole numbers >= 1"
     shape = meta["row_shape"]
@@ -223,6 +261,9 @@ def _check_meta(store: Path, found: dict[str, Any], wanted: dict[str, Any]) -> N
                         f"{found['manifest']['sha256'][:12]}, {found['rows']} rows), but {wanted['manifest']['path']} "
                         f"has sha256 {wanted['manifest']['sha256'][:12]} ({wanted['rows']} rows): the manifest changed; "
                         f"use another --out, or delete the folder to recompute")
+    if found["dtype"] != wanted["dtype"]:
+        raise BonyError(f"{store}: holds {found['dtype']} rows, not {wanted['dtype']}; rerun with "
+                        f"pooled_dtype={found['dtype']}, or delete the folder to recompute")
     if found["chunk_rows"] != wanted["chunk_rows"]:
         raise BonyError(f"{store}: was written in chunks of {found['chunk_rows']} rows, not {wanted['chunk_rows']}; "
                         f"rerun with chunk_rows={found['chunk_rows']}")
@@ -278,10 +319,11 @@ def _write_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray,
             write_text_atomic(_checksum_path(values_path), sha256_file(tmp) + "\n")
 
 
-def _read_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) -> np.ndarray:
-    """Chunk ``chunk``'s embeddings (memory-mapped), after checking its bytes against its checksum, its ids against the
-    manifest's, its shape and dtype against the meta and its values for NaN and infinity; a damaged, edited or
-    foreign chunk raises :class:`BonyError` naming the file."""
+def _check_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) -> None:
+    """Check chunk ``chunk`` whole: its bytes against its checksum, its ids against the manifest's, its shape, dtype
+    and layout against the meta and its values for NaN and infinity; a damaged, edited or foreign chunk raises
+    :class:`BonyError` naming the file. The values are read through a map dropped on return, so checking a store
+    holds one chunk resident at a time."""
     rows = _chunk_rows(meta, chunk)
     ids_path, values_path = _chunk_paths(store, chunk)
     again = "delete it and rerun bony embed to recompute it"
@@ -295,7 +337,7 @@ def _read_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) 
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise BonyError(f"{values_path}: unreadable chunk ({one_line(exc, 200)}); {again}") from None
     expected_shape = (len(rows), *meta["row_shape"])
-    if values.shape != expected_shape or values.dtype != np.dtype(meta["dtype"]):
+    if values.shape != expected_shape or values.dtype != np.dtype(meta["dtype"]) or not values.flags.c_contiguous:
         raise BonyError(f"{values_path}: shape {values.shape} {values.dtype}, expected {expected_shape} {meta['dtype']}; "
                         f"{again}")
     if stored_ids.shape != (len(rows),) or not np.array_equal(stored_ids, ids[rows.start : rows.stop]):
@@ -305,7 +347,43 @@ def _read_chunk(store: Path, meta: dict[str, Any], chunk: int, ids: np.ndarray) 
     if not finite.all():
         row = rows.start + int(np.argmin(finite))
         raise BonyError(f"{values_path}: manifest row {row} has values that are not finite (NaN or infinity); {again}")
-    return values
+
+
+def _stamp(store: Path, chunk: int) -> list[Any]:
+    """What the verification record keeps of a chunk: its files' sizes and modification times, and its checksum."""
+    ids_path, values_path = _chunk_paths(store, chunk)
+    ids_stat, values_stat = ids_path.stat(), values_path.stat()
+    return [ids_stat.st_size, ids_stat.st_mtime_ns, values_stat.st_size, values_stat.st_mtime_ns,
+            _checksum_path(values_path).read_text().strip()]
+
+
+def _read_record(store: Path) -> dict[str, Any]:
+    """The store's verification record; a missing or damaged one is empty (every chunk is checked again)."""
+    try:
+        record = json.loads((store / VERIFIED).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _verify(store: Path, meta: dict[str, Any], ids: np.ndarray) -> int:
+    """Check every chunk the record does not vouch for (:func:`_check_chunk`) and record those that pass; returns how
+    many were checked. A chunk that fails raises before anything about it is recorded."""
+    record = _read_record(store)
+    checked: dict[str, list[Any]] = {}
+    for chunk in range(_chunk_count(meta)):
+        name = _chunk_paths(store, chunk)[1].name
+        try:
+            stamp = _stamp(store, chunk)
+        except (OSError, UnicodeDecodeError):
+            stamp = None  # _check_chunk names what is wrong
+        if stamp is None or record.get(name) != stamp:
+            _check_chunk(store, meta, chunk, ids)
+            checked[name] = _stamp(store, chunk)
+    if checked:
+        with locked(store / LOCK):  # another reader may be recording its own checks: keep them
+            write_text_atomic(store / VERIFIED, json.dumps({**_read_record(store), **checked}, indent=0) + "\n")
+    return len(checked)
 
 
 def _missing_chunks(store: Path, meta: dict[str, Any]) -> list[int]:
@@ -350,11 +428,12 @@ def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg:
     threads.apply()
     log.info("%d torch threads (%s) and %d data workers on %d usable CPUs", threads.torch_threads, threads.reason,
              threads.workers, threads.cpus)
-    store = store_path(out, encoder, output)
+    dtype = stored_dtype(output, cfg.pooled_dtype)
+    store = store_path(out, encoder, output, dtype)
     wanted = {
         "format": FORMAT, "encoder": encoder.name, "fingerprint": encoder.fingerprint(output),
         "identity": encoder.identity, "output": output, "row_shape": list(encoder.embedding_shape(output)),
-        "dtype": STORED_DTYPES[output], "rows": len(ids), "chunk_rows": cfg.chunk_rows,
+        "dtype": dtype, "rows": len(ids), "chunk_rows": cfg.chunk_rows,
         "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
         "precision": encoder.precision.name, "precision_reason": encoder.precision.reason, "bony": __version__,
     }
@@ -379,21 +458,104 @@ def embed(manifest: Path, encoder: Encoder, out: Path, output: str = "cls", cfg:
                 _write_chunk(store, meta, chunk, ids, torch.cat(parts))
                 parts = []
     if count == 1:
-        for chunk in range(_chunk_count(meta)):
-            _read_chunk(store, meta, chunk, ids)
+        _verify(store, meta, ids)
     missing = len(_missing_chunks(store, meta))
     log.info("%s: %d chunks computed, %d kept, %d of other shards missing", store, len(pending),
              len(mine) - len(pending), missing)
     return EmbedResult(store, len(pending), len(mine) - len(pending), missing)
 
 
-def load_embeddings(store: Path, manifest: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, embeddings)`` of a complete store, in manifest order: (rows,) ids and (rows, D) float32 or
-    (rows, N, D) float16 patch tokens.
+class StoredRows:
+    """The rows of a complete, verified store, read on demand in manifest order (see the module docstring).
 
-    Checks before it returns: the manifest (the one the store names, or ``manifest`` when it was moved)
-    still has the SHA-256 the store was computed from, every chunk is there, and each chunk's ids, shape
-    and dtype fit. Any difference raises :class:`BonyError` naming the store or file.
+    ``read(positions)`` returns those rows, in the order asked, in the stored dtype; positions are grouped by chunk
+    and each run of consecutive rows is one positioned read into the result, so a block of rows costs one system call
+    per chunk it spans and a shuffled batch one per row. At most :attr:`OPEN_FILES` chunk files are kept open.
+    """
+
+    OPEN_FILES = 64
+
+    def __init__(self, store: Path, meta: dict[str, Any], ids: np.ndarray) -> None:
+        self.store, self.meta, self.ids = store, meta, ids
+        self.shape: tuple[int, ...] = (meta["rows"], *meta["row_shape"])
+        self.dtype = np.dtype(meta["dtype"])
+        self._row_bytes = math.prod(meta["row_shape"]) * self.dtype.itemsize
+        self._files: OrderedDict[int, tuple[int, int]] = OrderedDict()  # chunk -> (descriptor, data offset)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all rows in the stored dtype."""
+        return len(self) * self._row_bytes
+
+    def _open(self, chunk: int) -> tuple[int, int]:
+        """(descriptor, offset of the data) of chunk ``chunk``'s file, its header checked again (cheap, and the
+        offset must come from it)."""
+        if chunk in self._files:
+            self._files.move_to_end(chunk)
+            return self._files[chunk]
+        path = _chunk_paths(self.store, chunk)[1]
+        expected = (len(_chunk_rows(self.meta, chunk)), *self.meta["row_shape"])
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0)(handle)
+                offset = handle.tell()
+            if shape != expected or fortran or dtype != self.dtype or path.stat().st_size != offset + math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"holds {shape} {dtype}, expected {expected} {self.dtype} in C order")
+            descriptor = os.open(path, os.O_RDONLY)
+        except (OSError, ValueError) as exc:
+            raise BonyError(f"{path}: unreadable chunk ({one_line(exc, 200)}); delete it and rerun bony embed") from None
+        if len(self._files) >= self.OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1][0])
+        self._files[chunk] = (descriptor, offset)
+        return descriptor, offset
+
+    def read(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Rows ``positions`` (manifest row numbers; repeats allowed) as (n, *row_shape), stored dtype."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if not len(positions):
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        if positions.min() < 0 or positions.max() >= len(self):
+            raise IndexError(f"row positions must be in 0..{len(self) - 1}")
+        order = np.argsort(positions, kind="stable")
+        ordered = positions[order]
+        out = np.empty((len(positions), *self.shape[1:]), dtype=self.dtype)
+        raw = out.reshape(len(positions), -1).view(np.uint8)
+        chunk_of = ordered // self.meta["chunk_rows"]
+        breaks = np.flatnonzero((np.diff(ordered) != 1) | (np.diff(chunk_of) != 0)) + 1
+        for start, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(ordered)].tolist()):
+            chunk = int(chunk_of[start])
+            descriptor, offset = self._open(chunk)
+            first = int(ordered[start]) - chunk * self.meta["chunk_rows"]
+            target = memoryview(raw[start:stop]).cast("B")
+            if os.preadv(descriptor, [target], offset + first * self._row_bytes) != len(target):
+                raise BonyError(f"{_chunk_paths(self.store, chunk)[1]}: shorter than its header says; delete it and "
+                                f"rerun bony embed")
+        if np.all(order[:-1] < order[1:]):
+            return out
+        unsorted = np.empty_like(out)
+        unsorted[order] = out
+        return unsorted
+
+    def close(self) -> None:
+        """Close the chunk files kept open."""
+        while self._files:
+            os.close(self._files.popitem()[1][0])
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def open_embeddings(store: Path, manifest: Path | None = None) -> StoredRows:
+    """A complete store opened for reading in manifest order (:class:`StoredRows`).
+
+    Checks before it returns: the manifest (the one the store names, or ``manifest`` when it was moved) still has
+    the SHA-256 the store was computed from, every chunk is there, and each chunk not yet verified passes
+    :func:`_check_chunk` (then it is recorded). Any difference raises :class:`BonyError` naming the store or file.
     """
     store = Path(store)
     meta = _read_meta(store)
@@ -404,14 +566,61 @@ def load_embeddings(store: Path, manifest: Path | None = None) -> tuple[np.ndarr
         raise BonyError(f"{store}: {manifest} changed since these embeddings were computed (sha256 differs); "
                         f"rerun bony embed into another --out")
     _, ids = read_manifest(manifest)
+    if len(ids) != meta["rows"]:
+        raise BonyError(f"{store}: holds {meta['rows']} rows, its manifest {manifest} {len(ids)}")
     missing = _missing_chunks(store, meta)
     if missing:
         raise BonyError(f"{store}: {len(missing)} of {_chunk_count(meta)} chunks missing (first: {missing[0]}); "
                         f"run bony embed without --shard to compute them")
-    check_fits(meta["rows"] * math.prod(meta["row_shape"]) * np.dtype(meta["dtype"]).itemsize,
-               f"{store}: {meta['rows']} embeddings of shape {tuple(meta['row_shape'])}")
-    values = np.empty((meta["rows"], *meta["row_shape"]), dtype=meta["dtype"])
-    for chunk in range(_chunk_count(meta)):
-        rows = _chunk_rows(meta, chunk)
-        values[rows.start : rows.stop] = _read_chunk(store, meta, chunk, ids)
-    return ids, values
+    checked = _verify(store, meta, ids)
+    if checked:
+        log.info("%s: %d of %d chunks verified (checksum, ids, finite values) and recorded", store, checked,
+                 _chunk_count(meta))
+    return StoredRows(store, meta, ids)
+
+
+def load_embeddings(store: Path, manifest: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, embeddings)`` of a complete store, in manifest order, in memory: (rows,) ids and (rows, D) in the
+    stored dtype or (rows, N, D) float16 patch tokens; checked as :func:`open_embeddings` checks. For stores that fit
+    in memory (curation, tests); ``bony evaluate`` reads rows on demand instead."""
+    rows = open_embeddings(store, manifest)
+    check_fits(rows.nbytes, f"{store}: {len(rows)} embeddings of shape {rows.shape[1:]}")
+    try:
+        return rows.ids, rows.read(np.arange(len(rows)))
+    finally:
+        rows.close()
+
+
+def write_store(out: Path, manifest: Path, name: str, fingerprint: str, blocks: Iterable[np.ndarray],
+                output: str = "cls", chunk_rows: int = 1024) -> Path:
+    """A store of rows computed elsewhere, under ``out/<fingerprint[:16]>`` (or its dtype's folder), as ``bony embed``
+    writes its own: ``blocks`` are consecutive row blocks of ``manifest`` in its order, in the dtype to store
+    (float32 or float16; float16 patch tokens). For benchmarks and tests that need stores of a given size and
+    structure without an encoder (``benchmarks/bench_scale.py``); resumes like :func:`embed` (chunks on disk are
+    kept, but ``blocks`` are read through)."""
+    manifest = Path(manifest).resolve()
+    _, ids = read_manifest(manifest)
+    rows_done, parts, chunk = 0, [], 0
+    meta: dict[str, Any] | None = None
+    store = Path(out)
+    for block in blocks:
+        if meta is None:
+            dtype = str(block.dtype)
+            store = Path(out) / (fingerprint[:16] if dtype == STORED_DTYPES[output] else f"{fingerprint[:16]}-{dtype}")
+            meta = _open_store(store, {
+                "format": FORMAT, "encoder": name, "fingerprint": fingerprint, "identity": {"kind": "written"},
+                "output": output, "row_shape": list(block.shape[1:]), "dtype": dtype, "rows": len(ids),
+                "chunk_rows": chunk_rows, "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
+                "precision": "fp32", "precision_reason": "written by write_store", "bony": __version__})
+            _remove_stale_temporaries(store)
+        parts.append(np.asarray(block))
+        rows_done += len(block)
+        while rows_done >= min((chunk + 1) * chunk_rows, len(ids)) and chunk < _chunk_count(meta):
+            values = np.concatenate(parts)
+            size = len(_chunk_rows(meta, chunk))
+            if not _complete(store, chunk):
+                _write_chunk(store, meta, chunk, ids, torch.from_numpy(np.ascontiguousarray(values[:size])))
+            parts, chunk = [values[size:]], chunk + 1
+    if meta is None or rows_done != len(ids):
+        raise BonyError(f"{manifest}: {len(ids)} rows, but {rows_done} were given to store")
+    return store

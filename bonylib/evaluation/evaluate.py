@@ -3,7 +3,8 @@
 A config names the encoders (rows of the table) and the benchmarks with their protocol. For each
 encoder and benchmark manifest, the embeddings are computed once into the store of ``bony embed``
 (a rerun, or another benchmark on the same tiles, reads them back); each head is then fitted on them
-once per run (seed, split), and each run writes::
+once per run (seed, split), reading them from the store on demand (:mod:`bonylib.evaluation.features`: memory bounded
+by batches and blocks, not by the row count), and each run writes::
 
     <out>/runs/<benchmark>/<head>/<encoder>/m<member>-<split>-s<seed>.json   metrics, 95 % CI over test slides
                                                                             (or why none),
@@ -51,7 +52,8 @@ from bonylib.evaluation.benchmarks.images import ImagesConfig
 from bonylib.evaluation.benchmarks.isup import IsupConfig
 from bonylib.evaluation.benchmarks.panda import PandaConfig
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
-from bonylib.evaluation.embeddings import EmbedConfig, embed, load_embeddings
+from bonylib.evaluation.embeddings import STORED_DTYPES, EmbedConfig, embed, open_embeddings, stored_dtype
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.results import Row, write_results
 from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
 from bonylib.models.encoders import Encoder, check_input_size
@@ -224,10 +226,11 @@ class Evaluation:
             self._store_roots[manifest] = self.out / "embeddings" / sha256_file(manifest)[:16]
         return self._store_roots[manifest]
 
-    def features(self, encoder: Encoder, manifest: Path, output: str) -> np.ndarray:
-        """``encoder``'s ``output`` embeddings of ``manifest`` in row order, computed into the store once."""
+    def features(self, encoder: Encoder, manifest: Path, output: str) -> Features:
+        """``encoder``'s ``output`` embeddings of ``manifest`` in row order, computed into the store once and read from
+        it on demand (never the whole store in memory)."""
         result = embed(manifest, encoder, self.store_root(manifest), output, self.cfg.embed)
-        return load_embeddings(result.store, manifest)[1]
+        return Features(open_embeddings(result.store, manifest))
 
     def run(self) -> tuple[Path, Path]:
         """Every (encoder, benchmark, head, run) not already finished, then the results table; returns (csv, md)."""
@@ -248,7 +251,7 @@ class Evaluation:
 
     def _benchmark(self, row: Row, index: int, encoder: Encoder, bench: Benchmark, progress: tqdm) -> None:
         """The runs of one encoder (member ``index`` of ``row``) on one benchmark; embeddings only if a run is due."""
-        cache: dict[str, np.ndarray] = {}
+        cache: dict[str, Features] = {}
         for head in bench.heads.values():
             if head.output == "patch" and encoder.patch_size is None:
                 progress.update(len(head.runs))
@@ -258,9 +261,12 @@ class Evaluation:
                 continue
             for split, seed in head.runs:
                 record = (self.out / "runs" / bench.name / head.name / row.name / f"m{index}-{split}-s{seed}.json")
+                stored = stored_dtype(head.output, self.cfg.embed.pooled_dtype)
                 settings_sha = _digest({"settings": self.settings[(bench.name, head.name)], "head": head.name,
                                         "split": split, "seed": seed, "fingerprint": encoder.fingerprint(head.output),
-                                        "heads_version": HEADS_VERSION})
+                                        "heads_version": HEADS_VERSION,
+                                        # float16 rows give other numbers; the default adds no key (runs are kept)
+                                        **({"stored": stored} if stored != STORED_DTYPES[head.output] else {})})
                 row.records.append(record)
                 if _finished(record, settings_sha):
                     self.kept += 1
@@ -271,7 +277,7 @@ class Evaluation:
                     self.fitted += 1
                 progress.update()
 
-    def _fit(self, bench: Benchmark, head: Head, split: str, seed: int, features: np.ndarray, encoder: Encoder,
+    def _fit(self, bench: Benchmark, head: Head, split: str, seed: int, features: Features, encoder: Encoder,
              row: Row, index: int, record: Path, settings_sha: str) -> None:
         """Fit one run, bootstrap its intervals over the test slides, and write its predictions and JSON."""
         start = time.perf_counter()

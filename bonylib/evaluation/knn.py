@@ -28,6 +28,7 @@ from bonylib.data.labels import POLICIES, relabel
 from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.embeddings import embed_tiles
+from bonylib.evaluation.features import Features
 from bonylib.models.encoders import Encoder, from_backbone
 from bonylib.runtime import Precision
 
@@ -64,22 +65,36 @@ def check_vote(k_key: str, k: int, temperature_key: str, temperature: float) -> 
 
 
 @torch.no_grad()
-def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Predicted class of each test feature; the train and test sets are (N, D) and (M, D)."""
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    k = min(k, len(train))
+def weighted_knn(train_features: torch.Tensor | Features, train_labels: torch.Tensor,
+                 test_features: torch.Tensor | Features, num_classes: int, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 4096, train_chunk: int = 8192) -> torch.Tensor:
+    """Predicted class of each test feature (on ``train_labels``' device); the train and test sets are (N, D) and
+    (M, D), tensors or :class:`~bonylib.evaluation.features.Features` read block by block.
+
+    Blocked, so that memory is bounded by the blocks, not by N or M: ``chunk`` test rows at a time are compared with
+    ``train_chunk`` train rows at a time, and each test row keeps a running top ``k`` (the block's top k merged with
+    the best so far), which is the top k of all train rows. Time is not bounded: every test row meets every train
+    row, O(N·M·D), so with both growing in proportion to the row count the cost grows as its square (the train rows
+    are also read again for every test block: M / ``chunk`` passes over them).
+    """
+    device = train_labels.device
+    k = min(k, len(train_features))
     predictions = []
-    for start in range(0, len(test), chunk):
-        similarity = test[start : start + chunk] @ train.T
-        top, index = similarity.topk(k, dim=1)
+    for start in range(0, len(test_features), chunk):
+        test = F.normalize(test_features[start : start + chunk].to(device).float(), dim=1)
+        top = torch.full((len(test), k), -math.inf, device=device)
+        index = torch.zeros((len(test), k), dtype=torch.long, device=device)
+        for train_start in range(0, len(train_features), train_chunk):
+            train = F.normalize(train_features[train_start : train_start + train_chunk].to(device).float(), dim=1)
+            block_top, block_index = (test @ train.T).topk(min(k, len(train)), dim=1)
+            top, best = torch.cat([top, block_top], dim=1).topk(k, dim=1)
+            index = torch.cat([index, block_index + train_start], dim=1).gather(1, best)
         # exp((s - s_max) / T): each row's weights scaled by one factor, so the vote is the same, and a small T
         # cannot overflow to infinity (exp(1 / 0.001) is beyond float32, and inf votes tie)
         weights = ((top - top[:, :1]) / temperature).exp()
-        votes = torch.zeros(len(top), num_classes, device=top.device).scatter_add_(1, train_labels[index], weights)
+        votes = torch.zeros(len(top), num_classes, device=device).scatter_add_(1, train_labels[index], weights)
         predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def slide_folds(groups: pd.Series, folds: int) -> np.ndarray:

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.metrics import accuracy, balanced_accuracy, quadratic_weighted_kappa
 
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-"""What a classification head reads: tile embeddings (N, D), or N bags of tile embeddings (n_i, D)."""
+Inputs = torch.Tensor | Features | Sequence[torch.Tensor]
+"""What a classification head reads: tile embeddings (N, D) (a tensor, or :class:`Features` read batch by batch), or
+N bags of tile embeddings (n_i, D) (a list, or :class:`~bonylib.evaluation.features.Bags` read bag by bag)."""
 
 SEED_MLP_HIDDEN = (8192, 2048, 512, 128)
 """Hidden widths of the seed's PANDA tile classifier as Bony reads them: the report prints
@@ -102,8 +104,9 @@ def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rows(inputs: Inputs, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The head's arguments for rows ``index``: tile embeddings as they are, bags padded with their mask."""
-    if isinstance(inputs, torch.Tensor):
+    """The head's arguments for rows ``index``: tile embeddings as they are, bags padded with their mask; only these
+    rows are read (the whole input is never gathered)."""
+    if isinstance(inputs, (torch.Tensor, Features)):
         return (inputs[index],)
     return pad_bags([inputs[i] for i in index.tolist()])
 
@@ -232,8 +235,12 @@ def fit_classifier(head: nn.Module, train: tuple[Inputs, torch.Tensor], val: tup
         raise ValueError("the validation set is empty")
     score = VALIDATION_METRICS[metric]
 
+    # tiles are validated 256 at a time at least (fewer passes), bags as many as a training batch: 256 padded bags of
+    # PANDA slides (up to 269 tiles x 4096 on average) would be 1.1 GB, twice over (the bags and their padding)
+    rows_at_once = max(batch_size, 256) if isinstance(val_inputs, (torch.Tensor, Features)) else batch_size
+
     def validate(model: nn.Module) -> float:
-        logits = predict_logits(model, val_inputs, batch_size=max(batch_size, 256))
+        logits = predict_logits(model, val_inputs, batch_size=rows_at_once)
         return score(val_labels, logits.argmax(1), logits.shape[1])
 
     return fit_head(head, F.cross_entropy, lambda index: (_rows(train_inputs, index), train_labels[index]),

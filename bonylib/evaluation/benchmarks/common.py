@@ -25,6 +25,7 @@ from bonylib.config import to_dict
 from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError
 from bonylib.evaluation import metrics
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.intervals import Interval, group_bootstrap
 from bonylib.evaluation.probes import FitResult
 from bonylib.evaluation.splits import split_by_slide
@@ -121,8 +122,9 @@ class Benchmark(Protocol):
     def classes(self, head: str) -> list[str]:
         """Class names of ``head`` (what ``y_true``/``y_pred`` and confusion indices mean)."""
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
-        """Fit ``head`` on ``features`` (the manifest's embeddings of the head's output, in row order) and score it."""
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
+        """Fit ``head`` on ``features`` (the manifest's embeddings of the head's output, in row order, read from the
+        store on demand: a benchmark passes them to :mod:`~bonylib.evaluation.benchmarks.heads`) and score it."""
 
 
 # ---- scoring ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, La
                                                   check_parts, check_scored, ladder_size, benchmark_tiles, check_heads,
                                                   settings_of)
 from bonylib.evaluation.benchmarks.heads import DecoderConfig, fit_and_decode
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.splits import split_by_slide
 
 HEADS = ("mask", "classes", "patch")
@@ -186,17 +187,16 @@ class DeepGleasonMasks:
     def classes(self, head: str) -> list[str]:
         return self._classes
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
         """Scores on the rows of part ``split`` (val or test) of the decoder fitted with ``seed`` (fitted once for
         both)."""
         cfg = self.cfg.decoder
-        x = torch.from_numpy(np.asarray(features, np.float32))
         grid = None
         side = cfg.out_size
         if head == "patch":
-            grid = math.isqrt(x.shape[1])
-            if grid * grid != x.shape[1]:
-                raise BonyError(f"{x.shape[1]} patch tokens do not form a square grid")
+            grid = math.isqrt(features.shape[1])
+            if grid * grid != features.shape[1]:
+                raise BonyError(f"{features.shape[1]} patch tokens do not form a square grid")
             side = ladder_size(grid, cfg.out_size)
         codes = resized(self.codes, side)
         count = len(self._classes)
@@ -206,14 +206,14 @@ class DeepGleasonMasks:
             targets = torch.from_numpy((codes if self.cfg.mask_scale == "codes" else class_maps(codes))[:, None]
                                        .astype(np.float32) / scale)
             decoded, fitted = self._last((head, seed), features, lambda: fit_and_decode(
-                x, targets, self.parts, 1, "regression", cfg, seed, device, side, scored=self.cfg.scored_parts))
+                features, targets, self.parts, 1, "regression", cfg, seed, device, side, scored=self.cfg.scored_parts))
             truth, decoded = targets[torch.from_numpy(scored)], decoded[split]
             scores = {"mse": metrics.mse(truth, decoded)}
             values = {"mse": float(scores["mse"].mean())}
         else:
             targets = torch.from_numpy(class_maps(codes).astype(np.int64))
             decoded, fitted = self._last((head, seed), features, lambda: fit_and_decode(
-                x, targets, self.parts, count, "classes", cfg, seed, device, side, grid,
+                features, targets, self.parts, count, "classes", cfg, seed, device, side, grid,
                 scored=self.cfg.scored_parts))
             truth, decoded = targets[torch.from_numpy(scored)], decoded[split]
             dice = metrics.dice_per_class(truth, decoded, count)

@@ -5,8 +5,17 @@ PANDA tiles and SICAPv2 patches fit the same classifiers; DeepGleason masks and 
 the same decoders. Their settings are config sections of each benchmark, so a benchmark's protocol is
 read in one place of its YAML.
 
-Trained heads read embeddings z-scored per channel with the training rows' statistics (:func:`standardize`);
-k-NN reads them as they are (DINO's protocol: cosine similarity of the raw features).
+Trained heads read embeddings z-scored per channel with the training rows' statistics
+(:meth:`~bonylib.evaluation.features.Features.standardized`); k-NN reads them as they are (DINO's protocol: cosine
+similarity of the raw features). eva feeds probes raw embeddings, and for a learned encoder z-scoring changes little
+(an affine map the head could learn); but the handcrafted baseline mixes GLCM contrasts in the hundreds with LBP
+frequencies below 0.1, and on the demo its MLP then predicted one class for every tile (accuracy 0 in 3 of 3 runs)
+while the same features z-scored trained normally. Statistics come from the training rows only, so no test
+information leaks in.
+
+Embeddings arrive as :class:`~bonylib.evaluation.features.Features`, a view of the store read on demand: heads train
+on mini-batches gathered from it, predict in batches and k-NN compares blocks, so memory is bounded by the batch and
+the block, not by the row count (the seed's 2.85 M x 4096 head output is 46.7 GB in float32).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from bonylib.config import option
 from bonylib.errors import ConfigError
 from bonylib.evaluation.benchmarks.common import curve_of
 from bonylib.evaluation.decoders import Decoder, decode, fit_decoder
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.knn import check_vote, weighted_knn
 from bonylib.evaluation.probes import OPTIMIZERS, SEED_MLP_HIDDEN, fit_classifier, predict_logits, seed_mlp
 
@@ -89,21 +99,7 @@ class DecoderConfig:
             raise ConfigError("decoder examples must be at least 0")
 
 
-def standardize(features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-    """``features`` ((N, D), or (N, T, D) patch tokens) z-scored per channel by the ``train`` rows' mean and std.
-
-    eva feeds probes raw embeddings, and for a learned encoder this changes little (an affine map the head
-    could learn); but the handcrafted baseline mixes GLCM contrasts in the hundreds with LBP frequencies
-    below 0.1, and on the demo its MLP then predicted one class for every tile (accuracy 0 in 3 of 3 runs)
-    while the same features z-scored trained normally. Statistics come from the training rows only, so no
-    test information leaks in; a channel constant on them (std 0) is only centred.
-    """
-    reference = features[train].reshape(-1, features.shape[-1])
-    std = reference.std(0)
-    return (features - reference.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
-
-
-def classify(kind: str, features: torch.Tensor, targets: torch.Tensor, parts: np.ndarray, classes: int,
+def classify(kind: str, features: Features, targets: torch.Tensor, parts: np.ndarray, classes: int,
              cfg: ProbeConfig, seed: int, device: torch.device,
              scored: Sequence[str] = ("test",)) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Predicted class of every row of each ``scored`` part (``parts == part``) by head ``kind``, and what the JSON
@@ -111,38 +107,39 @@ def classify(kind: str, features: torch.Tensor, targets: torch.Tensor, parts: np
 
     ``mlp`` and ``linear`` train on the train rows for ``cfg.epochs`` passes (or ``cfg.max_steps`` steps), keeping
     the step of best validation balanced accuracy, or the last with ``patience`` 0; ``knn`` votes with the train
-    rows' embeddings (no training). Trained heads read :func:`standardize`'d embeddings.
+    rows' embeddings (no training). Trained heads read standardized embeddings.
     """
     train, val = (torch.from_numpy(parts == part) for part in ("train", "val"))
     rows = {part: torch.from_numpy(parts == part) for part in scored}
     if kind == "knn":
-        bank, bank_labels = features[train].to(device), targets[train].to(device)
-        return {part: weighted_knn(bank, bank_labels, features[index].to(device), classes, cfg.knn_k,
+        bank, bank_labels = features.subset(train), targets[train].to(device)
+        return {part: weighted_knn(bank, bank_labels, features.subset(index), classes, cfg.knn_k,
                                    cfg.knn_temperature).cpu().numpy() for part, index in rows.items()}, {}
     head: nn.Module = (seed_mlp(features.shape[1], classes, cfg.mlp_hidden) if kind == "mlp"
                        else nn.Linear(features.shape[1], classes)).to(device)
-    features = standardize(features, train)
+    features = features.standardized(train)
     steps = cfg.epochs * math.ceil(int(train.sum()) / cfg.batch_size) if cfg.epochs else cfg.max_steps
-    fit = fit_classifier(head, (features[train], targets[train]), (features[val], targets[val]),
+    fit = fit_classifier(head, (features.subset(train), targets[train]), (features.subset(val), targets[val]),
                          metric="balanced_accuracy", lr=cfg.lr, batch_size=cfg.batch_size, max_steps=steps,
                          eval_every=min(cfg.eval_every, steps), patience=cfg.patience, seed=seed,
                          optimizer=cfg.optimizer)
-    predicted = {part: predict_logits(fit.head, features[index]).argmax(1).numpy() for part, index in rows.items()}
+    predicted = {part: predict_logits(fit.head, features.subset(index)).argmax(1).numpy()
+                 for part, index in rows.items()}
     return predicted, {"best_step": fit.best_step, "best_val": fit.best_score, "curve": curve_of(fit)}
 
 
-def fit_and_decode(features: torch.Tensor, targets: torch.Tensor, parts: np.ndarray, out_channels: int, task: str,
+def fit_and_decode(features: Features, targets: torch.Tensor, parts: np.ndarray, out_channels: int, task: str,
                    cfg: DecoderConfig, seed: int, device: torch.device, out_size: int, grid: int | None = None,
                    scored: Sequence[str] = ("test",)) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The seed's decoder trained from the train rows' embeddings to their ``targets`` (images (N, C, H, W) in
     [0, 1] for ``regression``, label maps (N, H, W) for ``classes``), best epoch by validation loss (or the last,
     with ``patience`` 0); returns its output for the rows of each ``scored`` part and what the JSON keeps of the
-    fit. ``grid`` set: it reads patch tokens. The embeddings are :func:`standardize`'d first."""
+    fit. ``grid`` set: it reads patch tokens. The embeddings are standardized first."""
     train, val = (torch.from_numpy(parts == part) for part in ("train", "val"))
-    features = standardize(features, train)
+    features = features.standardized(train)
     decoder = Decoder(features.shape[-1], out_channels, out_size, task=task, grid=grid, width=cfg.width).to(device)
-    fit = fit_decoder(decoder, (features[train], targets[train]), (features[val], targets[val]), lr=cfg.lr,
+    fit = fit_decoder(decoder, (features.subset(train), targets[train]), (features.subset(val), targets[val]), lr=cfg.lr,
                       batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=seed)
-    decoded = {part: decode(fit.head, features[torch.from_numpy(parts == part)], cfg.batch_size) for part in scored}
+    decoded = {part: decode(fit.head, features.subset(parts == part), cfg.batch_size) for part in scored}
     return decoded, {"best_step": fit.best_step, "best_val": fit.best_score, "curve": curve_of(fit),
                      "out_size": out_size}

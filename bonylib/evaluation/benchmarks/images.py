@@ -30,6 +30,7 @@ from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, Ru
                                                   check_heads, class_targets, label_scores, settings_of,
                                                   with_validation)
 from bonylib.evaluation.benchmarks.heads import CLASSIFIERS, UNUSED_PROBE_KEYS, ProbeConfig, classify
+from bonylib.evaluation.features import Features, group_means
 
 IMAGE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -117,15 +118,13 @@ class ImageClasses:
     def classes(self, head: str) -> list[str]:
         return self._classes
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
         k = int(split.removeprefix("fold"))
         parts = np.where(self.fold == k, "test", "train")
         if head != "knn":  # early stopping needs validation images, drawn from the training folds
             parts = with_validation(parts, self.units, self.cfg.val_fraction, self.cfg.split_seed + k)
-        x = torch.from_numpy(np.asarray(features, np.float32))
-        sums = torch.zeros(len(self.images), x.shape[1]).index_add_(0, torch.from_numpy(self.tile_image), x)
-        means = sums / torch.from_numpy(np.bincount(self.tile_image, minlength=len(self.images))).unsqueeze(1)
-        predictions, info = classify(head, means, torch.from_numpy(self.targets), parts, len(self._classes),
+        means = group_means(features, self.tile_image, len(self.images))
+        predictions, info = classify(head, Features(means), torch.from_numpy(self.targets), parts, len(self._classes),
                                      self.cfg.probe, seed, device)
         predicted = predictions["test"]
         test = parts == "test"

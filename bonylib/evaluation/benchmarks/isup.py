@@ -20,8 +20,8 @@ from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, curve_of,
                                                   label_scores, benchmark_tiles, settings_of)
-from bonylib.evaluation.benchmarks.heads import standardize
 from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split, read_isup, slide_parts
+from bonylib.evaluation.features import Bags, Features
 from bonylib.evaluation.probes import GatedAttentionMIL, fit_abmil, predict_logits
 
 SLIDE_METRICS = ("quadratic_weighted_kappa", "balanced_accuracy")
@@ -77,19 +77,16 @@ class SlideIsup:
     def classes(self, head: str) -> list[str]:
         return list(ISUP_GRADES)
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
-        tiles = torch.from_numpy(np.asarray(features, np.float32))
-        train_tiles = np.zeros(len(tiles), bool)
-        train_tiles[np.concatenate([rows for rows, part in zip(self.bag_rows, self.parts) if part == "train"])] = True
-        tiles = standardize(tiles, torch.from_numpy(train_tiles))
-        bags = [tiles[rows] for rows in self.bag_rows]
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
+        train_tiles = np.concatenate([rows for rows, part in zip(self.bag_rows, self.parts) if part == "train"])
+        bags = Bags(features.standardized(np.sort(train_tiles)), self.bag_rows)  # each slide read when it is batched
         labels = torch.from_numpy(self.grades)
 
-        def part(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        def part(name: str) -> tuple[Bags, torch.Tensor]:
             index = np.flatnonzero(self.parts == name)
-            return [bags[i] for i in index], labels[index]
+            return bags.subset(index), labels[index]
 
-        model = GatedAttentionMIL(tiles.shape[1], len(ISUP_GRADES)).to(device)
+        model = GatedAttentionMIL(features.shape[1], len(ISUP_GRADES)).to(device)
         fit = fit_abmil(model, part("train"), part("val"), lr=self.cfg.lr, batch_size=self.cfg.batch_size,
                         max_epochs=self.cfg.max_epochs, patience=self.cfg.patience, seed=seed)
         test_bags, truth = part("test")

@@ -31,6 +31,7 @@ from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, La
                                                   check_parts, check_scored, class_targets, benchmark_tiles,
                                                   check_heads, label_scores, settings_of)
 from bonylib.evaluation.benchmarks.heads import CLASSIFIERS, UNUSED_PROBE_KEYS, ProbeConfig, classify
+from bonylib.evaluation.features import Features
 from bonylib.evaluation.splits import split_by_slide
 
 TILE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -158,10 +159,10 @@ class PandaTiles:
     def classes(self, head: str) -> list[str]:
         return self._classes
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
         """Scores on the rows of part ``split`` (val or test) of the head fitted with ``seed`` (fitted once for both)."""
         predictions, fitted = self._last((head, seed), features, lambda: classify(
-            head, torch.from_numpy(np.asarray(features, np.float32)), torch.from_numpy(self.targets), self.parts,
+            head, features, torch.from_numpy(self.targets), self.parts,
             len(self._classes), self.cfg.probe, seed, device, self.cfg.scored_parts))
         scored = self.parts == split
         truth, predicted = self.targets[scored], predictions[split]

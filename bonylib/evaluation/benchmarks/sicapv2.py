@@ -51,6 +51,7 @@ from bonylib.evaluation.benchmarks.common import (IMAGE_METRICS, METRIC_NAMES, C
                                                   benchmark_tiles, check_heads, settings_of, with_validation)
 from bonylib.evaluation.benchmarks.heads import UNUSED_PROBE_KEYS, DecoderConfig, ProbeConfig, classify, fit_and_decode
 from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split
+from bonylib.evaluation.features import Features, group_means
 from bonylib.evaluation.splits import split_by_slide
 
 log = logging.getLogger(__name__)
@@ -220,24 +221,22 @@ class Sicapv2:
     def classes(self, head: str) -> list[str]:
         return list(ISUP_GRADES) if head == "slides" else list(PATCH_CLASSES) if head in PATCH_HEADS else []
 
-    def _patch_means(self, x: torch.Tensor) -> torch.Tensor:
+    def _patch_means(self, features: Features) -> torch.Tensor:
         """Each patch's embedding: the mean of its tiles'."""
-        sums = torch.zeros(len(self.patches), x.shape[1]).index_add_(0, torch.from_numpy(self.tile_patch), x)
-        return sums / torch.from_numpy(np.bincount(self.tile_patch, minlength=len(self.patches))).unsqueeze(1)
+        return group_means(features, self.tile_patch, len(self.patches))
 
-    def fit(self, head: str, split: str, seed: int, features: np.ndarray, device: torch.device) -> RunOutput:
-        x = torch.from_numpy(np.asarray(features, np.float32))
+    def fit(self, head: str, split: str, seed: int, features: Features, device: torch.device) -> RunOutput:
         if head == "reconstruction":
-            return self._reconstruct(x, split, seed, device, features)
+            return self._reconstruct(features, split, seed, device)
         if head == "slides":
-            return self._grade_slides(self._patch_means(x), split, seed, device)
+            return self._grade_slides(self._patch_means(features), split, seed, device)
         patch_parts = self.patch_parts[split]
         if head == "patches_knn":  # k-NN is not trained: the validation patients vote as well
             patch_parts = np.where(patch_parts == "val", "train", patch_parts)
         used = np.flatnonzero(patch_parts != "")
-        means = self._patch_means(x)
+        means = self._patch_means(features)
         parts = patch_parts[used]
-        predictions, info = classify(PATCH_HEADS[head], means[used], torch.from_numpy(self.labels[used]), parts,
+        predictions, info = classify(PATCH_HEADS[head], Features(means[used]), torch.from_numpy(self.labels[used]), parts,
                                      len(PATCH_CLASSES), self.cfg.probe, seed, device)
         predicted = predictions["test"]
         test = used[parts == "test"]
@@ -257,7 +256,7 @@ class Sicapv2:
         training = np.isin(self.patch_parts[split], ("train", "val"))
         parts = np.where(on_test_slide, "test", np.where(training, "train", ""))
         used = np.flatnonzero(parts != "")
-        predictions, info = classify(PATCH_HEADS["slides"], means[used], torch.from_numpy(self.labels[used]),
+        predictions, info = classify(PATCH_HEADS["slides"], Features(means[used]), torch.from_numpy(self.labels[used]),
                                      parts[used], len(PATCH_CLASSES), self.cfg.probe, seed, device)
         predicted = predictions["test"]
         test_patches = used[parts[used] == "test"]
@@ -291,12 +290,12 @@ class Sicapv2:
         check_parts(parts, groups, f"{self.cfg.manifest}: sicapv2 reconstruction")
         return parts
 
-    def _reconstruct(self, x: torch.Tensor, split: str, seed: int, device: torch.device, features: object) -> RunOutput:
+    def _reconstruct(self, features: Features, split: str, seed: int, device: torch.device) -> RunOutput:
         """Decode the blurred tile from each tile's embedding; scored on the ``split`` part's tiles."""
         cfg = self.cfg.decoder
         parts = self.reconstruction_parts
         decoded, info = self._last(("reconstruction", seed), features, lambda: fit_and_decode(
-            x, self.blurred, parts, 3, "regression", cfg, seed, device, cfg.out_size, scored=self.cfg.scored_parts))
+            features, self.blurred, parts, 3, "regression", cfg, seed, device, cfg.out_size, scored=self.cfg.scored_parts))
         test = parts == split
         decoded = decoded[split]
         truth = self.blurred[torch.from_numpy(test)]
