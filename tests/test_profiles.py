@@ -75,11 +75,12 @@ def test_every_value_of_the_seed_profile_is_the_reports_or_dinos_default(seed_pr
 
 
 def test_the_reports_quotes_are_in_the_report(repo: Path) -> None:
+    """The pretraining profile's quotes and the evaluation profile's (EVAL_FROM_THE_REPORT, below) are the report's."""
     report = repo.parent / "shared" / "report" / "000_279bfb63f361bb68.txt"
     if not report.is_file():
         pytest.skip(f"{report}: the seed's report is not here")
     text = " ".join(report.read_text().split())
-    for key, (_, quote) in FROM_THE_REPORT.items():
+    for key, (_, quote) in {**FROM_THE_REPORT, **{f"evaluate {k}": v for k, v in EVAL_FROM_THE_REPORT.items()}}.items():
         assert " ".join(quote.split()) in text, key
 
 
@@ -187,15 +188,6 @@ def test_every_value_of_the_seed_evaluation_is_the_reports_dinos_or_said_to_be_b
                                                            r"report trains", comments.get(key, ""))]
     assert not unmarked, f"readings of Bony's without a comment saying so: {unmarked}"
     assert [entry["name"] for entry in raw["encoders"]][0] == "dino-head", "the report's heads read the 4096-d output"
-
-
-def test_the_seed_evaluations_quotes_are_in_the_report(repo: Path) -> None:
-    report = repo.parent / "shared" / "report" / "000_279bfb63f361bb68.txt"
-    if not report.is_file():
-        pytest.skip(f"{report}: the seed's report is not here")
-    text = " ".join(report.read_text().split())
-    for key, (_, quote) in EVAL_FROM_THE_REPORT.items():
-        assert " ".join(quote.split()) in text, key
 
 
 WAVELET_QUOTE = ("nous avons pu mener de petites expériences en utilisant les ondelettes de Haar en considérant une seule "
