@@ -65,10 +65,11 @@ class PandaConfig:
             raise ConfigError(f"panda.classes: {bad[0]!r} is not a tile label ({', '.join(LABEL_NAMES)})")
 
 
-def check_split(fractions: list[float], runs: int, max_tiles: int, where: str) -> None:
-    """Refuse fractions that are not three non-negative shares with train and test positive, and counts below 1 / 0."""
+def check_split(fractions: list[float], runs: int, max_tiles: int, where: str, key: str = "fractions") -> None:
+    """Refuse fractions (``<where>.<key>``) that are not three non-negative shares with train and test positive, and
+    counts below 1 / 0."""
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or fractions[2] <= 0:
-        raise ConfigError(f"{where}.fractions: need three shares train, val, test with train and test > 0, "
+        raise ConfigError(f"{where}.{key}: need three shares train, val, test with train and test > 0, "
                           f"got {fractions}")
     if runs < 1 or max_tiles < 0:
         raise ConfigError(f"{where}.runs must be at least 1 and {where}.max_tiles at least 0")

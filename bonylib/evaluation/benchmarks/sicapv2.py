@@ -94,7 +94,7 @@ class Sicapv2Config:
         check_heads("sicapv2", self.heads, HEADS)
         check_scored("sicapv2", self.scored_parts)
         if self.reconstruction_fractions:
-            check_split(self.reconstruction_fractions, self.runs, self.max_tiles, "sicapv2.reconstruction")
+            check_split(self.reconstruction_fractions, self.runs, self.max_tiles, "sicapv2", "reconstruction_fractions")
         bad = [p for p in self.partitions if not _PARTITION.match(str(p))]
         if bad or len(set(self.partitions)) != len(self.partitions):
             raise ConfigError(f"sicapv2.partitions: {bad[0] if bad else 'a repeated name'!r} is not one of Test, "
