@@ -72,6 +72,12 @@ def _is_full_disk(exc: BaseException) -> bool:
     return False
 
 
+def sha256_json(payload: Any) -> str:
+    """Hex SHA-256 of ``payload`` as canonical JSON (sorted keys; what JSON cannot hold as its ``str``): the key of a
+    cached result, equal whenever everything that decides the result is."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (checkpoints of large models are gigabytes)."""
     digest = hashlib.sha256()

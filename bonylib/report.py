@@ -39,7 +39,7 @@ from typing import Any
 
 from bonylib.config import option, read_mapping, save_config
 from bonylib.errors import BonyError, ConfigError
-from bonylib.files import atomic_path, ensure_writable_dir, sha256_file
+from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def report_key(source: Path, parameters: dict[str, Any], run: Path, run_files: S
         "named_files": {str(p): fingerprints.file(p) for p in sorted(set(_named_files(effective, source.parent)))},
         "run_files": {p: fingerprints.path(run / p) for p in run_files},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def recorded_key(executed: Path) -> str | None:

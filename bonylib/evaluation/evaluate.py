@@ -29,7 +29,6 @@ anything is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -55,7 +54,7 @@ from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2Config
 from bonylib.evaluation.embeddings import STORED_DTYPES, EmbedConfig, embed, open_embeddings, stored_dtype
 from bonylib.evaluation.features import Features
 from bonylib.evaluation.results import Row, write_results
-from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, write_text_atomic
+from bonylib.files import atomic_path, ensure_writable_dir, sha256_file, sha256_json, write_text_atomic
 from bonylib.models.encoders import Encoder, check_input_size
 from bonylib.models.registry import encoder_from_spec, rooted_spec, spec_forms
 from bonylib.runtime import resolve_device
@@ -163,10 +162,6 @@ def load_members(entry: EncoderEntry) -> tuple[list[Encoder], str]:
     return members, ""
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _finished(record: Path, settings_sha: str) -> bool:
     """Whether ``record`` is a finished run with these settings and its predictions (an unreadable record, or one
     whose npz is gone, is redone: the table is computed from the predictions)."""
@@ -262,7 +257,7 @@ class Evaluation:
             for split, seed in head.runs:
                 record = (self.out / "runs" / bench.name / head.name / row.name / f"m{index}-{split}-s{seed}.json")
                 stored = stored_dtype(head.output, self.cfg.embed.pooled_dtype)
-                settings_sha = _digest({"settings": self.settings[(bench.name, head.name)], "head": head.name,
+                settings_sha = sha256_json({"settings": self.settings[(bench.name, head.name)], "head": head.name,
                                         "split": split, "seed": seed, "fingerprint": encoder.fingerprint(head.output),
                                         "heads_version": HEADS_VERSION,
                                         # float16 rows give other numbers; the default adds no key (runs are kept)

@@ -11,7 +11,6 @@ embedding helps) can be compared across σ where the MSE cannot.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from bonylib.config import load_config, to_dict
 from bonylib.errors import BonyError
 from bonylib.evaluation.benchmarks.sicapv2 import Sicapv2
 from bonylib.evaluation.evaluate import EvaluateConfig, Evaluation
-from bonylib.files import read_json, write_text_atomic
+from bonylib.files import read_json, sha256_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,9 @@ def blur_sensitivity(run_dir: str | Path, config: str | Path, overrides: Sequenc
     members = [(entry.name, members[0]) for entry, members, _ in evaluation.entries if members]
     if not members:
         raise BonyError(f"{config}: no encoder of it could be loaded for the blur sensitivity")
-    key = hashlib.sha256(json.dumps({"sicapv2": to_dict(cfg.sicapv2), "sigmas": list(map(float, sigmas)),
-                                     "seed": seed, "manifest": str(bench.manifest),
-                                     "encoders": [(name, encoder.fingerprint("cls")) for name, encoder in members]},
-                                    sort_keys=True, default=str).encode()).hexdigest()
+    key = sha256_json({"sicapv2": to_dict(cfg.sicapv2), "sigmas": list(map(float, sigmas)), "seed": seed,
+                       "manifest": str(bench.manifest),
+                       "encoders": [(name, encoder.fingerprint("cls")) for name, encoder in members]})
     cache = out / "blur_sensitivity.json"
     if cache.is_file():
         kept = read_json(cache)
