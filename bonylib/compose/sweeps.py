@@ -52,7 +52,12 @@ class Sweep:
 
     def arm_keys(self, arm: str) -> set[str]:
         """The config keys ``arm`` sets."""
-        return {item.partition("=")[0] for item in self.arms[arm]}
+        return override_keys(self.arms[arm])
+
+
+def override_keys(items: Sequence[str]) -> set[str]:
+    """The keys of ``key=value`` overrides."""
+    return {item.partition("=")[0].strip() for item in items}
 
 
 def _overrides(path: Path, where: str, value: object) -> tuple[str, ...]:
@@ -87,7 +92,7 @@ def read_sweep(path: Path) -> Sweep:
         if not isinstance(name, str) or not ARM_NAME.match(name):
             raise ConfigError(f"{path}: arm name {name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
         parsed[name] = _overrides(path, f"arms.{name}", keys)
-        both = {item.partition("=")[0] for item in shared} & {item.partition("=")[0] for item in parsed[name]}
+        both = override_keys(shared) & override_keys(parsed[name])
         if both:
             raise ConfigError(f"{path}: arm {name} sets {', '.join(sorted(both))}, which overrides already sets for "
                               f"every arm")
@@ -114,7 +119,7 @@ def pick_arm(sweep: Sweep, which: str | int) -> str:
 def arm_overrides(sweep: Sweep, arm: str, overrides: Sequence[str] = ()) -> list[str]:
     """The overrides ``bony pretrain`` applies to the base recipe for ``arm``, in order: the sweep's, the caller's
     ``overrides``, the arm's. A caller's key that the arm sets is refused."""
-    clash = {item.partition("=")[0].strip() for item in overrides} & sweep.arm_keys(arm)
+    clash = override_keys(overrides) & sweep.arm_keys(arm)
     if clash:
         raise ConfigError(f"override {', '.join(sorted(clash))}: arm {arm} of {sweep.path} sets it, and the arm would "
                           f"no longer be what the sweep compares")

@@ -202,9 +202,8 @@ class DeepGleasonMasks:
         count = len(self._classes)
         scored = self.parts == split
         if head == "mask":
-            scale = 255 if self.cfg.mask_scale == "codes" else count - 1
-            targets = torch.from_numpy((codes if self.cfg.mask_scale == "codes" else class_maps(codes))[:, None]
-                                       .astype(np.float32) / scale)
+            grey, top = (codes, 255) if self.cfg.mask_scale == "codes" else (class_maps(codes), count - 1)
+            targets = torch.from_numpy(grey[:, None].astype(np.float32) / top)
             decoded, fitted = self._last((head, seed), features, lambda: fit_and_decode(
                 features, targets, self.parts, 1, "regression", cfg, seed, device, side, scored=self.cfg.scored_parts))
             truth, decoded = targets[torch.from_numpy(scored)], decoded[split]

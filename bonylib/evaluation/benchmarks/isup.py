@@ -20,7 +20,7 @@ from bonylib.errors import ConfigError
 from bonylib.evaluation import metrics
 from bonylib.evaluation.benchmarks.common import (METRIC_NAMES, Column, Head, RunOutput, check_classes, curve_of,
                                                   label_scores, benchmark_tiles, settings_of)
-from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split, read_isup, slide_parts
+from bonylib.evaluation.benchmarks.panda import ISUP_GRADES, check_split, read_slide_table, slide_parts
 from bonylib.evaluation.features import Bags, Features
 from bonylib.evaluation.probes import GatedAttentionMIL, fit_abmil, predict_logits
 
@@ -60,7 +60,7 @@ class SlideIsup:
         self.cfg = cfg
         source = Path(cfg.manifest)
         self.manifest, frame, _ = benchmark_tiles(source, cfg.max_tiles, cfg.split_seed, selections)
-        grades = read_isup(Path(cfg.data))
+        grades = read_slide_table(Path(cfg.data))["isup_grade"]
         tile_parts = slide_parts(frame, grades, cfg.fractions, cfg.split_seed, str(source))
         self.slides, slide_of_tile = np.unique(frame["slide_id"].to_numpy(), return_inverse=True)
         by_slide = np.argsort(slide_of_tile, kind="stable")

@@ -96,11 +96,6 @@ def read_slide_table(data: Path) -> pd.DataFrame:
                         data_provider=frame["data_provider"].str.strip().str.lower())
 
 
-def read_isup(data: Path) -> pd.Series:
-    """Each slide's ISUP grade (0-5) from PANDA's ``train.csv``, indexed by ``image_id``."""
-    return read_slide_table(data)["isup_grade"]
-
-
 def benchmarked(frame: pd.DataFrame, classes: list[str], providers: list[str], provider: pd.Series) -> np.ndarray:
     """Which tiles of a manifest the benchmark reads: those of ``classes``, on slides whose ``provider`` (by
     ``image_id``) is one of ``providers`` (all when empty)."""
