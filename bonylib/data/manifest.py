@@ -17,7 +17,7 @@ import pandas as pd
 
 from bonylib.data.sources import id_problem
 from bonylib.errors import BonyError
-from bonylib.runtime import check_fits
+from bonylib.memory import check_fits
 
 ID_COLUMNS = ("slide_id", "level", "x", "y")
 """The columns whose values make a tile's row id."""

@@ -77,7 +77,8 @@ from bonylib.data.manifest import read_manifest
 from bonylib.errors import BonyError, ConfigError, one_line
 from bonylib.models.encoders import OUTPUTS, Encoder
 from bonylib.files import atomic_path, ensure_writable_dir, locked, read_json, sha256_file, write_text_atomic
-from bonylib.runtime import PRECISIONS, busy_cpus, check_fits, plan_threads, resolve_device, resolve_precision
+from bonylib.memory import check_fits
+from bonylib.runtime import PRECISIONS, busy_cpus, plan_threads, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 

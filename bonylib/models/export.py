@@ -31,7 +31,7 @@ from bonylib.models.backbones import BACKBONES, backbone_stem, create_backbone, 
 from bonylib.models.encoders import INPUT_SIZES
 from bonylib.models.head import DINOHead
 from bonylib.models.stems import STEMS
-from bonylib.runtime import check_fits
+from bonylib.memory import check_fits
 
 FORMAT = "bony-dino-teacher-1"
 BACKBONE_FILE = "teacher_backbone.safetensors"

@@ -37,7 +37,7 @@ from bonylib.files import read_json, sha256_file
 from bonylib.models.backbones import create_backbone
 from bonylib.models.encoders import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZES, Encoder, from_backbone
 from bonylib.models.export import load_backbone, load_head
-from bonylib.runtime import check_fits
+from bonylib.memory import check_fits
 
 Triple = tuple[float, float, float]
 
