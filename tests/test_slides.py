@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,29 @@ def test_bad_files_name_the_file(tmp_path: Path, panda_slide: Path) -> None:
     (tmp_path / "junk.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(SlideError, match="junk.jpg"):
         open_slide(tmp_path / "junk.jpg")
+
+
+def test_deflate_mask_tiles_read_as_written_and_a_broken_one_names_the_file(tmp_path: Path) -> None:
+    """Label masks are deflate tiles, inflated by zlib-ng rather than tifffile: the codes must be the file's, and a
+    tile that does not inflate, or inflates short, must be refused with the file and the tile named."""
+    codes = np.random.default_rng(0).integers(0, 6, (48, 64, 3), dtype=np.uint8)
+    path = tmp_path / "mask.tiff"
+    tifffile.imwrite(path, codes, tile=(16, 16), compression="zlib", photometric="rgb")
+    with TiffSlide(path, require_rgb=False) as mask:
+        assert np.array_equal(mask.read_codes((0, 0), 0, (64, 48)), codes[..., 0])
+        assert np.array_equal(mask.read_codes((5, 7), 0, (40, 30)), codes[7:37, 5:45, 0])
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + count] = b"\xff" * count
+    path.write_bytes(bytes(raw))
+    with TiffSlide(path, require_rgb=False) as mask, pytest.raises(SlideError, match=r"mask.tiff: tile 1 of level 0"):
+        mask.read_codes((0, 0), 0, (64, 48))
+    short = zlib.compress(b"\x01" * 100)  # a valid stream of 100 bytes where a tile holds 16 x 16 x 3
+    raw[offset:offset + len(short)] = short
+    path.write_bytes(bytes(raw))
+    with TiffSlide(path, require_rgb=False) as mask, pytest.raises(SlideError, match=r"inflates to 100 bytes"):
+        mask.read_codes((0, 0), 0, (64, 48))
 
 
 def test_real_slides(shared_data: Path) -> None:

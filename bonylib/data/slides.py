@@ -16,16 +16,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import openslide
 import tifffile
 from PIL import Image
 
 from bonylib.errors import BonyError, one_line
-from bonylib.runtime import check_fits
+from bonylib.memory import check_fits
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs"})
+DEFLATE = frozenset({8, 32946})
+"""TIFF compression codes of deflate (Adobe's and the old one), the label masks' compression."""
 TILE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 """The files a folder of tile images is read for (``bony pretrain data.images=``, ``bony attention`` on a folder)."""
 
@@ -170,6 +173,7 @@ class TiffSlide(Slide):
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int, int | None], np.ndarray | None] = OrderedDict()
+        self._cache_sizes: dict[tuple[int, int, int | None], int] = {}
         self._cached_bytes = 0
         series = self._tif.series[0]
         self._pages = [level.keyframe for level in series.levels]
@@ -239,21 +243,44 @@ class TiffSlide(Slide):
             count = page.databytecounts[index]
             # a tile never written (byte count 0) is decoded from None, as tifffile's own reader does
             data = fh.read(count) if count else None
-        decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        decoded = self._decode(page, data, index)
         tile = None
         if decoded is not None:
-            tile = _tiff_rgb(decoded[0], page)
-            if channel is not None:
-                tile = np.ascontiguousarray(tile[..., min(channel, tile.shape[-1] - 1)])
+            tile = _tiff_rgb(decoded, page)
+            if channel is not None:  # a view: the paste that follows is the one copy
+                tile = tile[..., min(channel, tile.shape[-1] - 1)]
             elif tile.shape[-1] == 1:  # grey pages (label masks) are seen as three equal channels, without a copy
                 tile = np.broadcast_to(tile, (*tile.shape[:2], 3))
+        held = 0 if decoded is None else decoded.nbytes  # a channel view keeps its whole decoded tile alive
         with self._lock:
             self._cache[key] = tile
-            self._cached_bytes += 0 if tile is None else tile.nbytes
+            self._cache_sizes[key] = held
+            self._cached_bytes += held
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= 0 if old is None else old.nbytes
+                old, _ = self._cache.popitem(last=False)
+                self._cached_bytes -= self._cache_sizes.pop(old)
         return tile
+
+    def _decode(self, page: Any, data: bytes | None, index: int) -> np.ndarray | None:
+        """Decoded tile ``index`` of ``page`` as (h, w, samples), or None for a tile never written.
+
+        Deflate tiles without a predictor (PANDA's and DeepGleason's label masks) are inflated by zlib-ng, three
+        times faster than the zlib that tifffile calls (``benchmarks/bench_tiling.py``): tiling inflates a mask
+        tile for every image tile it decodes. Everything else, JPEG included, goes through tifffile."""
+        if data and page.compression in DEFLATE and page.predictor == 1 and page.planarconfig == 1 \
+                and page.bitspersample == 8 and page.fillorder == 1:
+            shape = (page.tilelength, page.tilewidth, page.samplesperpixel)
+            try:
+                raw = imagecodecs.zlibng_decode(data, out=int(np.prod(shape)))
+            except imagecodecs.ZlibngError as exc:
+                raise SlideError(f"{self.path}: tile {index} of level {self._pages.index(page)} does not inflate "
+                                 f"({one_line(exc, 200)})") from None
+            if len(raw) != np.prod(shape):
+                raise SlideError(f"{self.path}: tile {index} of level {self._pages.index(page)} inflates to "
+                                 f"{len(raw)} bytes, not the {int(np.prod(shape))} of a {shape} tile")
+            return np.frombuffer(raw, np.uint8).reshape(shape)
+        decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        return None if decoded is None else decoded[0]
 
     def close(self) -> None:
         self._tif.close()
