@@ -71,9 +71,10 @@ def test_class_fractions_follow_each_encoding() -> None:
         class_fractions(mask, "karolinska")
 
 
-def test_class_fractions_of_a_stack_equal_a_count_per_tile() -> None:
+@pytest.mark.parametrize("side", [12, 301])  # 301: more than 255 words of 8 pixels, and 4 pixels left over
+def test_class_fractions_of_a_stack_equal_a_count_per_tile(side: int) -> None:
     rng = np.random.default_rng(0)
-    stack = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(7, 12, 12))
+    stack = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(7, side, side))
     stack[2] = 1  # a tile inside one region
     stack[5] = 0
     stack[6, :6] = 5  # two codes only

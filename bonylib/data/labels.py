@@ -160,8 +160,29 @@ def _code_counts(regions: np.ndarray) -> np.ndarray:
     if mixed.size:
         rows = regions[mixed]
         for code in range(int(lo[mixed].min()), int(hi[mixed].max()) + 1):
-            counts[mixed, code] = (rows == code).view(np.uint8).sum(axis=1, dtype=np.int64)
+            counts[mixed, code] = _count_bytes(rows == code)
     return counts
+
+
+LANE_WORDS = 255
+"""Words of eight 0/1 bytes that :func:`_count_bytes` adds before a byte lane could carry into the next."""
+
+
+def _count_bytes(flags: np.ndarray) -> np.ndarray:
+    """(N,) int64 count of true values in each row of an (N, P) bool array.
+
+    Summing the bytes with a wider accumulator makes numpy cast each byte first, three times the
+    cost of the comparison that made them. Here the bytes are added eight at a time as uint64
+    words, in groups of at most ``LANE_WORDS`` so that no byte lane overflows, and only the
+    groups' byte lanes are then added up: the count costs less than the comparison."""
+    n, pixels = flags.shape
+    flat = np.ascontiguousarray(flags).view(np.uint8)
+    whole = pixels // 8 * 8
+    words = flat[:, :whole].view(np.uint64)
+    grouped = words.shape[1] // LANE_WORDS * LANE_WORDS
+    lanes = np.concatenate([words[:, :grouped].reshape(n, grouped // LANE_WORDS, LANE_WORDS).sum(axis=2),
+                            words[:, grouped:].sum(axis=1, keepdims=True)], axis=1)
+    return lanes.view(np.uint8).sum(axis=1, dtype=np.int64) + flat[:, whole:].sum(axis=1, dtype=np.int64)
 
 
 def tile_labels(fractions: np.ndarray, policy: str, min_fraction: float = 0.05) -> np.ndarray:
