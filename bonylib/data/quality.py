@@ -338,9 +338,11 @@ def _sample_measures(r: np.ndarray, g: np.ndarray, b: np.ndarray, grey: np.ndarr
                    + _glcm_homogeneity(levels[:, 1:, :] - levels[:, :-1, :])) / 2
 
     lap = 4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
-    lap = lap.reshape(n, -1).astype(np.float32)
-    # E[L^2] - E[L]^2 with einsum reductions: half the time of np.var, and exact enough since the
-    # mean of a Laplacian over a tile is near zero
+    lap = lap.reshape(n, -1).astype(np.float64)
+    # E[L^2] - E[L]^2 with einsum reductions: half the time of np.var. L is an integer and its sums
+    # stay far below 2^53, so in float64 they are exact in any order: a tile's blur is the same
+    # wherever it sits in a chunk (float32 sums, whose order follows the row's memory alignment,
+    # moved it by up to 1e-4 between block sizes)
     lap_mean = np.einsum("ij->i", lap) / lap.shape[1]
     blur = np.einsum("ij,ij->i", lap, lap) / lap.shape[1] - lap_mean * lap_mean
 
