@@ -1,6 +1,6 @@
 """Tiling throughput: `bony tile` against the seed's naive loop and the JPEG decode limits, in one run.
 
-    python benchmarks/bench_tiling.py [--slides 4] [--core-um 4000] [--repeats 3] [--json benchmarks/results/tiling.json]
+    python benchmarks/bench_tiling.py [--slides 4] [--core-um 4000] [--repeats 5] [--json benchmarks/results/tiling.json]
 
 All rates are in grid tiles per second: the number of 224-px positions that cover the slides'
 level 0 (what the seed cut), divided by wall time, so skipping glass counts as speed.
@@ -18,7 +18,13 @@ level 0 (what the seed cut), divided by wall time, so skipping glass counts as s
   to bony is the share of bony's time that is decoding (1.0 would mean nothing else costs);
   tissue tiles decode slower than glass, so this is a larger share of the decode limit than the
   share of tiles;
-- bony tile with 1 and 2 worker processes (fresh output folders, removed afterwards).
+- bony tile with 1 and 2 worker processes (fresh output folders, removed afterwards). Besides the
+  wall time, the ``busy`` ratios use the time the workers spent tiling slides (the sum of
+  ``slides.parquet``'s seconds): with few slides, two workers' wall time is mostly set by how the
+  slides split between them (the largest of 4 synthetic slides is 42 % of the work), which a run
+  over thousands of slides does not see, while two workers slowing each other down (shared cache
+  and memory) shows in both. ``bony_2_busy_share`` is the share of the two workers' wall time
+  spent tiling.
 
 Each variant runs in its own process, which reports its peak resident memory; the variants run
 in turn ``--repeats`` times and each one's median time is reported, so that load from other
@@ -26,6 +32,9 @@ programs on a shared machine hits them alike (ratios are the median of each roun
 Targets (issue 22): bony ≥ 3x naive; with one worker ≥ 1.0 of the decode limit, with two ≥ 0.85
 of it per worker. The machine (CPU model, torch's CPU capability, usable CPUs) is printed first
 and saved with the results: the ratios depend on it, and on the load of a shared machine.
+
+Last, :func:`scaled_decode` times decoding the tiles bony reads at full size and with libjpeg's DCT
+scaling to 1/2 and 1/4: what measuring tiles on a reduced-scale decode would save.
 
 :func:`project_hours` turns a measured rate into hours for the seed's PANDA run (10,616 slides,
 2,852,703 kept tiles), printed for the 1- and 2-worker rates; ``benchmarks/bench_scale.py`` calls
@@ -132,6 +141,49 @@ def decode_read(slides: list[Path], tiles: dict[str, set[int]]) -> dict[str, Any
     return _decode(slides, tiles)
 
 
+def scaled_decode(slides: list[Path], tiles: dict[str, set[int]]) -> dict[str, Any]:
+    """Microseconds per tile to decode the JPEG tiles ``bony tile`` reads (:func:`read_tiles`) at full resolution
+    (imagecodecs, as bony and the decode limit do) and with libjpeg's DCT scaling to 1/2 and 1/4 (Pillow's
+    ``draft``, the one scaled decoder installed; also at full size, to separate its own overhead). Decoding at a
+    reduced scale is what the quality measures could use where no shards are written: this says what it would save."""
+    import io
+
+    import imagecodecs
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    streams: list[bytes] = []
+    for path in slides:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tables = page.jpegtables
+            for index in sorted(tiles.get(path.name, set())):
+                tif.filehandle.seek(page.dataoffsets[index])
+                data = tif.filehandle.read(page.databytecounts[index])
+                # an abbreviated stream gets the page's tables after its start-of-image marker
+                streams.append(data[:2] + tables[2:-2] + data[2:] if tables else data)
+
+    def pillow(data: bytes, scale: int) -> np.ndarray:
+        image = Image.open(io.BytesIO(data))
+        if scale > 1:
+            image.draft("RGB", (image.width // scale, image.height // scale))
+        return np.asarray(image)
+
+    ways = {"imagecodecs_full": imagecodecs.jpeg8_decode, "pillow_full": lambda d: pillow(d, 1),
+            "pillow_half": lambda d: pillow(d, 2), "pillow_quarter": lambda d: pillow(d, 4)}
+    result: dict[str, Any] = {"tiles": len(streams)}
+    for name, decode in ways.items():
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for data in streams:
+                decode(data)
+            best = min(best, time.perf_counter() - start)
+        result[f"{name}_us"] = best / max(len(streams), 1) * 1e6
+    return result
+
+
 def naive(slides: list[Path]) -> dict[str, Any]:
     """The seed: read_region of each grid tile, then measure and filter it alone."""
     import numpy as np
@@ -170,9 +222,9 @@ def bony_tile(data: Path, workers: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     kept = int(slides.kept_tiles.sum())
-    return {"seconds": seconds, "kept_tiles": kept, "read_tiles": int(slides.read_tiles.sum()),
-            "failures": len(result.failures), "peak_mb": _peak_mb(), "workers": workers,
-            "kept_tiles_per_s_per_worker": kept / seconds / workers}
+    return {"seconds": seconds, "busy_seconds": float(slides.seconds.sum()), "kept_tiles": kept,
+            "read_tiles": int(slides.read_tiles.sum()), "failures": len(result.failures), "peak_mb": _peak_mb(),
+            "workers": workers, "kept_tiles_per_s_per_worker": kept / seconds / workers}
 
 
 def project_hours(tiles_per_s_per_worker: float, workers: int, slides: int = SEED_SLIDES,
@@ -205,6 +257,10 @@ def _ratios(seconds: dict[str, float]) -> dict[str, float]:
         "bony_2_per_worker_vs_decode_limit": seconds["decode_limit"] / seconds["bony_2_workers"] / 2,
         "bony_1_vs_decode_read": seconds["decode_read"] / seconds["bony_1_worker"],
         "decode_read_vs_decode_limit": seconds["decode_read"] / seconds["decode_limit"],
+        # on the time the workers spent tiling slides, without the start and the wait for the last slide
+        "bony_1_busy_vs_decode_limit": seconds["decode_limit"] / seconds["bony_1_worker_busy"],
+        "bony_2_per_worker_busy_vs_decode_limit": seconds["decode_limit"] / seconds["bony_2_workers_busy"],
+        "bony_2_busy_share": seconds["bony_2_workers_busy"] / (2 * seconds["bony_2_workers"]),
     }
 
 
@@ -235,8 +291,9 @@ def _variant(name: str, data: Path, tiles: Path) -> None:
         result = {}
     elif name.startswith("bony"):
         result = bony_tile(data, 1 if name == "bony_1_worker" else 2)
-    elif name == "decode_read":
-        result = decode_read(slides, {k: set(v) for k, v in json.loads(tiles.read_text()).items()})
+    elif name in ("decode_read", "scaled_decode"):
+        wanted = {k: set(v) for k, v in json.loads(tiles.read_text()).items()}
+        result = (decode_read if name == "decode_read" else scaled_decode)(slides, wanted)
     else:
         result = VARIANTS[name](slides)
     print(json.dumps(result))
@@ -246,9 +303,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=4, help="synthetic PANDA slides to tile")
     parser.add_argument("--core-um", type=float, default=4000.0, help="biopsy core length (slide size) in µm")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants; each one's median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of all variants; each one's median is reported")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tiling.json"), help="where to save the results")
-    parser.add_argument("--variant", choices=sorted([*VARIANTS, "read_tiles"]), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted([*VARIANTS, "read_tiles", "scaled_decode"]), help=argparse.SUPPRESS)
     parser.add_argument("data", nargs="?", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("tiles", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,13 +339,16 @@ def _measure(work: Path, n_slides: int, core_um: float, repeats: int, machine: d
     for r in results.values():
         r["grid_tiles_per_s"] = grid / r["seconds"]
     # the ratio of each round, then their median: variants of one round ran under the same load
-    per_round = [_ratios({name: r[name]["seconds"] for name in VARIANTS}) for r in rounds]
+    per_round = [_ratios({**{name: r[name]["seconds"] for name in VARIANTS},
+                          **{f"{name}_busy": r[name]["busy_seconds"] for name in ("bony_1_worker", "bony_2_workers")}})
+                 for r in rounds]
     ratios = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
     projection = {name: {f"{cores}_cores": project_hours(results[name]["kept_tiles_per_s_per_worker"], cores)
                          for cores in (2, 16, 64)} for name in ("bony_1_worker", "bony_2_workers")}
+    scaled = _in_child("scaled_decode", data, tiles)
     report = {
         "machine": machine, "slides": len(slides), "grid_tiles": grid, "tile_px": T, "repeats": repeats,
-        "results": results, "ratios": ratios,
+        "results": results, "ratios": ratios, "scaled_decode": scaled,
         "targets": {"bony_vs_naive": 3.0, "bony_1_vs_decode_limit": 1.0, "bony_2_per_worker_vs_decode_limit": 0.85},
         "seed_projection_hours": projection,
     }
@@ -297,7 +357,9 @@ def _measure(work: Path, n_slides: int, core_um: float, repeats: int, machine: d
     for name, r in results.items():
         print(f"{name:<16}{r['seconds']:>9.2f}{r['grid_tiles_per_s']:>14.0f}{r['peak_mb']:>9.0f}")
     for name, value in ratios.items():
-        print(f"{name:<36}{value:6.2f}")
+        print(f"{name:<40}{value:6.2f}")
+    print(f"decoding bony's {scaled['tiles']} JPEG tiles, µs per tile: " + ", ".join(
+        f"{key.removesuffix('_us')} {value:.0f}" for key, value in scaled.items() if key.endswith("_us")))
     for name, hours in projection.items():
         rate = results[name]["kept_tiles_per_s_per_worker"]
         print(f"seed's {SEED_SLIDES} slides ({SEED_TILES} tiles) at {name}'s {rate:.0f} kept tiles/s per worker: "
