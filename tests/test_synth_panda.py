@@ -112,3 +112,26 @@ def test_csv_grades_agree_with_masks(panda: Path, train: pd.DataFrame) -> None:
             assert (row.gleason_score != "0+0") == has_cancer
             assert (row.isup_grade > 0) == has_cancer
             assert row.isup_grade == ISUP.get(row.gleason_score, 0)
+
+
+def test_margin_adds_glass_around_the_same_tissue(tmp_path: Path) -> None:
+    """``margin_um`` sets the glass around the cores (bench_tiling's PANDA-like tissue share): the slide grows by
+    twice the margin's difference on each side and the tissue stays the same (its drawing does not depend on it)."""
+    from bonylib.config import load_config
+    from bonylib.data.synthetic.panda import PandaSynth, write_slide
+
+    tissue = {}
+    for margin in (200.0, 700.0):
+        root = tmp_path / str(margin)
+        (root / "train_images").mkdir(parents=True)
+        (root / "train_label_masks").mkdir()
+        cfg = load_config(PandaSynth, None, ["core_length_um=500", "core_width_um=200", f"margin_um={margin}",
+                                             "pen_fraction=0", "karolinska_fraction=0"])
+        image_id = write_slide(root, cfg, 0, 0)["image_id"]
+        codes = mask_level(root, str(image_id), 0)[..., 0]
+        tissue[margin] = (codes.shape, int(np.count_nonzero(codes)))
+    grown = 2 * 500.0 / PROVIDER_MPP["radboud"]  # pixels: 500 µm more on both sides
+    (h0, w0), area0 = tissue[200.0]
+    (h1, w1), area1 = tissue[700.0]
+    assert abs((h1 - h0) - grown) <= 16 and abs((w1 - w0) - grown) <= 16, tissue
+    assert area1 == pytest.approx(area0, rel=0.02), "the same cores, only more glass"

@@ -54,6 +54,9 @@ class PandaSynth:
     max_cores: int = option(3, "most biopsy cores on a slide")
     core_length_um: float = option(2400.0, "length of a biopsy core in micrometres (slide size scales with it)")
     core_width_um: float = option(500.0, "width of a biopsy core in micrometres")
+    margin_um: float = option(600.0, "glass around the cores in micrometres: 600 keeps demo slides small, tissue "
+                              "then covers about a quarter of level 0; PANDA's slides (about 20k x 20k px, 269 kept "
+                              "tiles each) are about 3 % tissue, as with 3000")
     pen_fraction: float = option(0.3, "fraction of slides with pen-marker strokes")
     jpeg_quality: int = option(90, "JPEG quality of the image tiles")
     tile_px: int = option(256, "side of the TIFF tiles in pixels (a multiple of 16)")
@@ -68,8 +71,8 @@ class PandaSynth:
             raise ConfigError(f"panda.tile_px must be a positive multiple of 16, got {self.tile_px}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"panda.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.core_length_um <= 0 or self.core_width_um <= 0:
-            raise ConfigError("panda.core_length_um and panda.core_width_um must be positive")
+        if self.core_length_um <= 0 or self.core_width_um <= 0 or self.margin_um < 0:
+            raise ConfigError("panda.core_length_um and panda.core_width_um must be positive, panda.margin_um at least 0")
 
 
 def write_pyramid(path: Path, levels: list[np.ndarray], mpp: float, tile_px: int, lossless: bool, quality: int) -> None:
@@ -114,7 +117,7 @@ def write_slide(root: Path, cfg: PandaSynth, seed: int, index: int) -> dict[str,
     mpp = PROVIDER_MPP[provider]
     case = sample_case(rng, cfg.benign_fraction)
     cores = int(rng.integers(cfg.min_cores, cfg.max_cores + 1))
-    zones = biopsy_zones(rng, case, mpp, cores, cfg.core_length_um, cfg.core_width_um)
+    zones = biopsy_zones(rng, case, mpp, cores, cfg.core_length_um, cfg.core_width_um, cfg.margin_um)
     rendered = render_tissue(zones, rng, sample_stain(rng), mpp=mpp)
     rgb = rendered.rgb
     add_debris(rgb, zones == ZONE_BACKGROUND, rng)
