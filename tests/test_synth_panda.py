@@ -135,3 +135,7 @@ def test_margin_adds_glass_around_the_same_tissue(tmp_path: Path) -> None:
     (h1, w1), area1 = tissue[700.0]
     assert abs((h1 - h0) - grown) <= 16 and abs((w1 - w0) - grown) <= 16, tissue
     assert area1 == pytest.approx(area0, rel=0.02), "the same cores, only more glass"
+    from bonylib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="margin_um at least 0"):
+        PandaSynth(margin_um=-1.0)
