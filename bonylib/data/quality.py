@@ -341,8 +341,8 @@ def _sample_measures(r: np.ndarray, g: np.ndarray, b: np.ndarray, grey: np.ndarr
     lap = lap.reshape(n, -1).astype(np.float64)
     # E[L^2] - E[L]^2 with einsum reductions: half the time of np.var. L is an integer and its sums
     # stay far below 2^53, so in float64 they are exact in any order: a tile's blur is the same
-    # wherever it sits in a chunk (float32 sums, whose order follows the row's memory alignment,
-    # moved it by up to 1e-4 between block sizes)
+    # wherever it sits in a chunk (in float32, the same sharp tile measured alone and among others
+    # differed by up to 1e-4, so the block size changed it)
     lap_mean = np.einsum("ij->i", lap) / lap.shape[1]
     blur = np.einsum("ij,ij->i", lap, lap) / lap.shape[1] - lap_mean * lap_mean
 

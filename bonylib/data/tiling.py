@@ -84,8 +84,8 @@ class TileConfig:
     shard_quality: int = option(95, "JPEG quality of the tiles in shards")
     workers: int = option(1, "processes tiling slides in parallel")
     block_tiles: int = option(4, "tiles per side of a block read at once: memory per worker ~ 3*(block_tiles*tile)^2 bytes. "
-                              "4 (2.4 MB of 224-px RGB) stays in a core's cache from decode to measures: 8 tiled 3% "
-                              "slower with one worker and 10% with two (benchmarks/bench_tiling.py)")
+                              "4 (2.4 MB of 224-px RGB) stays in a core's cache from decode to measures: 8 tiled bench_tiling's "
+                              "4 slides 3% slower with one worker and 10% with two")
     tissue: TissueConfig = section(TissueConfig, "tissue detection on a low-resolution level")
     quality: QualityConfig = section(QualityConfig, "per-tile quality thresholds; measures are saved in the manifest")
 
