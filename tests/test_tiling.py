@@ -381,7 +381,7 @@ def test_a_worker_that_dies_fails_only_its_slide(tmp_path: Path, monkeypatch: py
 def test_resume_may_change_workers(drawn, tmp_path: Path) -> None:
     root, _ = drawn
     tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=1"]))
-    again = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=2", "block_tiles=4"]))
+    again = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=2", "block_tiles=8"]))
     assert again.skipped == 2 and again.tiled == 0
 
 
