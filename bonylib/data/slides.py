@@ -28,8 +28,6 @@ from bonylib.memory import check_fits
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs"})
-DEFLATE = frozenset({8, 32946})
-"""TIFF compression codes of deflate (Adobe's and the old one), the label masks' compression."""
 TILE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 """The files a folder of tile images is read for (``bony pretrain data.images=``, ``bony attention`` on a folder)."""
 
@@ -158,6 +156,10 @@ class OpenSlideSlide(Slide):
         self._slide.close()
 
 
+_DEFLATE = frozenset({tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.COMPRESSION.DEFLATE})
+"""The compressions of PANDA's and DeepGleason's label masks, which :class:`TiffSlide` inflates itself."""
+
+
 class TiffSlide(Slide):
     """A TIFF pyramid read with tifffile, decoding only the tiles that a region touches.
 
@@ -173,8 +175,8 @@ class TiffSlide(Slide):
     def __init__(self, path: Path, mpp: float | None = None, require_rgb: bool = True) -> None:
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int, int | None], np.ndarray | None] = OrderedDict()
-        self._cache_sizes: dict[tuple[int, int, int | None], int] = {}
+        # each entry: the tile and the bytes it keeps alive (a channel view holds its whole decoded tile)
+        self._cache: OrderedDict[tuple[int, int, int | None], tuple[np.ndarray | None, int]] = OrderedDict()
         self._cached_bytes = 0
         series = self._tif.series[0]
         self._pages = [level.keyframe for level in series.levels]
@@ -231,20 +233,20 @@ class TiffSlide(Slide):
         return out
 
     def _tile(self, level: int, index: int, channel: int | None = None) -> np.ndarray | None:
-        """Decoded tile ``index`` of ``level`` as RGB, or only its ``channel`` (contiguous), from a small cache:
+        """Decoded tile ``index`` of ``level`` as RGB, or a view of only its ``channel``, from a small cache:
         neighbouring regions share edge tiles."""
         key = (level, index, channel)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return self._cache[key][0]
             page = self._pages[level]
             fh = self._tif.filehandle
             fh.seek(page.dataoffsets[index])
             count = page.databytecounts[index]
             # a tile never written (byte count 0) is decoded from None, as tifffile's own reader does
             data = fh.read(count) if count else None
-        decoded = self._decode(page, data, index)
+        decoded = self._decode(page, level, index, data)
         tile = None
         if decoded is not None:
             tile = _tiff_rgb(decoded, page)
@@ -252,27 +254,25 @@ class TiffSlide(Slide):
                 tile = tile[..., min(channel, tile.shape[-1] - 1)]
             elif tile.shape[-1] == 1:  # grey pages (label masks) are seen as three equal channels, without a copy
                 tile = np.broadcast_to(tile, (*tile.shape[:2], 3))
-        held = 0 if decoded is None else decoded.nbytes  # a channel view keeps its whole decoded tile alive
+        held = 0 if decoded is None else decoded.nbytes
         with self._lock:
-            self._cache[key] = tile
-            self._cache_sizes[key] = held
+            self._cache[key] = (tile, held)
             self._cached_bytes += held
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                old, _ = self._cache.popitem(last=False)
-                self._cached_bytes -= self._cache_sizes.pop(old)
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
         return tile
 
-    def _decode(self, page: Any, data: bytes | None, index: int) -> np.ndarray | None:
-        """Decoded tile ``index`` of ``page`` as (h, w, samples), or None for a tile never written.
+    def _decode(self, page: Any, level: int, index: int, data: bytes | None) -> np.ndarray | None:
+        """Decoded tile ``index`` of ``page`` (level ``level``) as (h, w, samples), or None for a tile never written.
 
         Deflate tiles without a predictor (PANDA's and DeepGleason's label masks) are inflated by zlib-ng: 21 µs
         for a 256-px RGB mask tile where tifffile's path took 67 (Xeon, AVX-512), and tiling inflates a mask tile
         for every image tile it decodes. Everything else, JPEG included, goes through tifffile."""
-        if data and page.compression in DEFLATE and page.predictor == 1 and page.planarconfig == 1 \
+        if data and page.compression in _DEFLATE and page.predictor == 1 and page.planarconfig == 1 \
                 and page.bitspersample == 8 and page.fillorder == 1:
             shape = (page.tilelength, page.tilewidth, page.samplesperpixel)
             size = math.prod(shape)
-            where = f"{self.path}: tile {index} of level {self._pages.index(page)}"
+            where = f"{self.path}: tile {index} of level {level}"
             try:
                 raw = imagecodecs.zlibng_decode(data, out=size)
             except imagecodecs.ZlibngError as exc:
