@@ -199,8 +199,7 @@ def tiling_section(work: Path, quick: bool) -> dict[str, Any]:
     subprocess.run([sys.executable, "-m", "bonylib", "synth", "panda", str(data), f"panda.slides={slides}", "workers=2"],
                    check=True, capture_output=True)
     variants = ["decode_limit", "bony_1_worker"] + ([] if quick else ["bony_2_workers"])
-    unused = work / "tiling" / "read_tiles.json"  # only the decode of bony's own tiles reads it, not run here
-    runs = {name: bench_tiling._in_child(name, data, unused) for name in variants}
+    runs = {name: bench_tiling._in_child(name, data) for name in variants}
     kept = runs["bony_1_worker"]["kept_tiles"]
     per_worker = {1: kept / runs["bony_1_worker"]["seconds"]}
     if "bony_2_workers" in runs:

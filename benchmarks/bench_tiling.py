@@ -275,18 +275,19 @@ def _machine() -> tuple[dict[str, Any], str]:
     return record, line
 
 
-def _in_child(name: str, data: Path, tiles: Path) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter, so that its peak memory is its own (and its workers')."""
-    done = subprocess.run([sys.executable, __file__, "--variant", name, str(data), str(tiles)],
+def _in_child(name: str, data: Path, tiles: Path | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter, so that its peak memory is its own (and its workers'). ``tiles`` is
+    the file of bony's read tiles (:func:`read_tiles`), for the variants that write or read it."""
+    done = subprocess.run([sys.executable, __file__, "--variant", name, str(data), *([str(tiles)] if tiles else [])],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"variant {name} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _variant(name: str, data: Path, tiles: Path) -> None:
+def _variant(name: str, data: Path, tiles: Path | None) -> None:
     slides = sorted((data / "train_images").glob("*.tiff"))
-    if name == "read_tiles":  # in a child too: tiling imports torch, which would raise every later child's peak
+    if name == "read_tiles":  # in a child too: tiling's imports would raise every later child's peak
         tiles.write_text(json.dumps({k: sorted(v) for k, v in read_tiles(data).items()}))
         result = {}
     elif name.startswith("bony"):
