@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import tifffile
 
-from bonylib.data.synthetic.panda import PROVIDER_MPP
+from bonylib.config import load_config
+from bonylib.data.synthetic.panda import PROVIDER_MPP, PandaSynth, write_slide
+from bonylib.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +119,6 @@ def test_csv_grades_agree_with_masks(panda: Path, train: pd.DataFrame) -> None:
 def test_margin_adds_glass_around_the_same_tissue(tmp_path: Path) -> None:
     """``margin_um`` sets the glass around the cores (bench_tiling's PANDA-like tissue share): the slide grows by
     twice the margin's difference on each side and the tissue stays the same (its drawing does not depend on it)."""
-    from bonylib.config import load_config
-    from bonylib.data.synthetic.panda import PandaSynth, write_slide
-
     tissue = {}
     for margin in (200.0, 700.0):
         root = tmp_path / str(margin)
@@ -135,7 +134,5 @@ def test_margin_adds_glass_around_the_same_tissue(tmp_path: Path) -> None:
     (h1, w1), area1 = tissue[700.0]
     assert abs((h1 - h0) - grown) <= 16 and abs((w1 - w0) - grown) <= 16, tissue
     assert area1 == pytest.approx(area0, rel=0.02), "the same cores, only more glass"
-    from bonylib.errors import ConfigError
-
     with pytest.raises(ConfigError, match="margin_um at least 0"):
         PandaSynth(margin_um=-1.0)
