@@ -129,15 +129,14 @@ def test_measures_reject_non_rgb_input() -> None:
         tile_measures(np.zeros((224, 224, 3), np.uint8))
 
 
-def test_measures_in_a_block_equal_those_of_the_tiles_cut_out(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_measures_in_a_block_equal_those_of_the_tiles_cut_out() -> None:
     """The tiler measures tiles in place in a block; an odd tile side puts every tile's subsampling
-    grid elsewhere in the block, and a small chunk size splits the tiles over several chunks."""
+    grid elsewhere in the block."""
     size, rows, cols = 101, np.array([1, 0, 1, 0, 1]), np.array([2, 0, 0, 1, 1])
     block = np.concatenate([np.concatenate([he_texture((size, size), 3 * r + c) for c in range(3)], axis=1)
                             for r in range(2)])
     block[:size, size:2 * size] = glass((size, size))
     cut = np.stack([block[r * size:(r + 1) * size, c * size:(c + 1) * size] for r, c in zip(rows, cols)])
-    monkeypatch.setattr(quality, "CHUNK_PIXELS", 2 * size * size)
     got = grid_measures(block.reshape(2, size, 3, size, 3), rows, cols)
     expected = tile_measures(cut)
     for name in MEASURES:
@@ -171,10 +170,10 @@ def test_blur_is_the_variance_of_scipys_laplacian_and_drops_with_gaussian_blur()
     assert values[-1] < QualityConfig().min_blur < values[0]
 
 
-def test_a_tiles_measures_do_not_depend_on_its_place_in_a_chunk() -> None:
-    """Tiling measures a block's tiles in chunks whose make-up follows the block size (a run-only option): the
-    same tile must measure the same, to the bit, wherever it sits among the others. Noise is the sharpest tile:
-    its Laplacian's sums pass 2^24, where float32 sums round (they moved a real tile's blur by 1e-4)."""
+def test_a_tiles_measures_do_not_depend_on_its_place_among_others() -> None:
+    """Tiling measures a block's tiles together, and the block size (a run-only option) decides which: the same
+    tile must measure the same, to the bit, wherever it sits among the others. Noise is the sharpest tile: its
+    Laplacian's sums pass 2^24, where float32 sums round (they moved a real tile's blur by 1e-4)."""
     noise = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     tiles = np.concatenate([np.stack([he_texture((224, 224), seed=s) for s in range(3)]), noise])
     alone = tile_measures(tiles[5:])
@@ -193,6 +192,23 @@ def test_homogeneity_is_scikit_image_glcm_homogeneity() -> None:
         glcm = graycomatrix(levels, distances=[1], angles=[0, np.pi / 2], levels=32, symmetric=True, normed=True)
         assert value == pytest.approx(graycoprops(glcm, "homogeneity").mean(), abs=1e-5)
     assert got[2] == 1.0 and got[0] < 0.8
+
+
+def test_homogeneity_is_exact_whatever_the_order_of_its_sums() -> None:
+    """The compiled measure adds its terms in whatever order vectorises on the CPU at hand; every term is a float32
+    1 / (1 + d^2) and the sums are exact in float64, so it must equal, to the bit, the sum taken from a histogram of
+    the level differences (one order, computed independently here), on texture, noise and a large tile."""
+    rng = np.random.default_rng(5)
+    tiles = [he_texture((224, 224), seed=7), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+             he_texture((1000, 1000), seed=8)]
+    for tile in tiles:
+        levels = tile[::2, ::2, 1].astype(np.int64) // 8
+        weight = (np.float32(1) / (np.float32(1) + np.arange(32, dtype=np.float32) ** 2)).astype(np.float64)
+        means = []
+        for diff in (levels[:, 1:] - levels[:, :-1], levels[1:, :] - levels[:-1, :]):
+            counts = np.bincount(np.abs(diff).ravel(), minlength=32)
+            means.append(np.float32((counts * weight).sum() / diff.size))
+        assert one(tile)["homogeneity"] == (means[0] + means[1]) / np.float32(2)
 
 
 def test_edges_of_drawn_stripes() -> None:
