@@ -51,7 +51,7 @@ def test_score_text_matches_panda_csv() -> None:
 
 import numpy as np  # noqa: E402
 
-from bonylib.data.labels import LABEL_NAMES, class_fractions, tile_labels  # noqa: E402
+from bonylib.data.labels import LABEL_NAMES, MASK_ENCODINGS, class_fractions, grid_class_fractions, tile_labels  # noqa: E402
 
 
 def fractions_of(**parts: float) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_class_fractions_follow_each_encoding() -> None:
         class_fractions(mask, "karolinska")
 
 
-@pytest.mark.parametrize("side", [12, 301])  # 301: more than 255 words of 8 pixels, and 4 pixels left over
+@pytest.mark.parametrize("side", [12, 301])
 def test_class_fractions_of_a_stack_equal_a_count_per_tile(side: int) -> None:
     rng = np.random.default_rng(0)
     stack = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(7, side, side))
@@ -87,6 +87,19 @@ def test_class_fractions_of_a_stack_equal_a_count_per_tile(side: int) -> None:
     stack[3, 0, 0] = 255
     with pytest.raises(ValueError, match=r"mask values \[255\] are not radboud codes"):
         class_fractions(stack, "radboud")
+
+
+@pytest.mark.parametrize("encoding", ["radboud", "sicapv2"])
+def test_class_fractions_in_a_block_equal_those_of_the_regions_cut_out(encoding: str) -> None:
+    """Tiling counts a mask block's tiles in place (and snaps a JPEG mask's tiles after cutting them out)."""
+    size, rows, cols = 37, np.array([1, 0, 1, 0]), np.array([2, 0, 0, 1])
+    codes = np.array(sorted(MASK_ENCODINGS[encoding]), np.uint8)
+    block = np.random.default_rng(3).choice(codes, size=(2 * size, 3 * size))
+    block[:size, size:2 * size] = codes[-1]
+    cut = np.stack([block[r * size:(r + 1) * size, c * size:(c + 1) * size] for r, c in zip(rows, cols)])
+    got = grid_class_fractions(block.reshape(2, size, 3, size), rows, cols, encoding)
+    np.testing.assert_array_equal(got, class_fractions(cut, encoding))
+    assert got[3, LABEL_NAMES.index(MASK_ENCODINGS[encoding][int(codes[-1])])] == 1
 
 
 def test_jpeg_masks_snap_to_the_nearest_code() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numba
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -123,66 +124,73 @@ def class_fractions(codes: np.ndarray, encoding: str) -> np.ndarray:
     that are not codes of a lossless ``encoding`` mean a wrong mask file and raise ``ValueError``;
     JPEG masks (``LOSSY_ENCODINGS``) are first snapped to the nearest code.
     """
-    table = MASK_ENCODINGS[encoding]
-    valid = np.array(sorted(table), dtype=np.uint8)
     single = codes.ndim == 2
-    regions = snap_codes(codes, encoding).reshape(1 if single else codes.shape[0], -1)
-    # values outside the codes' range are found by two reductions, before counting would pass over each
-    outside = regions.size > 0 and (regions.min() < valid[0] or regions.max() > valid[-1])
-    histogram = np.zeros(0) if outside else _code_counts(regions)
-    present = np.unique(regions) if outside else np.flatnonzero(histogram.sum(axis=0))
-    bad = np.setdiff1d(present, valid)
-    if bad.size:
-        raise ValueError(f"mask values {bad.tolist()} are not {encoding} codes {valid.tolist()}")
-    out = np.zeros((regions.shape[0], len(LABEL_NAMES)), np.float32)
-    for code in valid:
-        out[:, LABEL_NAMES.index(table[int(code)])] += histogram[:, code] / regions.shape[1]
+    stack = codes[None] if single else codes
+    n = stack.shape[0]
+    out = grid_class_fractions(stack[:, :, None], np.arange(n), np.zeros(n, np.intp), encoding)
     return out[0] if single else out
 
 
-def _code_counts(regions: np.ndarray) -> np.ndarray:
-    """(N, 256) count of each byte value in each row of ``regions`` (N, P) uint8.
+def grid_class_fractions(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, encoding: str) -> np.ndarray:
+    """:func:`class_fractions` of the regions at ``(rows, cols)`` of a ``(Y, H, X, W)`` uint8 grid of mask codes (a
+    block of a mask reshaped into tiles of ``H x W``), counted in place: (N, 6)."""
+    table = MASK_ENCODINGS[encoding]
+    valid = np.array(sorted(table), dtype=np.uint8)
+    rows, cols = np.asarray(rows, np.intp), np.asarray(cols, np.intp)
+    if encoding in LOSSY_ENCODINGS:  # snapping looks at neighbours: the regions are cut out first
+        grid = snap_codes(grid[rows, :, cols], encoding)[:, :, None]
+        rows, cols = np.arange(len(rows)), np.zeros(len(rows), np.intp)
+    histogram = np.zeros((len(rows), 256), np.int64)
+    _code_counts(np.ascontiguousarray(grid), rows, cols, histogram)
+    invalid = np.ones(256, bool)
+    invalid[valid] = False
+    bad = np.flatnonzero(invalid & histogram.any(axis=0))
+    if bad.size:
+        raise ValueError(f"mask values {bad.tolist()} are not {encoding} codes {valid.tolist()}")
+    pixels = grid.shape[1] * grid.shape[3]
+    out = np.zeros((len(rows), len(LABEL_NAMES)), np.float32)
+    for code in valid:
+        out[:, LABEL_NAMES.index(table[int(code)])] += histogram[:, code] / pixels
+    return out
+
+
+MAX_CODE_PASSES = 8
+"""Regions whose codes span more values than this are counted by histogram, not by a pass per value."""
+
+
+@numba.njit(cache=True, nogil=True)
+def _code_counts(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> None:
+    """``counts[i, v]`` = pixels of value ``v`` in the region ``grid[rows[i], :, cols[i]]``.
 
     Tiling counts every mask pixel it reads, so this is on its hot path, and masks hold a handful
-    of codes. A row whose min equals its max (a tile inside one region) is counted from those two
-    reductions; the other rows by one comparison pass per code between their lowest and highest
-    value, several times faster than a ``bincount`` per row, which first converts every byte to a
-    64-bit index. Callers reject rows with values outside their codes first: a stray 255 would
-    otherwise cost a pass per value up to it."""
-    n, pixels = regions.shape
-    counts = np.zeros((n, 256), np.int64)
-    if n == 0 or pixels == 0:
-        return counts
-    lo, hi = regions.min(axis=1), regions.max(axis=1)
-    uniform = lo == hi
-    counts[np.flatnonzero(uniform), lo[uniform]] = pixels
-    mixed = np.flatnonzero(~uniform)
-    if mixed.size:
-        rows = regions[mixed]
-        for code in range(int(lo[mixed].min()), int(hi[mixed].max()) + 1):
-            counts[mixed, code] = _count_bytes(rows == code)
-    return counts
-
-
-LANE_WORDS = 255
-"""Words of eight 0/1 bytes that :func:`_count_bytes` adds before a byte lane could carry into the next."""
-
-
-def _count_bytes(flags: np.ndarray) -> np.ndarray:
-    """(N,) int64 count of true values in each row of an (N, P) bool array.
-
-    Summing the bytes with a wider accumulator makes numpy cast each byte first, three times the
-    cost of the comparison that made them. Here the bytes are added eight at a time as uint64
-    words, in groups of at most ``LANE_WORDS`` so that no byte lane overflows, and only the
-    groups' byte lanes are then added up: the count costs less than the comparison."""
-    n, pixels = flags.shape
-    flat = np.ascontiguousarray(flags).view(np.uint8)
-    whole = pixels // 8 * 8
-    words = flat[:, :whole].view(np.uint64)
-    grouped = words.shape[1] // LANE_WORDS * LANE_WORDS
-    lanes = np.concatenate([words[:, :grouped].reshape(n, grouped // LANE_WORDS, LANE_WORDS).sum(axis=2),
-                            words[:, grouped:].sum(axis=1, keepdims=True)], axis=1)
-    return lanes.view(np.uint8).sum(axis=1, dtype=np.int64) + flat[:, whole:].sum(axis=1, dtype=np.int64)
+    of codes. A region's lowest and highest value are found first (a vectorised pass): a region
+    inside one class is then counted; otherwise each value between them is counted by a
+    vectorised comparison pass, several times faster than a histogram, whose increments of the
+    same bin wait on each other. A region spanning many values (a wrong mask file, about to be
+    refused) is counted by histogram."""
+    height, width = grid.shape[1], grid.shape[3]
+    for t in range(rows.shape[0]):
+        region = grid[rows[t], :, cols[t]]
+        lo, hi = np.uint8(255), np.uint8(0)
+        for y in range(height):
+            for x in range(width):
+                lo = min(lo, region[y, x])
+                hi = max(hi, region[y, x])
+        if lo == hi:
+            counts[t, lo] = height * width
+        elif hi - lo < MAX_CODE_PASSES:
+            for value in range(lo, hi + 1):
+                total = 0
+                for y in range(height):
+                    row_total = np.int32(0)
+                    for x in range(width):
+                        row_total += region[y, x] == value
+                    total += row_total
+                counts[t, value] = total
+        else:
+            for y in range(height):
+                for x in range(width):
+                    counts[t, region[y, x]] += 1
 
 
 def tile_labels(fractions: np.ndarray, policy: str, min_fraction: float = 0.05) -> np.ndarray:
