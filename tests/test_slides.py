@@ -120,6 +120,13 @@ def test_deflate_mask_tiles_read_as_written_and_a_broken_one_names_the_file(tmp_
     with TiffSlide(path, require_rgb=False) as mask:
         assert np.array_equal(mask.read_codes((0, 0), 0, (64, 48)), codes[..., 0])
         assert np.array_equal(mask.read_codes((5, 7), 0, (40, 30)), codes[7:37, 5:45, 0])
+        assert np.array_equal(mask.read_region((0, 0), 0, (64, 48)), codes), "the RGB read keeps its own tiles"
+    # codes are inflated into one reused buffer: a tile served later from the cache must not be the next tile's
+    with TiffSlide(path, require_rgb=False) as mask:
+        first = mask.read_codes((0, 0), 0, (16, 16))
+        assert np.array_equal(mask.read_codes((16, 0), 0, (16, 16)), codes[:16, 16:32, 0])
+        assert np.array_equal(mask.read_codes((0, 0), 0, (16, 16)), first)
+        assert np.array_equal(first, codes[:16, :16, 0])
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
     raw = bytearray(path.read_bytes())
