@@ -51,7 +51,8 @@ def test_score_text_matches_panda_csv() -> None:
 
 import numpy as np  # noqa: E402
 
-from bonylib.data.labels import LABEL_NAMES, MASK_ENCODINGS, class_fractions, grid_class_fractions, tile_labels  # noqa: E402
+from bonylib.data.labels import LABEL_NAMES, MASK_ENCODINGS, tile_labels  # noqa: E402
+from bonylib.data.mask_fractions import class_fractions, grid_class_fractions  # noqa: E402
 
 
 def fractions_of(**parts: float) -> np.ndarray:

@@ -45,7 +45,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from bonylib.config import check_fractions, option, section, to_dict
-from bonylib.data.labels import FRACTION_COLUMNS, POLICIES, grid_class_fractions, tile_labels
+from bonylib.data.labels import FRACTION_COLUMNS, POLICIES, tile_labels
+from bonylib.data.mask_fractions import grid_class_fractions
 from bonylib.data.quality import MEASURES, QualityConfig, TissueConfig, grid_measures, keep_tiles, tissue_mask
 from bonylib.data.slides import Slide, SlideError, open_slide
 from bonylib.data.sources import SlideJob, list_jobs
