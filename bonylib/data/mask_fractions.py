@@ -7,9 +7,9 @@ synthetic data) does not import numba.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from bonylib.compiled import kernel
 from bonylib.data.labels import LABEL_NAMES, LOSSY_ENCODINGS, MASK_ENCODINGS, snap_codes
 
 
@@ -54,7 +54,7 @@ MAX_CODE_PASSES = 8
 """Regions whose codes span more values than this are counted by histogram, not by a pass per value."""
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _code_counts(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> None:
     """``counts[i, v]`` = pixels of value ``v`` in the region ``grid[rows[i], :, cols[i]]``.
 

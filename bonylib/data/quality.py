@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk, remove_small_objects
 
+from bonylib.compiled import kernel
 from bonylib.config import check_fractions, option
 from bonylib.errors import ConfigError
 
@@ -167,7 +168,7 @@ def _is_pen(r: int, g: int, b: int) -> bool:
     return cool | blue | black | red
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _pen_pixels(pixels: np.ndarray, out: np.ndarray) -> None:
     """``out[i]`` = whether pixel ``i`` of ``pixels`` ((P, 3) uint8) is marker ink."""
     for i in range(pixels.shape[0]):
@@ -322,7 +323,7 @@ def grid_measures(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[
     return dict(zip(MEASURES, out))
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
+@kernel(fastmath={"reassoc"}, error_model="numpy")
 def _homogeneity_sum(levels: np.ndarray, neighbours: np.ndarray) -> float:
     """Sum of ``1 / (1 + d^2)`` over the differences ``d`` of two rows of grey levels, each term
     rounded to float32 as scikit-image's float32 matrix would hold it.
@@ -337,7 +338,7 @@ def _homogeneity_sum(levels: np.ndarray, neighbours: np.ndarray) -> float:
     return total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@kernel(error_model="numpy")
 def _measure_tiles(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
     """``out[:, i]`` = the measures (``MEASURES`` order) of the tile at ``grid[rows[i], :, cols[i]]``.
 
