@@ -25,3 +25,17 @@ def test_a_kernel_that_cannot_be_cached_is_compiled_and_said(caplog: pytest.LogC
         total = kernel()(namespace["total"])
     assert total(np.arange(10)) == 45
     assert "cannot cache total" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text
+
+
+@pytest.mark.parametrize("cells", [([0, 2], [0, 0]), ([0, -1], [0, 0]), ([0, 0], [0, 3])])
+def test_cells_outside_the_grid_are_refused_before_a_kernel_reads_them(cells: tuple[list[int], list[int]]) -> None:
+    from bonylib.data.mask_fractions import grid_class_fractions
+    from bonylib.data.quality import grid_measures
+
+    rows, cols = (np.array(c) for c in cells)
+    with pytest.raises(IndexError, match="outside a grid of 2 x 3 tiles"):
+        grid_measures(np.zeros((2, 8, 3, 8, 3), np.uint8), rows, cols)
+    with pytest.raises(IndexError, match="outside a grid of 2 x 3 tiles"):
+        grid_class_fractions(np.zeros((2, 8, 3, 8), np.uint8), rows, cols, "radboud")
+    with pytest.raises(ValueError, match="uint8 grid"):
+        grid_measures(np.zeros((2, 8, 3, 8, 3), np.float32), [0], [0])

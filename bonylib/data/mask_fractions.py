@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bonylib.compiled import kernel
+from bonylib.compiled import grid_cells, kernel
 from bonylib.data.labels import LABEL_NAMES, LOSSY_ENCODINGS, MASK_ENCODINGS, snap_codes
 
 
@@ -32,12 +32,12 @@ def grid_class_fractions(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, e
     block of a mask reshaped into tiles of ``H x W``), counted in place: (N, 6)."""
     table = MASK_ENCODINGS[encoding]
     valid = np.array(sorted(table), dtype=np.uint8)
-    rows, cols = np.asarray(rows, np.intp), np.asarray(cols, np.intp)
+    grid, rows, cols = grid_cells(grid, rows, cols, 4)
     if encoding in LOSSY_ENCODINGS:  # snapping looks at neighbours: the regions are cut out first
-        grid = snap_codes(grid[rows, :, cols], encoding)[:, :, None]
+        grid = np.ascontiguousarray(snap_codes(grid[rows, :, cols], encoding)[:, :, None])
         rows, cols = np.arange(len(rows)), np.zeros(len(rows), np.intp)
     histogram = np.zeros((len(rows), 256), np.int64)
-    _code_counts(np.ascontiguousarray(grid), rows, cols, histogram)
+    _code_counts(grid, rows, cols, histogram)
     invalid = np.ones(256, bool)
     invalid[valid] = False
     bad = np.flatnonzero(invalid & histogram.any(axis=0))

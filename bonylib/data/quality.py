@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk, remove_small_objects
 
-from bonylib.compiled import kernel
+from bonylib.compiled import grid_cells, kernel
 from bonylib.config import check_fractions, option
 from bonylib.errors import ConfigError
 
@@ -318,8 +318,9 @@ def grid_measures(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[
     tile's measures depend on its pixels alone, not on the other tiles of the call: each is exact
     integer arithmetic, or a float sum that is exact in any order (see :func:`_measure_tiles`).
     """
+    grid, rows, cols = grid_cells(grid, rows, cols, 5)
     out = np.empty((len(MEASURES), len(rows)), np.float32)
-    _measure_tiles(np.ascontiguousarray(grid), np.asarray(rows, np.intp), np.asarray(cols, np.intp), out)
+    _measure_tiles(grid, rows, cols, out)
     return dict(zip(MEASURES, out))
 
 
