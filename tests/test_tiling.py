@@ -22,7 +22,8 @@ from bonylib.data.datasets import TileDataset
 from bonylib.data.labels import LABEL_NAMES
 from bonylib.data.synthetic.panda import write_pyramid
 from bonylib.data.synthetic.tissue import ZONE_G3, render_tissue, sample_stain
-from bonylib.data.tiling import TileConfig, tile
+from bonylib.data.sources import SlideJob, list_jobs
+from bonylib.data.tiling import TileConfig, _band_blocks, band_counts, read_part, tile
 from bonylib.errors import BonyError
 
 T = 224
@@ -365,10 +366,10 @@ def test_a_worker_that_dies_fails_only_its_slide(tmp_path: Path, monkeypatch: py
         _tissue_image(tmp_path / f"{name}.png", T, 2 * T)
     real = tiling.tile_slide
 
-    def crash_on_b(job, cfg, out):  # a decoder segfault, as the pool sees it
+    def crash_on_b(job, cfg, out, band=(0, 1)):  # a decoder segfault, as the pool sees it
         if job.slide_id == "b":
             os._exit(139)
-        return real(job, cfg, out)
+        return real(job, cfg, out, band)
 
     monkeypatch.setattr(tiling, "tile_slide", crash_on_b)  # forked workers inherit the patch
     cfg = load_config(TileConfig, None, ["slide_mpp=0.5", "workers=2"])
@@ -376,6 +377,43 @@ def test_a_worker_that_dies_fails_only_its_slide(tmp_path: Path, monkeypatch: py
     assert result.failures.slide_id.tolist() == ["b"]
     assert "worker process died" in result.failures.error.iloc[0]
     assert set(pd.read_parquet(result.manifest).slide_id) == {"a", "c"}
+
+
+@pytest.mark.parametrize("block_tiles", [1, 4])  # 4: a slide's tiles are one block, and its other bands are empty
+def test_slides_tiled_in_bands_give_the_parts_of_whole_slides(drawn, tmp_path: Path, block_tiles: int) -> None:
+    root, _ = drawn
+    whole = tile("panda", [root], tmp_path / "whole", load_config(TileConfig, None, [f"block_tiles={block_tiles}"]))
+    cfg = load_config(TileConfig, None, ["workers=3", f"block_tiles={block_tiles}"])
+    assert band_counts(list_jobs("panda", [root]), cfg) == [3, 3], "two slides over three workers: three bands each"
+    banded = tile("panda", [root], tmp_path / "banded", cfg)
+    assert banded.tiled == 2 and banded.failures.empty
+    for slide_id in ("rad", "kar"):
+        pd.testing.assert_frame_equal(read_part(tmp_path / "banded", slide_id), read_part(tmp_path / "whole", slide_id))
+    pd.testing.assert_frame_equal(pd.read_parquet(banded.manifest), pd.read_parquet(whole.manifest))
+    slides = [pd.read_parquet(out / "slides.parquet").drop(columns="seconds") for out in (tmp_path / "banded", tmp_path / "whole")]
+    pd.testing.assert_frame_equal(*slides)
+
+
+def test_bands_cut_a_slides_blocks_in_order_into_runs_of_about_equal_tiles() -> None:
+    blocks = [np.arange(size) for size in (3, 1, 4, 2, 5, 1)]
+    for n in range(1, 8):
+        bands = [_band_blocks(blocks, (k, n)) for k in range(n)]
+        assert [len(b) for band in bands for b in band] == [len(b) for b in blocks], "every block once, in order"
+    assert [sum(len(b) for b in _band_blocks(blocks, (k, 2))) for k in range(2)] == [8, 8]
+
+
+def test_only_a_slide_larger_than_its_share_of_the_workers_is_banded(tmp_path: Path) -> None:
+    def job(name: str, size: int, patch: bool = False) -> SlideJob:
+        (tmp_path / name).write_bytes(b"\0" * size)
+        return SlideJob(name, tmp_path / name, patch=patch)
+
+    few = [job("big", 9000), job("mid", 3000), job("small", 1000), job("patch", 9000, patch=True)]
+    counts = lambda jobs, *overrides: band_counts(jobs, load_config(TileConfig, None, list(overrides)))  # noqa: E731
+    assert counts(few, "workers=2") == [2, 1, 1, 1]  # a quarter of 22000 is 5500
+    assert counts(few, "workers=4") == [4, 2, 1, 1]  # an eighth is 2750
+    assert counts(few, "workers=1") == counts(few, "workers=4", "shards=true") == [1, 1, 1, 1]
+    many = [job(f"s{i}", 1000 + i) for i in range(40)]
+    assert counts(many, "workers=16") == [1] * 40
 
 
 def test_resume_may_change_workers(drawn, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import glob
 import io
 import json
 import logging
+import math
 import tarfile
 import time
 import traceback
@@ -33,7 +34,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,17 @@ def _blocks(rows: np.ndarray, cols: np.ndarray, block: int) -> list[np.ndarray]:
     return np.split(order, split_at)
 
 
+def _band_blocks(blocks: list[np.ndarray], band: Band) -> list[np.ndarray]:
+    """The blocks of band ``(k, n)``: consecutive blocks holding about a k-th n-th of the candidate tiles each (a block
+    goes to the band in which its first tile falls), so that the bands' rows in order are the slide's."""
+    k, n = band
+    if n == 1:
+        return blocks
+    before = np.cumsum([0] + [len(block) for block in blocks[:-1]])
+    total = max(sum(len(block) for block in blocks), 1)
+    return [block for block, first in zip(blocks, before) if min(n - 1, first * n // total) == k]
+
+
 def part_schema(shards: bool) -> pa.Schema:
     """Columns of a part file (and, less ``keep`` and ``reason``, of the manifest), fixed so that
     parts of slides with no tiles concatenate with the others."""
@@ -182,8 +194,14 @@ def part_schema(shards: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def tile_slide(job: SlideJob, cfg: TileConfig, out: Path) -> dict[str, Any]:
-    """Tile one slide, write its part (and shard); return its summary row. Raises on a bad slide."""
+Band = tuple[int, int]
+"""Which part of a slide's blocks a task tiles: ``(k, n)``, the k-th of n runs of consecutive blocks."""
+
+
+def tile_slide(job: SlideJob, cfg: TileConfig, out: Path, band: Band = (0, 1)) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """Tile one slide, write its part (and shard), return its summary row and None; or, for band ``(k, n)`` with
+    n > 1, tile only the k-th of n runs of its blocks and return the band's summary and rows, which
+    :func:`write_bands` joins into the part once every band is in. Raises on a bad slide."""
     start = time.perf_counter()
     if job.error:
         raise SlideError(f"{job.path}: {job.error}")
@@ -201,20 +219,44 @@ def tile_slide(job: SlideJob, cfg: TileConfig, out: Path) -> dict[str, Any]:
             elif cfg.missing_mask == "fail":
                 raise SlideError(f"{job.mask}: mask file missing (missing_mask=unlabelled tiles such slides without labels)")
         shard = stack.enter_context(ShardWriter(out, job.slide_id, cfg.shard_quality)) if cfg.shards else None
-        rows, grid_tiles = _tile_rows(slide, mask_slide, job, plan, cfg, shard)
+        rows, grid_tiles = _tile_rows(slide, mask_slide, job, plan, cfg, shard, band)
         dimensions = slide.level_dimensions[0]
-    summary = {
+    summary = _summary({
         "slide_id": job.slide_id, "path": str(job.path), "provider": job.provider,
         "width": dimensions[0], "height": dimensions[1], "level": plan.level, "size": plan.size, "mpp": plan.tile_mpp,
-        "grid_tiles": grid_tiles, "read_tiles": len(rows), "kept_tiles": int(rows["keep"].sum()),
-        "seconds": time.perf_counter() - start,
-        **{f"dropped_{reason}": int((rows["reason"] == reason).sum()) for reason in sorted(set(rows["reason"]) - {""})},
-    }
-    table = pa.Table.from_pandas(rows, schema=part_schema(cfg.shards), preserve_index=False)
+        "grid_tiles": grid_tiles}, rows, time.perf_counter() - start)
+    if band[1] > 1:
+        return summary, rows
+    _write_part(out, job.slide_id, rows, summary, cfg.shards)
+    return summary, None
+
+
+def _summary(slide: dict[str, Any], rows: pd.DataFrame, seconds: float) -> dict[str, Any]:
+    """A slide's row of ``slides.parquet``: what describes the slide, the counts of its measured tiles, the time."""
+    return {**slide, "read_tiles": len(rows), "kept_tiles": int(rows["keep"].sum()), "seconds": seconds,
+            **{f"dropped_{reason}": int((rows["reason"] == reason).sum()) for reason in sorted(set(rows["reason"]) - {""})}}
+
+
+def _write_part(out: Path, slide_id: str, rows: pd.DataFrame, summary: dict[str, Any], shards: bool) -> None:
+    """``parts/<slide_id>.parquet`` in one atomic step, its summary in the file's metadata: the slide is done."""
+    table = pa.Table.from_pandas(rows, schema=part_schema(shards), preserve_index=False)
     table = table.replace_schema_metadata({b"bony_summary": json.dumps(summary).encode()})
-    with atomic_path(out / "parts" / f"{job.slide_id}.parquet") as tmp:
+    with atomic_path(out / "parts" / f"{slide_id}.parquet") as tmp:
         pq.write_table(table, tmp)
+
+
+def write_bands(out: Path, bands: list[tuple[dict[str, Any], pd.DataFrame]], shards: bool) -> dict[str, Any]:
+    """Join a slide's bands (in band order) into its part, the same rows as the slide tiled whole; return its summary
+    (the time is the bands' sum)."""
+    rows = pd.concat([band_rows for _, band_rows in bands], ignore_index=True)
+    first = bands[0][0]
+    slide = {key: value for key, value in first.items() if key not in ("read_tiles", "kept_tiles", "seconds")
+             and not key.startswith("dropped_")}
+    summary = _summary(slide, rows, sum(summary["seconds"] for summary, _ in bands))
+    _write_part(out, str(first["slide_id"]), rows, summary, shards)
     return summary
+
+
 
 
 class ShardWriter:
@@ -258,7 +300,7 @@ class ShardWriter:
 
 
 def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan, cfg: TileConfig,
-               shard: ShardWriter | None) -> tuple[pd.DataFrame, int]:
+               shard: ShardWriter | None, band: Band = (0, 1)) -> tuple[pd.DataFrame, int]:
     """Measure, filter and label the tissue tiles of one slide: the rows of its part file, and the grid size."""
     level, size = plan.level, plan.size
     ds = slide.level_downsamples[level]
@@ -280,7 +322,7 @@ def _tile_rows(slide: Slide, mask_slide: Slide | None, job: SlideJob, plan: Plan
     mask_level = _mask_level(mask_slide, slide, level) if mask_slide is not None else None
 
     columns: dict[str, list[np.ndarray]] = {}
-    for block in _blocks(rows, cols, cfg.block_tiles):
+    for block in _band_blocks(_blocks(rows, cols, cfg.block_tiles), band):
         r, c = rows[block], cols[block]
         r0, c0 = int(r.min()), int(c.min())
         bh, bw = (int(r.max()) - r0 + 1) * size, (int(c.max()) - c0 + 1) * size
@@ -352,16 +394,22 @@ def load_kernels() -> float:
     return time.perf_counter() - start
 
 
-def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path) -> tuple[dict[str, Any] | None, str]:
+def _tile_or_fail(job: SlideJob, cfg: TileConfig, out: Path,
+                  band: Band = (0, 1)) -> tuple[tuple[dict[str, Any], pd.DataFrame | None] | None, str]:
     """Run :func:`tile_slide` turning any error into a message, so one bad slide never stops a run.
 
     A full output disk is not the slide's fault and every later slide would fail the same way: it
     stops the run (:class:`DiskFullError`, naming the output folder); the finished slides' parts are
     kept and a rerun resumes.
     """
+    return _or_fail(job, out, lambda: tile_slide(job, cfg, out, band))
+
+
+def _or_fail(job: SlideJob, out: Path, work: Callable[[], Any]) -> tuple[Any, str]:
+    """``(work(), "")``, or ``(None, message)`` for any error but a full disk (see :func:`_tile_or_fail`)."""
     try:
         with reporting_full_disk(out, f"slide {job.slide_id}"):
-            return tile_slide(job, cfg, out), ""
+            return work(), ""
     except DiskFullError:
         raise
     except BonyError as exc:
@@ -480,43 +528,92 @@ def _remove_stale_temporaries(out: Path, jobs: list[SlideJob], whole_run: bool) 
 def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[SlideJob, dict[str, Any] | None, str]]:
     """Tile ``jobs`` in this process or over ``cfg.workers`` processes, yielding results as slides finish.
 
-    Workers take the largest slides first, so that the last slides to finish are small ones and
-    the workers end together (in file order, two large slides left to the end keep one worker
-    busy while the other waits). A worker that dies (a decoder crashing on a corrupt file, the
-    kernel killing it for memory) breaks the pool: the slides it left unfinished are then retried
-    one per fresh process, so the culprit is recorded as failed and the others are tiled.
+    With several workers, a slide larger than a ``2 * workers``-th of the run is tiled as bands of
+    its blocks, one task each, joined into its part when all are in (:func:`band_counts`): with few
+    slides, two workers' wall time was set by the largest (42 % of bench_tiling's 4 slides), not by
+    their speed. The parts are the same as a whole slide's. A band that fails fails its slide.
     """
     if cfg.workers == 1:
         for job in jobs:
-            yield (job, *_tile_or_fail(job, cfg, out))
+            result, error = _tile_or_fail(job, cfg, out)
+            yield job, result[0] if result else None, error
         return
-    unfinished: list[SlideJob] = []
+    tasks = [(job, (k, n)) for job, n in zip(jobs, band_counts(jobs, cfg)) for k in range(n)]
+    bands: dict[str, dict[int, tuple[dict[str, Any], pd.DataFrame]]] = {}
+    failed: set[str] = set()
+    for (job, (k, n)), result, error in _run_tasks(tasks, cfg, out):
+        if job.slide_id in failed:
+            continue
+        if result is None:
+            failed.add(job.slide_id)
+            bands.pop(job.slide_id, None)
+            yield job, None, error
+            continue
+        summary, rows = result
+        if rows is None:  # a whole slide: its part is written
+            yield job, summary, ""
+            continue
+        done = bands.setdefault(job.slide_id, {})
+        done[k] = (summary, rows)
+        if len(done) == n:
+            del bands[job.slide_id]
+            joined = [done[i] for i in range(n)]
+            yield (job, *_or_fail(job, out, lambda: write_bands(out, joined, cfg.shards)))
+
+
+def band_counts(jobs: list[SlideJob], cfg: TileConfig) -> list[int]:
+    """In how many bands each slide is tiled: one, unless the run has several workers and the slide's file is more
+    than a ``2 * workers``-th of all the files (then as many bands as that share goes into it, at most ``workers``).
+    Over thousands of slides none is; patches are never split, nor slides written into shards (one tar a slide)."""
+    if cfg.workers == 1 or cfg.shards:
+        return [1] * len(jobs)
+    sizes = [_file_bytes(job) for job in jobs]
+    share = sum(sizes) / (2 * cfg.workers)
+    if share == 0:
+        return [1] * len(jobs)
+    return [1 if job.patch else max(1, min(cfg.workers, math.ceil(size / share))) for job, size in zip(jobs, sizes)]
+
+
+Task = tuple[SlideJob, Band]
+
+
+def _run_tasks(tasks: list[Task], cfg: TileConfig,
+               out: Path) -> Iterator[tuple[Task, tuple[dict[str, Any], pd.DataFrame | None] | None, str]]:
+    """Run ``tasks`` over ``cfg.workers`` processes, yielding each one's result as it finishes.
+
+    Workers take the largest tasks first, so that the last to finish are small ones and the
+    workers end together (in file order, two large slides left to the end keep one worker busy
+    while the other waits). A worker that dies (a decoder crashing on a corrupt file, the kernel
+    killing it for memory) breaks the pool: the tasks it left unfinished are then retried one per
+    fresh process, so the culprit is recorded as failed and the others are tiled.
+    """
+    unfinished: list[Task] = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-        largest_first = sorted(jobs, key=_file_bytes, reverse=True)
-        futures = {pool.submit(_tile_or_fail, job, cfg, out): job for job in largest_first}
+        largest_first = sorted(tasks, key=lambda task: _file_bytes(task[0]) / task[1][1], reverse=True)
+        futures = {pool.submit(_tile_or_fail, job, cfg, out, band): (job, band) for job, band in largest_first}
         reported: set[Future] = set()
         try:
             for future in as_completed(futures):
                 result = future.result()  # raises if the pool broke, or the disk is full
                 reported.add(future)
                 yield (futures[future], *result)
-        except DiskFullError:
-            pool.shutdown(wait=True, cancel_futures=True)  # every queued slide would fail the same way
+        except (DiskFullError, GeneratorExit):  # every queued task would fail the same way, or no one waits for them
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         except BrokenProcessPool:
-            for future, job in futures.items():
+            for future, task in futures.items():
                 if future in reported:
                     continue
                 if future.done() and future.exception() is None:
-                    yield (job, *future.result())
+                    yield (task, *future.result())
                 else:
-                    unfinished.append(job)
-    for job in unfinished:
+                    unfinished.append(task)
+    for job, band in unfinished:
         with ProcessPoolExecutor(max_workers=1) as alone:
             try:
-                yield (job, *alone.submit(_tile_or_fail, job, cfg, out).result())
+                yield ((job, band), *alone.submit(_tile_or_fail, job, cfg, out, band).result())
             except BrokenProcessPool:
-                yield job, None, f"{job.path}: the worker process died while tiling this slide (crash or out of memory)"
+                yield (job, band), None, f"{job.path}: the worker process died while tiling this slide (crash or out of memory)"
 
 
 def _file_bytes(job: SlideJob) -> int:
