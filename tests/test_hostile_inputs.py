@@ -186,7 +186,9 @@ def test_transparent_tiff_pixels_read_as_glass(tmp_path: Path, tiled: bool, extr
     np.testing.assert_allclose(region[40, 40], expected, atol=1.5)
 
 
-def test_full_output_disk_stops_tiling_and_resumes(panda: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the slides are tiled in bands, and their parts written by the parent
+def test_full_output_disk_stops_tiling_and_resumes(panda: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   workers: int) -> None:
     import errno
 
     import pyarrow.parquet as pq
@@ -206,7 +208,7 @@ def test_full_output_disk_stops_tiling_and_resumes(panda: Path, tmp_path: Path, 
     monkeypatch.setattr(tiling.pq, "write_table", fills_up)
     out = tmp_path / "tiles"
     with pytest.raises(DiskFullError, match=rf"{out / 'parts'}: the output disk is full"):
-        tile("panda", [panda], out, load_config(TileConfig, None, []))
+        tile("panda", [panda], out, load_config(TileConfig, None, [f"workers={workers}"]))
     assert not (out / "failures.csv").exists(), "no slide is blamed for the full disk"
     assert len(list((out / "parts").glob("*.parquet"))) == 1 and not list((out / "parts").glob(".*"))
     monkeypatch.setattr(tiling.pq, "write_table", real_write)

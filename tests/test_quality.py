@@ -194,6 +194,27 @@ def test_homogeneity_is_scikit_image_glcm_homogeneity() -> None:
     assert got[2] == 1.0 and got[0] < 0.8
 
 
+@pytest.mark.parametrize("side", [7, 101, 224, 225])
+def test_measures_equal_their_definitions_in_plain_numpy(side: int) -> None:
+    """The compiled pass against the definitions written out for one tile, on odd sides too (where the last sampled
+    row and column move): background, edges and pen are counts, blur the variance of integer Laplacians."""
+    rng = np.random.default_rng(side)
+    tiles = np.stack([he_texture((side, side), seed=side), rng.integers(0, 256, (side, side, 3), dtype=np.uint8)])
+    tiles[0, : side // 3] = (40, 160, 90)  # a stroke of green ink
+    got = tile_measures(tiles)
+    for i, tile in enumerate(tiles):
+        colour = tile[::4, ::4].astype(np.int64)
+        lo, hi = colour.min(axis=-1), colour.max(axis=-1)
+        grey = tile[::2, ::2, 1].astype(np.int64)
+        gradient = np.abs(grey[:-1, 1:] - grey[:-1, :-1]) + np.abs(grey[1:, :-1] - grey[:-1, :-1])
+        laplacian = (4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
+        assert got["background"][i] == np.float32(((lo >= 200) & (hi - lo <= 12)).mean())
+        assert got["edges"][i] == np.float32((gradient > 24).mean())
+        assert got["pen"][i] == np.float32(pen_mask(tile[::4, ::4]).mean())
+        assert got["blur"][i] == pytest.approx(laplacian.var(), rel=1.2e-7)  # to its float32 rounding
+    assert got["pen"][0] > 0.3, "the stroke is ink"
+
+
 def test_homogeneity_is_exact_whatever_the_order_of_its_sums() -> None:
     """The compiled measure adds its terms in whatever order vectorises on the CPU at hand; every term is a float32
     1 / (1 + d^2) and the sums are exact in float64, so it must equal, to the bit, the sum taken from a histogram of

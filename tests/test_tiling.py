@@ -162,7 +162,8 @@ def test_kill_and_rerun_gives_the_same_manifest(tmp_path: Path, repo: Path) -> N
     assert not leftovers, f"half-written files left: {leftovers}"
 
 
-def test_bad_slides_are_recorded_and_the_run_goes_on(drawn, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 3])  # 3: the good slides are tiled in bands, beside the refused jobs
+def test_bad_slides_are_recorded_and_the_run_goes_on(drawn, tmp_path: Path, workers: int) -> None:
     good, _ = drawn
     root = tmp_path / "panda"
     shutil.copytree(good, root)
@@ -198,8 +199,8 @@ def test_bad_slides_are_recorded_and_the_run_goes_on(drawn, tmp_path: Path) -> N
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
 
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "bonylib", "tile", str(root), "--format", "panda", "--out", str(out)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "bonylib", "tile", str(root), "--format", "panda", "--out", str(out),
+                             f"workers={workers}"], capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
     failures = pd.read_csv(out / "failures.csv").set_index("slide_id").error
@@ -394,11 +395,30 @@ def test_slides_tiled_in_bands_give_the_parts_of_whole_slides(drawn, tmp_path: P
     pd.testing.assert_frame_equal(*slides)
 
 
+def test_a_band_that_fails_fails_its_slide_alone(drawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bonylib.data.tiling as tiling
+
+    root, _ = drawn
+    real = tiling.tile_slide
+
+    def second_band_of_rad_fails(job, cfg, out, band=(0, 1)):
+        if job.slide_id == "rad" and band[0] == 1:
+            raise BonyError(f"{job.path}: a corrupt tile in band {band}")
+        return real(job, cfg, out, band)
+
+    monkeypatch.setattr(tiling, "tile_slide", second_band_of_rad_fails)  # forked workers inherit the patch
+    result = tile("panda", [root], tmp_path / "out", load_config(TileConfig, None, ["workers=3", "block_tiles=1"]))
+    assert result.failures.slide_id.tolist() == ["rad"] and "band (1, 3)" in result.failures.error.iloc[0]
+    assert sorted(p.stem for p in (tmp_path / "out" / "parts").glob("*.parquet")) == ["kar"]
+    assert set(pd.read_parquet(result.manifest).slide_id) == {"kar"}
+
+
 def test_bands_cut_a_slides_blocks_in_order_into_runs_of_about_equal_tiles() -> None:
     blocks = [np.arange(size) for size in (3, 1, 4, 2, 5, 1)]
     for n in range(1, 8):
         bands = [_band_blocks(blocks, (k, n)) for k in range(n)]
-        assert [len(b) for band in bands for b in band] == [len(b) for b in blocks], "every block once, in order"
+        joined = [block for band in bands for block in band]
+        assert len(joined) == len(blocks) and all(a is b for a, b in zip(joined, blocks)), "every block once, in order"
     assert [sum(len(b) for b in _band_blocks(blocks, (k, 2))) for k in range(2)] == [8, 8]
 
 

@@ -45,8 +45,8 @@ GLASS_MAX_CHROMA = 12
 COLOUR_STEP = 4
 # An edge pixel: |dx| + |dy| of the green channel on the 2x grid above this many grey levels.
 EDGE_MIN_GRADIENT = 24
-# GLCM homogeneity is computed on the green channel quantised to 256 / 8 = 32 grey levels.
-HOMOGENEITY_LEVEL_STEP = 8
+# GLCM homogeneity is computed on the green channel quantised to 256 >> 3 = 32 grey levels.
+HOMOGENEITY_LEVEL_BITS = 3
 
 
 @dataclass
@@ -319,6 +319,8 @@ def grid_measures(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[
     integer arithmetic, or a float sum that is exact in any order (see :func:`_measure_tiles`).
     """
     grid, rows, cols = grid_cells(grid, rows, cols, 5)
+    if grid.shape[4] != 3 or grid.shape[1] < 6 or grid.shape[3] < 6:
+        raise ValueError(f"expected RGB tiles of at least 6x6 pixels, got a grid of shape {grid.shape}")
     out = np.empty((len(MEASURES), len(rows)), np.float32)
     _measure_tiles(grid, rows, cols, out)
     return dict(zip(MEASURES, out))
@@ -329,12 +331,14 @@ def _homogeneity_sum(levels: np.ndarray, neighbours: np.ndarray) -> float:
     """Sum of ``1 / (1 + d^2)`` over the differences ``d`` of two rows of grey levels, each term
     rounded to float32 as scikit-image's float32 matrix would hold it.
 
-    Every term is a multiple of 2^-33 (the float32 ulp of the smallest, 1/962) and a tile's sum
-    stays below 2^14, so every partial sum is exact in float64: the order of the additions (free
-    here, so that they vectorise) cannot change the result, on any CPU."""
+    Every term is a multiple of 2^-33 (the float32 ulp of the smallest, 1/962) and a tile's sum is
+    at most its number of pixel pairs, below 2^20 for tiles up to 2048 px a side, so every partial
+    sum is exact in float64 (20 + 33 bits): the order of the additions (free here, so that they
+    vectorise) cannot change the result, on any CPU."""
     total = 0.0
     for j in range(levels.shape[0]):
-        d = np.float32((levels[j] >> 3) - (neighbours[j] >> 3))
+        # a shift, not //: floor division's sign handling keeps the loop from vectorising (grey is never negative)
+        d = np.float32((levels[j] >> HOMOGENEITY_LEVEL_BITS) - (neighbours[j] >> HOMOGENEITY_LEVEL_BITS))
         total += np.float64(np.float32(1.0) / (np.float32(1.0) + d * d))
     return total
 

@@ -178,7 +178,7 @@ class TiffSlide(Slide):
         # each entry: the tile and the bytes it keeps alive (a channel view holds its whole decoded tile)
         self._cache: OrderedDict[tuple[int, int, int | None], tuple[np.ndarray | None, int]] = OrderedDict()
         self._cached_bytes = 0
-        self._scratch = bytearray(0)  # a mask tile is inflated here before its code channel is copied out (_decode)
+        self._scratch = threading.local()  # a thread's buffer a mask tile is inflated in before its codes are copied out
         series = self._tif.series[0]
         self._pages = [level.keyframe for level in series.levels]
         for page in self._pages:
@@ -269,18 +269,18 @@ class TiffSlide(Slide):
         Deflate tiles without a predictor (PANDA's and DeepGleason's label masks) are inflated by zlib-ng: 21 µs
         for a 256-px RGB mask tile where tifffile's path took 67 (Xeon, AVX-512), and tiling inflates a mask tile
         for every image tile it decodes. With ``scratch``, for a caller that copies out what it keeps, they are
-        inflated into one buffer that the next call overwrites: a fresh 196 kB buffer per tile is mapped anew and
-        faulted in page by page, which with the copy took 107 µs a tile against 69 (``read_codes``). Everything
-        else, JPEG included, goes through tifffile."""
+        inflated into one buffer per thread that the next call overwrites: a fresh 196 kB buffer per tile is
+        mapped anew and faulted in page by page, which with the copy took 107 µs a tile against 69
+        (``read_codes``). Everything else, JPEG included, goes through tifffile."""
         if data and page.compression in _DEFLATE and page.predictor == 1 and page.planarconfig == 1 \
                 and page.bitspersample == 8 and page.fillorder == 1:
             shape = (page.tilelength, page.tilewidth, page.samplesperpixel)
             size = math.prod(shape)
             where = f"{self.path}: tile {index} of level {level}"
-            if scratch and len(self._scratch) != size:
-                self._scratch = bytearray(size)
+            if scratch and len(getattr(self._scratch, "buffer", b"")) != size:
+                self._scratch.buffer = bytearray(size)
             try:
-                raw = imagecodecs.zlibng_decode(data, out=self._scratch if scratch else size)
+                raw = imagecodecs.zlibng_decode(data, out=self._scratch.buffer if scratch else size)
             except imagecodecs.ZlibngError as exc:
                 raise SlideError(f"{where} does not inflate ({one_line(exc, 200)})") from None
             if len(raw) != size:

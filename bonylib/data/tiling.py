@@ -532,39 +532,48 @@ def _run(jobs: list[SlideJob], cfg: TileConfig, out: Path) -> Iterator[tuple[Sli
     its blocks, one task each, joined into its part when all are in (:func:`band_counts`): with few
     slides, two workers' wall time was set by the largest (42 % of bench_tiling's 4 slides), not by
     their speed. The parts are the same as a whole slide's. A band that fails fails its slide.
+    Results are kept by the job's place in ``jobs``, not its id: a duplicate id is a job of its own
+    (refused), which must not fail the slide whose id it repeats.
     """
     if cfg.workers == 1:
         for job in jobs:
             result, error = _tile_or_fail(job, cfg, out)
             yield job, result[0] if result else None, error
         return
-    tasks = [(job, (k, n)) for job, n in zip(jobs, band_counts(jobs, cfg)) for k in range(n)]
-    bands: dict[str, dict[int, tuple[dict[str, Any], pd.DataFrame]]] = {}
-    failed: set[str] = set()
-    for (job, (k, n)), result, error in _run_tasks(tasks, cfg, out):
-        if job.slide_id in failed:
-            continue
-        if result is None:
-            failed.add(job.slide_id)
-            bands.pop(job.slide_id, None)
-            yield job, None, error
-            continue
-        summary, rows = result
-        if rows is None:  # a whole slide: its part is written
-            yield job, summary, ""
-            continue
-        done = bands.setdefault(job.slide_id, {})
-        done[k] = (summary, rows)
-        if len(done) == n:
-            del bands[job.slide_id]
-            joined = [done[i] for i in range(n)]
-            yield (job, *_or_fail(job, out, lambda: write_bands(out, joined, cfg.shards)))
+    for job in jobs:  # refused before any reading: no process needed
+        if job.error:
+            yield job, None, f"{job.path}: {job.error}"
+    usable = [(index, job) for index, job in enumerate(jobs) if not job.error]
+    counts = band_counts([job for _, job in usable], cfg)
+    tasks = [(index, job, (k, n)) for (index, job), n in zip(usable, counts) for k in range(n)]
+    bands: dict[int, dict[int, tuple[dict[str, Any], pd.DataFrame]]] = {}
+    failed: set[int] = set()
+    with contextlib.closing(_run_tasks(tasks, cfg, out, failed)) as results:
+        for (index, job, (k, n)), result, error in results:
+            if index in failed:
+                continue
+            if result is None:
+                failed.add(index)
+                bands.pop(index, None)
+                yield job, None, error
+                continue
+            summary, rows = result
+            if rows is None:  # a whole slide: its part is written
+                yield job, summary, ""
+                continue
+            done = bands.setdefault(index, {})
+            done[k] = (summary, rows)
+            if len(done) == n:
+                del bands[index]
+                joined = [done[i] for i in range(n)]
+                yield (job, *_or_fail(job, out, lambda: write_bands(out, joined, cfg.shards)))
 
 
 def band_counts(jobs: list[SlideJob], cfg: TileConfig) -> list[int]:
     """In how many bands each slide is tiled: one, unless the run has several workers and the slide's file is more
     than a ``2 * workers``-th of all the files (then as many bands as that share goes into it, at most ``workers``).
-    Over thousands of slides none is; patches are never split, nor slides written into shards (one tar a slide)."""
+    Over thousands of slides none is; patches are never split, nor slides written into shards (one tar a slide).
+    The bands of a slide each find its tissue again (tens of milliseconds), a cost only few-slide runs pay."""
     if cfg.workers == 1 or cfg.shards:
         return [1] * len(jobs)
     sizes = [_file_bytes(job) for job in jobs]
@@ -574,23 +583,26 @@ def band_counts(jobs: list[SlideJob], cfg: TileConfig) -> list[int]:
     return [1 if job.patch else max(1, min(cfg.workers, math.ceil(size / share))) for job, size in zip(jobs, sizes)]
 
 
-Task = tuple[SlideJob, Band]
+Task = tuple[int, SlideJob, Band]
+"""A job's place in the run's list, the job, and the band of it to tile."""
 
 
-def _run_tasks(tasks: list[Task], cfg: TileConfig,
-               out: Path) -> Iterator[tuple[Task, tuple[dict[str, Any], pd.DataFrame | None] | None, str]]:
+def _run_tasks(tasks: list[Task], cfg: TileConfig, out: Path,
+               failed: set[int]) -> Iterator[tuple[Task, tuple[dict[str, Any], pd.DataFrame | None] | None, str]]:
     """Run ``tasks`` over ``cfg.workers`` processes, yielding each one's result as it finishes.
 
     Workers take the largest tasks first, so that the last to finish are small ones and the
     workers end together (in file order, two large slides left to the end keep one worker busy
     while the other waits). A worker that dies (a decoder crashing on a corrupt file, the kernel
     killing it for memory) breaks the pool: the tasks it left unfinished are then retried one per
-    fresh process, so the culprit is recorded as failed and the others are tiled.
+    fresh process, so the culprit is recorded as failed and the others are tiled; the bands of
+    jobs already ``failed`` (the caller's set, filled as results come) are not retried.
     """
     unfinished: list[Task] = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-        largest_first = sorted(tasks, key=lambda task: _file_bytes(task[0]) / task[1][1], reverse=True)
-        futures = {pool.submit(_tile_or_fail, job, cfg, out, band): (job, band) for job, band in largest_first}
+        largest_first = sorted(tasks, key=lambda task: _file_bytes(task[1]) / task[2][1], reverse=True)
+        futures = {pool.submit(_tile_or_fail, job, cfg, out, band): (index, job, band)
+                   for index, job, band in largest_first}
         reported: set[Future] = set()
         try:
             for future in as_completed(futures):
@@ -608,12 +620,15 @@ def _run_tasks(tasks: list[Task], cfg: TileConfig,
                     yield (task, *future.result())
                 else:
                     unfinished.append(task)
-    for job, band in unfinished:
+    for index, job, band in unfinished:
+        if index in failed:
+            continue
         with ProcessPoolExecutor(max_workers=1) as alone:
             try:
-                yield ((job, band), *alone.submit(_tile_or_fail, job, cfg, out, band).result())
+                yield ((index, job, band), *alone.submit(_tile_or_fail, job, cfg, out, band).result())
             except BrokenProcessPool:
-                yield (job, band), None, f"{job.path}: the worker process died while tiling this slide (crash or out of memory)"
+                yield ((index, job, band), None,
+                       f"{job.path}: the worker process died while tiling this slide (crash or out of memory)")
 
 
 def _file_bytes(job: SlideJob) -> int:
