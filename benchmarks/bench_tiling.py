@@ -20,11 +20,12 @@ level 0 (what the seed cut), divided by wall time, so skipping glass counts as s
   share of tiles;
 - bony tile with 1 and 2 worker processes (fresh output folders, removed afterwards). Besides the
   wall time, the ``busy`` ratios use the time the workers spent tiling slides (the sum of
-  ``slides.parquet``'s seconds): with few slides, two workers' wall time is mostly set by how the
-  slides split between them (the largest of 4 synthetic slides is 42 % of the work), which a run
-  over thousands of slides does not see, while two workers slowing each other down (shared cache
-  and memory) shows in both. ``bony_2_busy_share`` is the share of the two workers' wall time
-  spent tiling. Each ``bony tile`` variant loads its compiled kernels (numba; :func:`bonylib.data.tiling.load_kernels`)
+  ``slides.parquet``'s seconds, a slide's bands summed): with few slides, two workers' wall time
+  also holds the pool's start and how the work splits between them (the largest of 4 synthetic
+  slides is 42 % of it, which is why large slides are tiled in bands: each band finds the slide's
+  tissue again, which shows in the busy time), while two workers slowing each other down (shared
+  cache and memory) shows in both. ``bony_2_busy_share`` is the share of the two workers' wall
+  time spent tiling. Each ``bony tile`` variant loads its compiled kernels (numba; :func:`bonylib.data.tiling.load_kernels`)
   before the clock starts, as it imports its modules: a cost once per run, not per slide, which is printed.
 
 Each variant runs in its own process, which reports its peak resident memory; the variants run
