@@ -93,6 +93,20 @@ def test_non_finite_loss_stops_with_a_clear_error(repo: Path, images: Path, tmp_
     assert (out / "checkpoint.pth").read_bytes() == before, "the last good checkpoint is kept"
 
 
+def _wait_until_caught(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Until process ``pid`` has a handler for ``signum`` (its caught-signal mask in /proc). A fixed sleep was too
+    short on a busy machine: the signal came before Python had started, and its default action killed the run."""
+    bit = 1 << (signum - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & bit:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} installed no handler for signal {signum} in {timeout} s")
+
+
 def test_a_warning_during_start_up_stops_before_the_first_step_and_resumes_exactly(repo: Path, images: Path,
                                                                                    tmp_path: Path) -> None:
     """SLURM may send its warning in a job's first seconds, while Python still imports torch, whose default
@@ -101,7 +115,7 @@ def test_a_warning_during_start_up_stops_before_the_first_step_and_resumes_exact
     command = [sys.executable, "-m", "bonylib", "pretrain", "--out", str(out), "--config",
                str(repo / "configs/pretrain/smoke.yaml"), f"data.images={images}", "max_steps=4"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # past the interpreter's start, inside the imports and the set-up
+    _wait_until_caught(process.pid, signal.SIGUSR1)  # past the interpreter's start, inside the imports and the set-up
     os.kill(process.pid, signal.SIGUSR1)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
