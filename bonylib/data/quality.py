@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
@@ -142,14 +141,7 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return (over_white // 255).astype(np.uint8)
 
 
-def _channels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """R, G, B as contiguous int16 arrays: signed, for channel differences, and copied once,
-    because every operation on a strided channel view costs several times more."""
-    r, g, b = (np.ascontiguousarray(rgb[..., k]).astype(np.int16) for k in range(3))
-    return r, g, b
-
-
-@numba.njit(inline="always")
+@kernel(inline="always")
 def _is_pen(r: int, g: int, b: int) -> bool:
     """Whether one pixel (R, G, B as signed integers) is marker ink (see :func:`pen_mask`). The one
     statement of the rules: the tissue mask and the tile measures both call it."""
@@ -236,15 +228,12 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
 def _tissue_mask(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
     """:func:`tissue_mask` of an RGB image at about ``cfg.detect_mpp`` or coarser."""
     pixel_um2 = mpp * mpp
-    r, g, b = _channels(rgb)
-    hi = np.maximum(np.maximum(r, g), b)
-    lo = np.minimum(np.minimum(r, g), b)
     ink = _remove_smaller(pen_mask(rgb), cfg.min_pen_um2 / pixel_um2)
     margin = int(round(cfg.pen_margin_um / mpp))
     if margin >= 1 and ink.any():
         ink = ndi.binary_dilation(ink, disk(margin))
 
-    chroma = (hi - lo).astype(np.float32)
+    chroma = (rgb.max(axis=-1) - rgb.min(axis=-1)).astype(np.float32)  # uint8: the max is never below the min
     if cfg.smooth_um > 0:
         chroma = ndi.gaussian_filter(chroma, cfg.smooth_um / mpp)
     stained = chroma[~ink]

@@ -173,8 +173,9 @@ def _band_blocks(blocks: list[np.ndarray], band: Band) -> list[np.ndarray]:
     k, n = band
     if n == 1:
         return blocks
-    before = np.cumsum([0] + [len(block) for block in blocks[:-1]])
-    total = max(sum(len(block) for block in blocks), 1)
+    sizes = [len(block) for block in blocks]
+    before = np.cumsum([0] + sizes[:-1])
+    total = max(sum(sizes), 1)
     return [block for block, first in zip(blocks, before) if min(n - 1, first * n // total) == k]
 
 
@@ -255,8 +256,6 @@ def write_bands(out: Path, bands: list[tuple[dict[str, Any], pd.DataFrame]], sha
     summary = _summary(slide, rows, sum(summary["seconds"] for summary, _ in bands))
     _write_part(out, str(first["slide_id"]), rows, summary, shards)
     return summary
-
-
 
 
 class ShardWriter:
